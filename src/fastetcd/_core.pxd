@@ -1,0 +1,58 @@
+# Declarations of the MVCC core, so that other Cython modules (the watch matcher, a compiled transport)
+# can reach its C-level structures without going through Python.
+from cpython.object cimport PyObject
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+
+cdef struct Rev:
+    # One version of one key: a put (kv != NULL) or a tombstone (kv == NULL).
+    int64_t main          # mod_revision
+    int64_t create        # create_revision of the generation this version belongs to
+    int64_t version       # 1 on create, +1 per put
+    int64_t lease
+    PyObject* kv          # owned: the encoded mvccpb.KeyValue of this version, NULL for a tombstone
+    int32_t sub           # sub-revision inside `main`
+    int32_t voff          # offset of the value bytes inside kv
+    int32_t vlen          # length of the value
+
+
+cdef struct KeyEntry:
+    PyObject* key         # owned bytes; NULL for a free slot
+    const char* kp        # points into key's buffer (stable while key is alive)
+    Py_ssize_t kl
+    Rev* revs             # ascending by (main, sub)
+    int32_t n
+    int32_t cap
+
+
+cdef struct Buf:
+    char* p
+    Py_ssize_t n
+    Py_ssize_t cap
+
+
+cdef class MVCC:
+    cdef KeyEntry* ents       # by key id
+    cdef int32_t n_ents
+    cdef int32_t cap_ents
+    cdef int32_t* order       # key ids sorted by key bytes
+    cdef int32_t n_order
+    cdef int32_t cap_order
+    cdef dict kid             # key bytes -> key id
+    cdef list free_kids
+    cdef Buf rec              # the log record of the revision being applied
+    cdef int64_t rec_rev
+    cdef readonly int64_t rev
+    cdef readonly int64_t compact_rev
+    cdef readonly Py_ssize_t n_revs
+
+    cdef int32_t _lower_bound(self, const char* k, Py_ssize_t kl) nogil
+    cdef int32_t _key_id(self, bytes key, bint create) except -2
+    cdef Rev* _at(self, int32_t kid, int64_t rev) nogil
+    cdef void _bounds(self, bytes key, bytes end, int32_t* lo, int32_t* hi)
+    cdef Rev* _push(self, int32_t kid) except NULL
+    cdef int _rec_op(self, uint8_t op, bytes key, bytes value, int64_t lease, int64_t rev) except -1
+    cdef void _drop_key(self, int32_t kid)
+    cdef void _compact_order(self)
+    cdef void _set_rev(self, int64_t rev)
+    cdef bint _tombstone(self, int32_t kid, bytes key, int64_t rev, int32_t sub) except -1

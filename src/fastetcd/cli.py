@@ -1,0 +1,307 @@
+"""The ``fastetcd`` command: etcd's flags (or FASTETCD_* environment variables) → Config → serve.
+
+Exit codes: 0 after a clean shutdown on SIGINT/SIGTERM, 1 when the server cannot start or fails
+(unusable data dir, port in use), 2 for a bad flag or value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import signal
+import sys
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from fastetcd import ETCD_COMPAT_VERSION, __version__
+from fastetcd.config import (
+    COMPACTION_MODES,
+    LOG_LEVELS,
+    STORES,
+    Config,
+    ConfigError,
+    format_duration,
+    parse_duration,
+)
+from fastetcd.log import setup_logging
+from fastetcd.store.base import StoreError
+
+ENV_PREFIX = "FASTETCD_"
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+_log = logging.getLogger(__name__)
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ConfigError("parse error: not an integer") from None
+
+
+def _parse_urls(text: str) -> list[str]:
+    # etcd takes URL lists comma-separated in one flag value.
+    return [u.strip() for u in text.split(",") if u.strip()]
+
+
+def _parse_str(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class _Option:
+    flag: str  # without the leading dashes, exactly etcd's spelling
+    parse: Callable[[str], Any]
+    help: str
+    default_text: str | None = None  # what --help shows when the Config default needs explaining
+    secret: bool = False
+
+    @property
+    def field(self) -> str:
+        return self.flag.replace("-", "_")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.flag.upper().replace("-", "_")
+
+
+_OPTIONS: tuple[_Option, ...] = (
+    _Option("name", _parse_str, "Human-readable name for this member."),
+    _Option("data-dir", _parse_str, "Path to the data directory.", default_text="${name}.etcd"),
+    _Option("listen-client-urls", _parse_urls, "List of URLs to listen on for client traffic (comma-separated)."),
+    _Option(
+        "advertise-client-urls",
+        _parse_urls,
+        "List of this member's client URLs to advertise to the public. Required when "
+        "--listen-client-urls is set.",
+    ),
+    _Option(
+        "listen-metrics-urls",
+        _parse_urls,
+        "List of URLs to listen on for the metrics and health endpoints.",
+        default_text="",
+    ),
+    _Option("max-request-bytes", _parse_int, "Maximum client request size in bytes the server will accept."),
+    _Option("max-txn-ops", _parse_int, "Maximum number of operations permitted in a transaction."),
+    _Option(
+        "quota-backend-bytes",
+        _parse_int,
+        "Raise alarms when backend size exceeds the given quota (0 defaults to 2 GiB, negative disables).",
+        default_text="0",
+    ),
+    _Option(
+        "snapshot-count",
+        _parse_int,
+        "Number of committed transactions to trigger a snapshot to disk (bounds the log replayed at start).",
+    ),
+    _Option("log-level", _parse_str, f"Configures log level: {', '.join(LOG_LEVELS)}."),
+    _Option(
+        "auto-compaction-mode",
+        _parse_str,
+        f"Interpret 'auto-compaction-retention' one of: {'|'.join(COMPACTION_MODES)}. 'periodic' for "
+        "duration based retention, defaulting to hours if no time unit is provided (e.g. '5m'). "
+        "'revision' for revision number based retention.",
+    ),
+    _Option(
+        "auto-compaction-retention",
+        _parse_str,
+        "Auto compaction retention length. 0 means disable auto compaction.",
+    ),
+    _Option(
+        "experimental-watch-progress-notify-interval",
+        parse_duration,
+        "Duration of periodical watch progress notification (Go duration, e.g. 10m, 100ms).",
+    ),
+    _Option("store", _parse_str, f"Where data lives: {' or '.join(STORES)}."),
+    _Option("cosmos-endpoint", _parse_str, "Azure Cosmos DB account endpoint (with --store cosmos).", default_text=""),
+    _Option(
+        "cosmos-key",
+        _parse_str,
+        "Azure Cosmos DB account key; empty uses an Azure AD credential. Prefer the environment variable.",
+        default_text="",
+        secret=True,
+    ),
+    _Option("cosmos-database", _parse_str, "Azure Cosmos DB database name."),
+    _Option("cosmos-container", _parse_str, "Azure Cosmos DB container name."),
+)
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, not argparse's usage dump: the line is what a user or a supervisor log needs.
+        raise _UsageError(message)
+
+
+def _default_text(opt: _Option, defaults: Config) -> str:
+    if opt.default_text is not None:
+        return opt.default_text
+    value = getattr(defaults, opt.field)
+    if isinstance(value, list):
+        return ",".join(value)
+    if opt.parse is parse_duration:
+        return format_duration(value)
+    return str(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = Config()
+    parser = _Parser(
+        prog="fastetcd",
+        description=(
+            "fastetcd: an etcd v3.5 API server (gRPC, byte-compatible with etcd clients and etcdctl) with a "
+            "compiled MVCC core and an embedded durable store.\n\n"
+            f"Every flag can also be set by an environment variable {ENV_PREFIX}<FLAG> (upper case, '-' → '_'), "
+            "e.g. FASTETCD_DATA_DIR; a flag on the command line wins over the environment."
+        ),
+        epilog=(
+            "examples:\n"
+            "  fastetcd                                   serve on localhost:2379, data in ./default.etcd\n"
+            "  fastetcd --data-dir /var/lib/fastetcd \\\n"
+            "      --listen-client-urls http://0.0.0.0:2379 --advertise-client-urls http://10.0.0.5:2379"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    for opt in _OPTIONS:
+        parser.add_argument(
+            f"--{opt.flag}",
+            dest=opt.field,
+            default=None,
+            metavar=opt.flag.rsplit("-", 1)[-1].upper(),
+            help=f"{opt.help} [default: '{_default_text(opt, defaults)}'; env {opt.env}]",
+        )
+    parser.add_argument("--version", action="store_true", help="Print the version and exit.")
+    return parser
+
+
+def version_text() -> str:
+    return (
+        f"fastetcd Version: {__version__}\n"
+        f"etcd API Version: {ETCD_COMPAT_VERSION}\n"
+        f"Python Version: {platform.python_version()}\n"
+        f"OS/Arch: {sys.platform}/{platform.machine()}"
+    )
+
+
+def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Config | None, list[str]]:
+    """Flags + environment → Config (None when --version was asked) and warnings to log.
+
+    Raises ConfigError / _UsageError with a user-facing message.
+    """
+    ns = build_parser().parse_args(list(argv))
+    if ns.version:
+        return None, []
+    warnings: list[str] = []
+    values: dict[str, Any] = {}
+    explicit: set[str] = set()
+    known_env = {opt.env for opt in _OPTIONS}
+    for opt in _OPTIONS:
+        raw = getattr(ns, opt.field)
+        source = f"flag --{opt.flag}"
+        if raw is None and opt.env in environ:
+            raw, source = environ[opt.env], f"environment variable {opt.env}"
+        elif raw is not None and opt.env in environ:
+            warnings.append(f"environment variable {opt.env} is shadowed by flag --{opt.flag}")
+        if raw is None:
+            continue
+        try:
+            values[opt.field] = opt.parse(raw)
+        except ConfigError as e:
+            shown = "***" if opt.secret else raw
+            raise ConfigError(f'invalid value "{shown}" for {source}: {e}') from None
+        explicit.add(opt.flag)
+    for key in environ:
+        if key.startswith(ENV_PREFIX) and key not in known_env:
+            warnings.append(f"unrecognized environment variable {key}")
+    # etcd refuses this combination: clients would be told to connect to the default localhost URL.
+    if "listen-client-urls" in explicit and "advertise-client-urls" not in explicit:
+        raise ConfigError("--advertise-client-urls is required when --listen-client-urls is set explicitly")
+    return Config(**values), warnings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the server; returns the process exit code."""
+    try:
+        config, warnings = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
+    except (ConfigError, _UsageError) as e:
+        print(f"fastetcd: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    if config is None:
+        print(version_text())
+        return EXIT_OK
+
+    setup_logging(config.log_level)
+    for w in warnings:
+        _log.warning(w)
+    _log.info(
+        "starting fastetcd",
+        extra={
+            "fastetcd-version": __version__,
+            "etcd-api-version": ETCD_COMPAT_VERSION,
+            "python-version": platform.python_version(),
+            **config.log_fields(),
+        },
+    )
+    return run(config)
+
+
+def run(config: Config) -> int:
+    """Serve ``config`` until SIGINT/SIGTERM; returns the exit code."""
+    from fastetcd.server.app import serve  # late: --help and flag errors must not need the server built
+
+    try:
+        with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+            runner.run(_serve_until_signalled(serve, config))
+    except (StoreError, OSError) as e:
+        print(f"fastetcd: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:  # SIGINT before the handler was installed
+        return 130
+    except Exception:
+        _log.critical("fastetcd stopped on an unexpected error", exc_info=True)
+        return EXIT_FAILURE
+    _log.info("fastetcd stopped")
+    return EXIT_OK
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve_until_signalled(
+    serve: Callable[[Config, asyncio.Event], Coroutine[Any, Any, None]], config: Config
+) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():
+            # A second signal means the graceful path is stuck; acknowledged writes are already durable.
+            _log.warning("received second signal, exiting immediately", extra={"signal": sig.name})
+            logging.shutdown()
+            os._exit(EXIT_FAILURE)
+        _log.info("received signal, shutting down", extra={"signal": sig.name})
+        stop.set()
+
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        await serve(config, stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)

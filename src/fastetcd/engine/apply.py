@@ -1,0 +1,320 @@
+"""Applying KV requests to the MVCC core: etcd 3.5's ``applierV3backend``, rule for rule.
+
+Everything here is synchronous and runs either in the single writer (writes, at the head revision) or
+directly on the event loop (reads, at the committed revision). Checks that can fail run before the first
+mutation, as in etcd, so a request either applies whole or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastetcd import errors
+from fastetcd._core import MVCC, encode_kv
+from fastetcd.engine.go_sort import go_sort
+from fastetcd.proto import rpc_pb2 as pb
+
+_NONE = pb.RangeRequest.NONE
+_ASCEND = pb.RangeRequest.ASCEND
+_KEY = pb.RangeRequest.KEY
+
+# Indexes into the tuples of MVCC.range_items: (key, create, mod, version, lease, value, encoded)
+_SORT_FIELD = {
+    pb.RangeRequest.KEY: 0,
+    pb.RangeRequest.CREATE: 1,
+    pb.RangeRequest.MOD: 2,
+    pb.RangeRequest.VERSION: 3,
+    pb.RangeRequest.VALUE: 5,
+}
+
+
+@dataclass(slots=True)
+class RangeResult:
+    kvs: list[bytes]  # encoded mvccpb.KeyValue
+    more: bool
+    count: int
+    rev: int  # header revision: the store's current revision, not the one read at
+
+
+def range_kvs(core: MVCC, r: pb.RangeRequest, cur_rev: int) -> RangeResult:
+    """etcd's Range at current revision ``cur_rev`` (errors: future revision, compacted)."""
+    rev = r.revision
+    if rev > cur_rev:
+        raise errors.FUTURE_REV
+    if rev <= 0:
+        rev = cur_rev
+    if rev < core.compact_rev:
+        raise errors.COMPACTED
+    key, end = r.key, r.range_end
+    if r.count_only:
+        return RangeResult([], False, core.count(key, end, rev), cur_rev)
+
+    filtered = r.min_mod_revision or r.max_mod_revision or r.min_create_revision or r.max_create_revision
+    sort_order = r.sort_order
+    limit = r.limit
+    # etcd fetches everything when it must sort or filter, else one more than the limit to learn `more`.
+    fetch = 0 if (sort_order != _NONE or filtered) else (limit + 1 if limit > 0 else 0)
+    if sort_order == _NONE and r.sort_target == _KEY and not filtered:
+        kvs, count = core.range(key, end, rev, fetch, r.keys_only)
+        more = False
+        if 0 < limit < len(kvs):
+            del kvs[limit:]
+            more = True
+        return RangeResult(kvs, more, count, cur_rev)
+
+    items, count = core.range_items(key, end, rev, fetch)
+    if filtered:
+        items = [
+            it
+            for it in items
+            if not (r.max_mod_revision and it[2] > r.max_mod_revision)
+            and not (r.min_mod_revision and it[2] < r.min_mod_revision)
+            and not (r.max_create_revision and it[1] > r.max_create_revision)
+            and not (r.min_create_revision and it[1] < r.min_create_revision)
+        ]
+    if r.sort_target != _KEY and sort_order == _NONE:
+        sort_order = _ASCEND  # etcd's quirk: a non-key target sorts ascending even with order NONE
+    if sort_order != _NONE:
+        f = _SORT_FIELD[r.sort_target]
+        if sort_order == _ASCEND:
+            go_sort(items, lambda a, b: a[f] < b[f])
+        else:
+            go_sort(items, lambda a, b: b[f] < a[f])
+    more = False
+    if 0 < limit < len(items):
+        del items[limit:]
+        more = True
+    if r.keys_only:
+        kvs = [encode_kv(it[0], it[1], it[2], it[3], b"", it[4]) for it in items]
+    else:
+        kvs = [it[6] for it in items]
+    return RangeResult(kvs, more, count, cur_rev)
+
+
+class LeaseLookup:
+    """Which lease IDs exist. Leases arrive with the Lease service; until then none exists."""
+
+    def exists(self, lease_id: int) -> bool:
+        return False
+
+
+class Writer:
+    """One write request being applied at revision ``core.rev + 1`` (etcd's storeTxnWrite)."""
+
+    __slots__ = ("core", "begin", "rev", "sub")
+
+    def __init__(self, core: MVCC) -> None:
+        self.core = core
+        self.begin = core.rev
+        self.rev = self.begin + 1
+        self.sub = 0
+
+    @property
+    def changed(self) -> bool:
+        return self.sub > 0
+
+    def read_rev(self) -> int:
+        """Reads inside a write see its own earlier changes."""
+        return self.rev if self.sub else self.begin
+
+    def put(self, key: bytes, value: bytes, lease: int) -> int:
+        self.core.put(key, value, lease, self.rev, self.sub)
+        self.sub += 1
+        return self.rev
+
+    def delete_range(self, key: bytes, end: bytes) -> tuple[int, int]:
+        """(number deleted, header revision) like storeTxnWrite.DeleteRange."""
+        n = len(self.core.delete_range(key, end, self.rev, self.sub))
+        self.sub += n
+        return n, (self.rev if self.sub else self.begin)
+
+    def end_rev(self) -> int:
+        return self.rev if self.sub else self.begin
+
+
+def _header(rev: int) -> pb.ResponseHeader:
+    return pb.ResponseHeader(revision=rev)
+
+
+class Applier:
+    """Applies Put / DeleteRange / Txn / Compact checks to the core."""
+
+    def __init__(self, core: MVCC, leases: LeaseLookup | None = None) -> None:
+        self.core = core
+        self.leases = leases or LeaseLookup()
+
+    # -------------------------------------------------------------- writes
+
+    def put(self, p: pb.PutRequest) -> pb.PutResponse:
+        if p.lease and not self.leases.exists(p.lease):
+            raise errors.LEASE_NOT_FOUND
+        w = Writer(self.core)
+        return self._put(w, p)
+
+    def _put(self, w: Writer, p: pb.PutRequest) -> pb.PutResponse:
+        resp = pb.PutResponse(header=pb.ResponseHeader())
+        value, lease = p.value, p.lease
+        prev = None
+        if p.ignore_value or p.ignore_lease or p.prev_kv:
+            prev = self.core.get(p.key, w.read_rev())
+        if p.ignore_value or p.ignore_lease:
+            if prev is None:
+                raise errors.KEY_NOT_FOUND
+            if p.ignore_value:
+                value = prev[4]
+            if p.ignore_lease:
+                lease = prev[3]
+        if p.prev_kv and prev is not None:
+            resp.prev_kv.MergeFromString(self.core.get_kv(p.key, w.read_rev()))
+        resp.header.revision = w.put(p.key, value, lease)
+        return resp
+
+    def delete_range(self, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        return self._delete_range(Writer(self.core), d)
+
+    def _delete_range(self, w: Writer, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+        resp = pb.DeleteRangeResponse(header=pb.ResponseHeader())
+        if d.prev_kv:
+            kvs, _ = self.core.range(d.key, d.range_end, w.read_rev(), 0, False)
+            for kv in kvs:
+                resp.prev_kvs.add().MergeFromString(kv)
+        resp.deleted, resp.header.revision = w.delete_range(d.key, d.range_end)
+        return resp
+
+    # -------------------------------------------------------------- txn
+
+    def txn(self, t: pb.TxnRequest, read_rev: int | None = None) -> pb.TxnResponse:
+        """Apply a Txn. ``read_rev`` is given for read-only txns served at the committed revision."""
+        core = self.core
+        view = core.rev if read_rev is None else read_rev
+        path = self._compare_to_path(t, view)
+        write = not is_txn_readonly(t)
+        if write:
+            self._check_requests(t, path, 0, self._check_put, view)
+        self._check_requests(t, path, 0, self._check_range, view)
+        if write:
+            w = Writer(core)
+            resp, _ = self._apply_txn(w, t, path, 0, view)
+            resp.header.revision = w.end_rev()
+        else:
+            resp, _ = self._apply_txn(None, t, path, 0, view)
+            resp.header.revision = view
+        return resp
+
+    def _compare(self, c: pb.Compare, view: int) -> bool:
+        items, _ = self.core.range_items(c.key, c.range_end, view, 0)
+        target = c.target
+        if not items:
+            if target == pb.Compare.VALUE:
+                return False  # etcd: a missing key never equals any value
+            return _compare_kv(c, None)
+        return all(_compare_kv(c, it) for it in items)
+
+    def _compare_to_path(self, t: pb.TxnRequest, view: int) -> list[bool]:
+        ok = all(self._compare(c, view) for c in t.compare)
+        path = [ok]
+        for op in t.success if ok else t.failure:
+            if op.WhichOneof("request") == "request_txn":
+                path.extend(self._compare_to_path(op.request_txn, view))
+        return path
+
+    def _check_requests(self, t: pb.TxnRequest, path: list[bool], i: int, check, view: int) -> int:
+        """Run ``check`` on every op of the branch ``path`` chooses; returns how many path slots it used."""
+        used = 1
+        for op in t.success if path[i] else t.failure:
+            if op.WhichOneof("request") == "request_txn":
+                used += self._check_requests(op.request_txn, path, i + used, check, view)
+            else:
+                check(op, view)
+        return used
+
+    def _check_put(self, op: pb.RequestOp, view: int) -> None:
+        if op.WhichOneof("request") != "request_put":
+            return
+        p = op.request_put
+        if (p.ignore_value or p.ignore_lease) and self.core.get(p.key, view) is None:
+            raise errors.KEY_NOT_FOUND
+        if p.lease and not self.leases.exists(p.lease):
+            raise errors.LEASE_NOT_FOUND
+
+    def _check_range(self, op: pb.RequestOp, view: int) -> None:
+        if op.WhichOneof("request") != "request_range":
+            return
+        rev = op.request_range.revision
+        if rev == 0:
+            return
+        if rev > view:
+            raise errors.FUTURE_REV
+        if rev < self.core.compact_rev:
+            raise errors.COMPACTED
+
+    def _apply_txn(
+        self, w: Writer | None, t: pb.TxnRequest, path: list[bool], i: int, view: int
+    ) -> tuple[pb.TxnResponse, int]:
+        ok = path[i]
+        used = 1
+        resp = pb.TxnResponse(header=pb.ResponseHeader(), succeeded=ok)
+        for op in t.success if ok else t.failure:
+            kind = op.WhichOneof("request")
+            out = resp.responses.add()
+            if kind == "request_range":
+                cur = w.read_rev() if w is not None else view
+                rr = range_kvs(self.core, op.request_range, cur)
+                rresp = out.response_range
+                rresp.header.revision = rr.rev
+                for kv in rr.kvs:
+                    rresp.kvs.add().MergeFromString(kv)
+                rresp.more = rr.more
+                rresp.count = rr.count
+            elif kind == "request_put":
+                out.response_put.CopyFrom(self._put(w, op.request_put))
+            elif kind == "request_delete_range":
+                out.response_delete_range.CopyFrom(self._delete_range(w, op.request_delete_range))
+            elif kind == "request_txn":
+                sub, n = self._apply_txn(w, op.request_txn, path, i + used, view)
+                out.response_txn.CopyFrom(sub)
+                used += n
+        return resp, used
+
+
+def _compare_kv(c: pb.Compare, item: tuple | None) -> bool:
+    target = c.target
+    which = c.WhichOneof("target_union")
+    if target == pb.Compare.VALUE:
+        mine = item[5] if item else b""
+        theirs = c.value if which == "value" else b""
+    elif target == pb.Compare.CREATE:
+        mine = item[1] if item else 0
+        theirs = c.create_revision if which == "create_revision" else 0
+    elif target == pb.Compare.MOD:
+        mine = item[2] if item else 0
+        theirs = c.mod_revision if which == "mod_revision" else 0
+    elif target == pb.Compare.VERSION:
+        mine = item[3] if item else 0
+        theirs = c.version if which == "version" else 0
+    elif target == pb.Compare.LEASE:
+        mine = item[4] if item else 0
+        theirs = c.lease if which == "lease" else 0
+    else:
+        return True
+    result = c.result
+    if result == pb.Compare.EQUAL:
+        return mine == theirs
+    if result == pb.Compare.NOT_EQUAL:
+        return mine != theirs
+    if result == pb.Compare.GREATER:
+        return mine > theirs
+    if result == pb.Compare.LESS:
+        return mine < theirs
+    return True
+
+
+def is_txn_readonly(t: pb.TxnRequest) -> bool:
+    """etcd's isTxnReadonly: only Range ops in either branch (a nested txn counts as a write)."""
+    for op in t.success:
+        if op.WhichOneof("request") != "request_range":
+            return False
+    for op in t.failure:
+        if op.WhichOneof("request") != "request_range":
+            return False
+    return True

@@ -1,0 +1,46 @@
+"""etcd's client-visible errors: gRPC status code and exact message.
+
+Clients (clientv3, kube-apiserver, etcdctl) recognise errors by their message text, so these strings are
+etcd 3.5's own (api/v3rpc/rpctypes). They live at the bottom of the layer stack because the engine raises
+them and the server turns them into gRPC statuses. Codes are grpc.StatusCode names, kept as strings so
+that nothing below the server imports grpc.
+"""
+
+from __future__ import annotations
+
+
+class EtcdError(Exception):
+    """An error a client sees as a gRPC status with ``code`` and ``message``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"EtcdError({self.code}, {self.message!r})"
+
+
+def _e(code: str, message: str) -> EtcdError:
+    return EtcdError(code, message)
+
+
+EMPTY_KEY = _e("INVALID_ARGUMENT", "etcdserver: key is not provided")
+KEY_NOT_FOUND = _e("INVALID_ARGUMENT", "etcdserver: key not found")
+VALUE_PROVIDED = _e("INVALID_ARGUMENT", "etcdserver: value is provided")
+LEASE_PROVIDED = _e("INVALID_ARGUMENT", "etcdserver: lease is provided")
+TOO_MANY_OPS = _e("INVALID_ARGUMENT", "etcdserver: too many operations in txn request")
+DUPLICATE_KEY = _e("INVALID_ARGUMENT", "etcdserver: duplicate key given in txn request")
+INVALID_SORT_OPTION = _e("INVALID_ARGUMENT", "etcdserver: invalid sort option")
+REQUEST_TOO_LARGE = _e("INVALID_ARGUMENT", "etcdserver: request is too large")
+COMPACTED = _e("OUT_OF_RANGE", "etcdserver: mvcc: required revision has been compacted")
+FUTURE_REV = _e("OUT_OF_RANGE", "etcdserver: mvcc: required revision is a future revision")
+NO_SPACE = _e("RESOURCE_EXHAUSTED", "etcdserver: mvcc: database space exceeded")
+TOO_MANY_REQUESTS = _e("RESOURCE_EXHAUSTED", "etcdserver: too many requests")
+LEASE_NOT_FOUND = _e("NOT_FOUND", "etcdserver: requested lease not found")
+LEASE_EXIST = _e("FAILED_PRECONDITION", "etcdserver: lease already exists")
+LEASE_TTL_TOO_LARGE = _e("OUT_OF_RANGE", "etcdserver: too large lease TTL")
+NOT_CAPABLE = _e("UNAVAILABLE", "etcdserver: not capable")
+STOPPED = _e("UNAVAILABLE", "etcdserver: server stopped")
+TIMEOUT = _e("UNAVAILABLE", "etcdserver: request timed out")
+UNKNOWN_METHOD = _e("UNIMPLEMENTED", "unknown method")

@@ -1,0 +1,1 @@
+"""The server layer: etcd's gRPC services over the engine, and the transports that carry them."""

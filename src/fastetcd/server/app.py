@@ -1,0 +1,80 @@
+"""Assemble a running server: store → state machine → services → transports."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastetcd import __version__
+from fastetcd.config import Config
+from fastetcd.engine.state_machine import StateMachine
+from fastetcd.server import grpc_transport
+from fastetcd.server.cluster import ClusterService
+from fastetcd.server.header import Header, member_id_for
+from fastetcd.server.kv import KVService
+from fastetcd.server.maintenance import MaintenanceService
+from fastetcd.store.base import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def open_store(config: Config) -> Store:
+    if config.store == "embedded":
+        from fastetcd.store.embedded import EmbeddedStore
+
+        return EmbeddedStore(config.data_dir)
+    raise StoreError(f"store {config.store!r} is not available yet")
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then drain and flush. Raises StoreError/OSError if it cannot start."""
+    store = open_store(config)
+    sm = StateMachine(
+        store,
+        snapshot_count=config.snapshot_count,
+        quota_bytes=max(config.quota_backend_bytes, 0),
+    )
+    await sm.start()
+    try:
+        member_id = member_id_for(config.name, config.advertise_client_urls)
+        header = Header(cluster_id=member_id ^ 0x5A5A5A5A5A5A5A5A, member_id=member_id)
+        kv = KVService(
+            sm, header, max_request_bytes=config.max_request_bytes, max_txn_ops=config.max_txn_ops
+        )
+        maintenance = MaintenanceService(sm, header)
+        cluster = ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls)
+        server = grpc_transport.build_server(
+            [
+                grpc_transport.service_handler(
+                    "etcdserverpb.KV",
+                    {
+                        "Range": kv.range,
+                        "Put": kv.put,
+                        "DeleteRange": kv.delete_range,
+                        "Txn": kv.txn,
+                        "Compact": kv.compact,
+                    },
+                ),
+                grpc_transport.service_handler("etcdserverpb.Maintenance", {"Status": maintenance.status}),
+                grpc_transport.service_handler("etcdserverpb.Cluster", {"MemberList": cluster.member_list}),
+            ],
+            max_request_bytes=config.max_request_bytes,
+        )
+        for url in config.client_urls:
+            if server.add_insecure_port(url.address) == 0:
+                raise OSError(f"cannot listen on {url}: address in use or not available")
+        await server.start()
+        log.info(
+            "serving client traffic insecurely",
+            extra={"address": ",".join(config.listen_client_urls), "version": __version__,
+                   "revision": sm.committed_rev},
+        )
+        try:
+            await stop.wait()
+        finally:
+            log.info("stopping server")
+            await server.stop(grace=2)
+    finally:
+        await sm.stop()
+        await store.close()
+        log.info("stopped", extra={"revision": sm.committed_rev})

@@ -1,0 +1,31 @@
+"""The Cluster service (etcdserverpb.Cluster): this single member."""
+
+from __future__ import annotations
+
+from fastetcd.engine.state_machine import StateMachine
+from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server.header import Header
+
+
+class ClusterService:
+    def __init__(self, sm: StateMachine, header: Header, *, name: str, client_urls: list[str]) -> None:
+        self.sm = sm
+        self.header = header
+        self.name = name
+        self.client_urls = client_urls
+
+    async def member_list(self, raw: bytes) -> bytes:
+        pb.MemberListRequest.FromString(raw)
+        resp = pb.MemberListResponse(
+            members=[
+                pb.Member(
+                    ID=self.header.member_id,
+                    name=self.name,
+                    peerURLs=["http://localhost:2380"],
+                    clientURLs=self.client_urls,
+                )
+            ]
+        )
+        resp.header.SetInParent()
+        self.header.fill(resp.header, self.sm.committed_rev)
+        return resp.SerializeToString()

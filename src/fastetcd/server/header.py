@@ -1,0 +1,35 @@
+"""The ResponseHeader every etcd answer carries."""
+
+from __future__ import annotations
+
+import hashlib
+
+from fastetcd._core import encode_header
+from fastetcd.proto import rpc_pb2 as pb
+
+# A single-member cluster that has elected itself once: etcd 3.5 reports term 2 after its first start.
+RAFT_TERM = 2
+
+
+def member_id_for(name: str, advertise_urls: list[str]) -> int:
+    """A stable member id, like etcd's hash of the member's identity (never 0)."""
+    digest = hashlib.sha1((name + "|" + ",".join(sorted(advertise_urls))).encode()).digest()
+    return int.from_bytes(digest[:8], "big") or 1
+
+
+class Header:
+    def __init__(self, cluster_id: int, member_id: int, raft_term: int = RAFT_TERM) -> None:
+        self.cluster_id = cluster_id
+        self.member_id = member_id
+        self.raft_term = raft_term
+
+    def encode(self, revision: int) -> bytes:
+        return encode_header(self.cluster_id, self.member_id, revision, self.raft_term)
+
+    def fill(self, h: pb.ResponseHeader, revision: int = 0) -> None:
+        """etcd's header.fill: ids and term always, the revision only where the apply left none."""
+        h.cluster_id = self.cluster_id
+        h.member_id = self.member_id
+        h.raft_term = self.raft_term
+        if h.revision == 0:
+            h.revision = revision

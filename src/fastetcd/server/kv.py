@@ -1,0 +1,176 @@
+"""The KV service (etcdserverpb.KV), transport-neutral: request bytes in, response bytes out.
+
+Validation follows etcd's v3rpc/key.go (the checks that run before a request reaches the state machine);
+the apply rules live in engine/apply.py.
+"""
+
+from __future__ import annotations
+
+from fastetcd import errors
+from fastetcd._core import encode_range_response
+from fastetcd.engine.apply import is_txn_readonly
+from fastetcd.engine.state_machine import StateMachine
+from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server.header import Header
+
+_SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
+_SORT_TARGETS = frozenset(pb.RangeRequest.SortTarget.values())
+
+
+def _varint_len(n: int) -> int:
+    size = 1
+    while n >= 0x80:
+        n >>= 7
+        size += 1
+    return size
+
+
+class KVService:
+    def __init__(self, sm: StateMachine, header: Header, *, max_request_bytes: int, max_txn_ops: int) -> None:
+        self.sm = sm
+        self.header = header
+        self.max_request_bytes = max_request_bytes
+        self.max_txn_ops = max_txn_ops
+
+    def _check_size(self, raw: bytes) -> None:
+        # etcd measures the request wrapped in its raft envelope (InternalRaftRequest: a ~12-byte
+        # header with the request id, plus this request's tag and length).
+        if len(raw) + 13 + _varint_len(len(raw)) > self.max_request_bytes:
+            raise errors.REQUEST_TOO_LARGE
+
+    async def range(self, raw: bytes) -> bytes:
+        r = pb.RangeRequest.FromString(raw)
+        check_range(r)
+        rr = self.sm.range(r)
+        return encode_range_response(self.header.encode(rr.rev), rr.kvs, rr.more, rr.count)
+
+    async def put(self, raw: bytes) -> bytes:
+        r = pb.PutRequest.FromString(raw)
+        check_put(r)
+        self._check_size(raw)
+        resp = await self.sm.put(r)
+        self.header.fill(resp.header)
+        return resp.SerializeToString()
+
+    async def delete_range(self, raw: bytes) -> bytes:
+        r = pb.DeleteRangeRequest.FromString(raw)
+        check_delete(r)
+        self._check_size(raw)
+        resp = await self.sm.delete_range(r)
+        self.header.fill(resp.header)
+        return resp.SerializeToString()
+
+    async def txn(self, raw: bytes) -> bytes:
+        r = pb.TxnRequest.FromString(raw)
+        check_txn(r, self.max_txn_ops)
+        check_intervals(r.success)
+        check_intervals(r.failure)
+        if is_txn_readonly(r):
+            resp = self.sm.txn_readonly(r)
+        else:
+            self._check_size(raw)
+            resp = await self.sm.txn(r)
+        self.header.fill(resp.header)
+        return resp.SerializeToString()
+
+    async def compact(self, raw: bytes) -> bytes:
+        r = pb.CompactionRequest.FromString(raw)
+        self._check_size(raw)
+        rev = await self.sm.compact(r.revision)
+        resp = pb.CompactionResponse(header=pb.ResponseHeader(revision=rev))
+        self.header.fill(resp.header)
+        return resp.SerializeToString()
+
+
+# ------------------------------------------------------------------ etcd's request checks (v3rpc/key.go)
+
+
+def check_range(r: pb.RangeRequest) -> None:
+    if not r.key:
+        raise errors.EMPTY_KEY
+    if r.sort_order not in _SORT_ORDERS or r.sort_target not in _SORT_TARGETS:
+        raise errors.INVALID_SORT_OPTION
+
+
+def check_put(r: pb.PutRequest) -> None:
+    if not r.key:
+        raise errors.EMPTY_KEY
+    if r.ignore_value and r.value:
+        raise errors.VALUE_PROVIDED
+    if r.ignore_lease and r.lease:
+        raise errors.LEASE_PROVIDED
+
+
+def check_delete(r: pb.DeleteRangeRequest) -> None:
+    if not r.key:
+        raise errors.EMPTY_KEY
+
+
+def check_txn(r: pb.TxnRequest, max_txn_ops: int) -> None:
+    opc = max(len(r.compare), len(r.success), len(r.failure))
+    if opc > max_txn_ops:
+        raise errors.TOO_MANY_OPS
+    for c in r.compare:
+        if not c.key:
+            raise errors.EMPTY_KEY
+    for op in r.success:
+        _check_op(op, max_txn_ops - opc)
+    for op in r.failure:
+        _check_op(op, max_txn_ops - opc)
+
+
+def _check_op(op: pb.RequestOp, max_txn_ops: int) -> None:
+    kind = op.WhichOneof("request")
+    if kind == "request_range":
+        check_range(op.request_range)
+    elif kind == "request_put":
+        check_put(op.request_put)
+    elif kind == "request_delete_range":
+        check_delete(op.request_delete_range)
+    elif kind == "request_txn":
+        check_txn(op.request_txn, max_txn_ops)
+    else:
+        raise errors.KEY_NOT_FOUND  # etcd's answer to an empty RequestOp
+
+
+def _overlaps(dels: list[tuple[bytes, bytes]], k: bytes) -> bool:
+    # etcd's interval tree with string-affine intervals: a point k is [k, k+"\0"); a delete is
+    # [key, range_end) compared as strings (so a "\0" range_end is an empty interval, as in etcd).
+    kend = k + b"\x00"
+    return any(lo < kend and k < hi for lo, hi in dels)
+
+
+def check_intervals(reqs) -> tuple[set[bytes], list[tuple[bytes, bytes]]]:
+    """etcd's checkIntervals: no key may be put twice, or put and deleted, in one branch of a txn."""
+    dels: list[tuple[bytes, bytes]] = []
+    for op in reqs:
+        if op.WhichOneof("request") != "request_delete_range":
+            continue
+        d = op.request_delete_range
+        dels.append((d.key, d.range_end) if d.range_end else (d.key, d.key + b"\x00"))
+    puts: set[bytes] = set()
+    for op in reqs:
+        if op.WhichOneof("request") != "request_txn":
+            continue
+        puts_then, dels_then = check_intervals(op.request_txn.success)
+        puts_else, dels_else = check_intervals(op.request_txn.failure)
+        for k in puts_then:
+            if k in puts or _overlaps(dels, k):
+                raise errors.DUPLICATE_KEY
+            puts.add(k)
+        for k in puts_else:
+            if k in puts and k not in puts_then:
+                raise errors.DUPLICATE_KEY
+            if _overlaps(dels, k):
+                raise errors.DUPLICATE_KEY
+            puts.add(k)
+        dels.extend(dels_then)
+        dels.extend(dels_else)
+    for op in reqs:
+        if op.WhichOneof("request") != "request_put":
+            continue
+        k = op.request_put.key
+        if k in puts or _overlaps(dels, k):
+            raise errors.DUPLICATE_KEY
+        puts.add(k)
+    return puts, dels

@@ -1,0 +1,1 @@
+"""Durable stores behind the engine: embedded (SQLite) and Azure Cosmos DB."""

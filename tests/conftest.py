@@ -1,0 +1,82 @@
+"""Shared fixtures: fresh real etcd (the oracle) and fresh fastetcd (the subject) processes.
+
+`--subject=etcd` swaps fastetcd for a second real etcd, which validates the harness itself: every
+comparison must then pass.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+# Tests run from a plain checkout too (after `setup.py build_ext --inplace`), not only after a pip install.
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if importlib.util.find_spec("fastetcd") is None:
+    sys.path.insert(0, str(_SRC))
+
+from servers import ServerFactory, ServerProcess, start_etcd, start_server  # noqa: E402
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("fastetcd")
+    group.addoption("--diff-seeds", type=int, default=12,
+                    help="number of random sequences in the differential test (seeds 0..N-1)")
+    group.addoption("--diff-seed-start", type=int, default=0,
+                    help="first seed of the differential test (to explore new sequences)")
+    group.addoption("--diff-ops", type=int, default=1500, help="operations per differential sequence")
+    group.addoption("--subject", choices=("fastetcd", "etcd"), default="fastetcd",
+                    help="server under test; 'etcd' checks the harness against the oracle itself")
+
+
+@pytest.fixture
+def subject_kind(request: pytest.FixtureRequest) -> str:
+    return request.config.getoption("--subject")
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """start(kind, name, extra_args=(), **kw): every server started through it is killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(kind: str, name: str, extra_args: Sequence[str] = (), **kwargs: object) -> ServerProcess:
+        server = start_server(kind, tmp_path / name, extra_args, **kwargs)
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.kill()
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    server = start_etcd(tmp_path / "oracle")
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def subject_server(tmp_path: Path, subject_kind: str) -> Iterator[ServerProcess]:
+    server = start_server(subject_kind, tmp_path / "subject")
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def etcd_endpoint(etcd_server: ServerProcess) -> str:
+    return etcd_server.endpoint
+
+
+@pytest.fixture
+def fastetcd_endpoint(subject_server: ServerProcess) -> str:
+    return subject_server.endpoint

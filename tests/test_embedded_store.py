@@ -1,0 +1,396 @@
+"""The embedded SQLite store: what goes in comes back, across close, snapshots and SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fastetcd.store.base import Recovered, StoreError
+from fastetcd.store.embedded import DB_FILE, EmbeddedStore
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def recs(first: int, last: int, tag: bytes = b"v") -> list[tuple[int, bytes]]:
+    return [(r, tag + str(r).encode()) for r in range(first, last + 1)]
+
+
+async def reopen(path: str) -> Recovered:
+    s = EmbeddedStore(path)
+    try:
+        return await s.open()
+    finally:
+        await s.close()
+
+
+def test_fresh_store_is_empty_and_round_trips(tmp_path):
+    d = str(tmp_path / "data")
+
+    async def body():
+        s = EmbeddedStore(d)
+        got = await s.open()
+        assert got == Recovered(snapshot_rev=0, snapshot=None, compact_rev=0, records=[])
+        await s.append(recs(2, 4))
+        await s.append([])  # nothing to do, must not count as a revision
+        await s.append([(5, b"\x00" * 100_000), (6, b"")])
+        await s.close()
+        return await reopen(d)
+
+    got = run(body())
+    assert got.snapshot is None and got.snapshot_rev == 0
+    assert got.records == recs(2, 4) + [(5, b"\x00" * 100_000), (6, b"")]
+    assert os.stat(d).st_mode & 0o777 == 0o700
+
+
+def test_reopen_same_instance_and_append_continues(tmp_path):
+    d = str(tmp_path)
+
+    async def body():
+        s = EmbeddedStore(d)
+        await s.open()
+        await s.append(recs(2, 3))
+        await s.close()
+        got = await s.open()
+        await s.append(recs(4, 5))  # contiguity is checked against what was recovered
+        with pytest.raises(StoreError):
+            await s.append(recs(7, 7))
+        await s.close()
+        return got, await reopen(d)
+
+    first, second = run(body())
+    assert first.records == recs(2, 3)
+    assert second.records == recs(2, 5)
+
+
+def test_wal_mode_and_size(tmp_path):
+    d = str(tmp_path)
+
+    async def body():
+        s = EmbeddedStore(d)
+        await s.open()
+        before = s.size()
+        await s.append([(2, os.urandom(1_000_000))])
+        after = s.size()
+        await s.close()
+        return before, after
+
+    before, after = run(body())
+    assert 0 < before
+    assert after >= before + 1_000_000
+    conn = sqlite3.connect(os.path.join(d, DB_FILE))
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        conn.close()
+
+
+def test_snapshot_drops_older_log_and_keeps_records_after_it(tmp_path):
+    d = str(tmp_path)
+
+    async def body():
+        s = EmbeddedStore(d)
+        await s.open()
+        await s.append(recs(2, 10))
+        await s.save_snapshot(7, (c for c in [b"ab", b"cd", b"ef"]))
+        await s.append(recs(11, 12))
+        await s.close()
+        first = await reopen(d)
+
+        s = EmbeddedStore(d)
+        await s.open()
+        with pytest.raises(StoreError, match="older"):
+            await s.save_snapshot(5, [b"old"])
+        with pytest.raises(StoreError, match="ahead"):
+            await s.save_snapshot(13, [b"future"])
+        await s.save_snapshot(12, [b"X" * 10, b"Y"])
+        await s.close()
+        return first, await reopen(d)
+
+    first, second = run(body())
+    assert first.snapshot_rev == 7
+    assert first.snapshot == b"abcdef"
+    assert first.records == recs(8, 12)
+    assert second.snapshot_rev == 12
+    assert second.snapshot == b"X" * 10 + b"Y"
+    assert second.records == []
+
+    conn = sqlite3.connect(os.path.join(d, DB_FILE))
+    try:
+        assert conn.execute("SELECT DISTINCT rev FROM snapshot").fetchall() == [(12,)]
+        assert conn.execute("SELECT count(*) FROM log").fetchone() == (0,)
+    finally:
+        conn.close()
+
+
+def test_snapshot_with_no_chunks_and_append_after_it(tmp_path):
+    d = str(tmp_path)
+
+    async def body():
+        s = EmbeddedStore(d)
+        await s.open()
+        await s.append(recs(2, 3))
+        await s.save_snapshot(3, [])
+        await s.close()
+        s = EmbeddedStore(d)
+        got = await s.open()
+        with pytest.raises(StoreError):
+            await s.append(recs(5, 5))  # a gap after the snapshot
+        await s.append(recs(4, 4))
+        await s.close()
+        return got, await reopen(d)
+
+    got, after = run(body())
+    assert (got.snapshot_rev, got.snapshot, got.records) == (3, b"", [])
+    assert (after.snapshot_rev, after.records) == (3, recs(4, 4))
+
+
+def test_compact_rev_persists_and_never_goes_back(tmp_path):
+    d = str(tmp_path)
+
+    async def body():
+        s = EmbeddedStore(d)
+        await s.open()
+        await s.append(recs(2, 20))
+        await s.compact(9)
+        await s.close()
+        first = await reopen(d)
+        s = EmbeddedStore(d)
+        await s.open()
+        await s.compact(5)
+        await s.compact(15)
+        await s.compact(12)
+        await s.close()
+        return first, await reopen(d)
+
+    first, second = run(body())
+    assert first.compact_rev == 9
+    assert second.compact_rev == 15
+    assert second.records == recs(2, 20)  # compaction is the core's business; the log stays
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        recs(6, 7),  # gap
+        recs(4, 5),  # overlap
+        recs(5, 5) + recs(5, 5),  # duplicate inside the batch
+        [(5, b"a"), (7, b"b")],  # hole inside the batch
+        [(6, b"a"), (5, b"b")],  # out of order
+    ],
+)
+def test_contiguity_guard_rejects_and_leaves_store_unchanged(tmp_path, bad):
+    d = str(tmp_path)
+
+    async def body():
+        s = EmbeddedStore(d)
+        await s.open()
+        await s.append(recs(2, 4))
+        with pytest.raises(StoreError):
+            await s.append(bad)
+        await s.append(recs(5, 6))
+        await s.close()
+        return await reopen(d)
+
+    assert run(body()).records == recs(2, 6)
+
+
+def test_sqlite_error_mid_batch_rolls_back_the_whole_batch(tmp_path):
+    d = str(tmp_path)
+
+    async def body():
+        s = EmbeddedStore(d)
+        await s.open()
+        await s.append(recs(2, 3))
+        # The second row cannot be bound, after the first was already inserted in the transaction.
+        with pytest.raises(StoreError, match="failed"):
+            await s.append([(4, b"ok"), (5, {"not": "bytes"})])  # type: ignore[list-item]
+        await s.append(recs(4, 5, b"again"))
+        await s.close()
+        return await reopen(d)
+
+    assert run(body()).records == recs(2, 3) + recs(4, 5, b"again")
+
+
+def test_busy_database_fails_append_cleanly(tmp_path):
+    d = str(tmp_path)
+
+    async def body():
+        s = EmbeddedStore(d, busy_timeout=0.2)
+        await s.open()
+        await s.append(recs(2, 2))
+        # Another SQLite user (a backup tool, say) holding the write lock makes the append fail, not hang.
+        other = sqlite3.connect(os.path.join(d, DB_FILE), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(StoreError, match="locked"):
+                await s.append(recs(3, 3))
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        await s.append(recs(3, 3, b"later"))
+        await s.close()
+        return await reopen(d)
+
+    assert run(body()).records == recs(2, 2) + recs(3, 3, b"later")
+
+
+def test_calls_on_closed_store_raise(tmp_path):
+    async def body():
+        s = EmbeddedStore(str(tmp_path))
+        with pytest.raises(StoreError, match="not open"):
+            await s.append(recs(2, 2))
+        await s.open()
+        with pytest.raises(StoreError, match="already open"):
+            await s.open()
+        await s.close()
+        await s.close()  # idempotent
+        with pytest.raises(StoreError, match="not open"):
+            await s.compact(1)
+
+    run(body())
+
+
+def test_second_store_on_same_dir_is_refused_until_first_closes(tmp_path):
+    d = str(tmp_path)
+
+    async def body():
+        a = EmbeddedStore(d)
+        await a.open()
+        b = EmbeddedStore(d)
+        with pytest.raises(StoreError, match=f"data dir {d} is in use by another process"):
+            await b.open()
+        await a.close()
+        await b.open()
+        await b.close()
+
+    run(body())
+
+
+CHILD_HOLDS_LOCK = textwrap.dedent(
+    """
+    import asyncio, sys
+    from fastetcd.store.embedded import EmbeddedStore
+
+    async def main():
+        s = EmbeddedStore(sys.argv[1])
+        await s.open()
+        print("ready", flush=True)
+        sys.stdin.read()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_lock_is_held_across_processes_and_released_by_death(tmp_path):
+    d = str(tmp_path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD_HOLDS_LOCK, d], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        with pytest.raises(StoreError, match="in use by another process"):
+            run(reopen(d))
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert run(reopen(d)).records == []
+
+
+@pytest.mark.parametrize("make_bad", ["file", "under_file"])
+def test_unusable_data_dir_gives_clear_error(tmp_path, make_bad):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("not a dir")
+    d = str(blocker) if make_bad == "file" else str(blocker / "sub")
+    with pytest.raises(StoreError, match="data dir") as info:
+        run(reopen(d))
+    assert d in str(info.value)
+
+
+def test_foreign_file_as_database_gives_clear_error(tmp_path):
+    (tmp_path / DB_FILE).write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError, match="unusable"):
+        run(reopen(str(tmp_path)))
+    # The failed open must not keep the lock.
+    (tmp_path / DB_FILE).unlink()
+    assert run(reopen(str(tmp_path))).records == []
+
+
+CRASH_CHILD = textwrap.dedent(
+    """
+    import asyncio, hashlib, sys
+    from fastetcd.store.embedded import EmbeddedStore
+
+    def payload(rev):
+        n = 100 + (rev * 7919) % 5000
+        seed = hashlib.sha256(str(rev).encode()).digest()
+        return (seed * (n // 32 + 1))[:n]
+
+    async def main():
+        s = EmbeddedStore(sys.argv[1])
+        got = await s.open()
+        last = got.records[-1][0] if got.records else 1
+        print("recovered", last, flush=True)
+        rev = last + 1
+        while True:
+            batch = [(r, payload(r)) for r in range(rev, rev + 1 + rev % 37)]
+            await s.append(batch)
+            rev = batch[-1][0] + 1
+            print(batch[-1][0], flush=True)  # only after append returned: this rev is acknowledged
+
+    asyncio.run(main())
+    """
+)
+
+
+def _payload(rev: int) -> bytes:
+    import hashlib
+
+    n = 100 + (rev * 7919) % 5000
+    seed = hashlib.sha256(str(rev).encode()).digest()
+    return (seed * (n // 32 + 1))[:n]
+
+
+def test_sigkill_mid_append_loses_no_acknowledged_revision(tmp_path):
+    d = str(tmp_path / "data")
+    rng = random.Random(1234)
+    acked = 1
+    for _ in range(4):
+        child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, d], stdout=subprocess.PIPE, text=True)
+        try:
+            first = child.stdout.readline().split()
+            assert first[0] == "recovered", first
+            # Everything acknowledged before the previous kill is back (more may be: a batch can commit
+            # after its ack was lost with the process).
+            assert int(first[1]) >= acked
+            for _ in range(rng.randint(20, 120)):
+                line = child.stdout.readline()
+                assert line, "child died on its own"
+                acked = max(acked, int(line))
+            child.send_signal(signal.SIGKILL)
+            rest, _ = child.communicate(timeout=10)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
+        assert child.returncode == -signal.SIGKILL
+        for line in rest.split():
+            acked = max(acked, int(line))
+
+    got = run(reopen(d))
+    revs = [r for r, _ in got.records]
+    assert revs[0] == 2
+    assert revs == list(range(2, revs[-1] + 1))
+    assert revs[-1] >= acked
+    torn = [r for r, data in got.records if data != _payload(r)]
+    assert torn == []
