@@ -87,16 +87,19 @@ def test_point_range(benchmark, kube: MVCC) -> None:
 
 
 @pytest.mark.parametrize("keys_only", [False, True], ids=["values", "keys_only"])
-def test_prefix_range_limit_500(benchmark, kube: MVCC, keys_only: bool) -> None:
+@pytest.mark.parametrize("page", ["first", "middle"])
+def test_prefix_range_limit_500(benchmark, kube: MVCC, keys_only: bool, page: str) -> None:
     rev = kube.rev
-    # kube-apiserver pages through a list with `limit` and an exact `count`; use a page from the middle.
-    start = PREFIX + b"pod-%06d" % (N_PREFIX // 2)
+    # kube-apiserver pages through a list with `limit` and needs the exact `count` of what remains.
+    first = 0 if page == "first" else N_PREFIX // 2
+    start = PREFIX + b"pod-%06d" % first
 
     kvs, count = benchmark(kube.range, start, PREFIX_END, rev, 500, keys_only)
     assert len(kvs) == 500
-    assert count == N_PREFIX // 2
+    assert count == N_PREFIX - first
     assert (VAL_1K in kvs[0]) is not keys_only
     assert start in kvs[0]
+    assert PREFIX + b"pod-%06d" % (first + 499) in kvs[-1]
 
 
 def test_count_prefix(benchmark, kube: MVCC) -> None:

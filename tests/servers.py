@@ -117,7 +117,9 @@ def wait_ready(server: ServerProcess, timeout: float = START_TIMEOUT_S) -> None:
             return
         time.sleep(0.05)
     server.kill()
-    raise RuntimeError(f"{server.kind} did not answer a Range within {timeout}s; log tail:\n{server.log_tail()}")
+    raise RuntimeError(
+        f"{server.kind} did not answer a Range within {timeout}s; log tail:\n{server.log_tail()}"
+    )
 
 
 def start_etcd(data_dir: Path, extra_args: Sequence[str] = (), fsync: bool = False) -> ServerProcess:
@@ -169,7 +171,8 @@ def start_fastetcd(data_dir: Path, extra_args: Sequence[str] = (), port: int | N
     return server
 
 
-def start_server(kind: str, data_dir: Path, extra_args: Sequence[str] = (), **kwargs: object) -> ServerProcess:
+def start_server(kind: str, data_dir: Path, extra_args: Sequence[str] = (),
+                 **kwargs: object) -> ServerProcess:
     if kind == "etcd":
         return start_etcd(data_dir, extra_args, **kwargs)  # type: ignore[arg-type]
     if kind == "fastetcd":

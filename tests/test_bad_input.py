@@ -21,6 +21,7 @@ DEFAULT_MAX_REQUEST_BYTES = 1572864  # etcd's --max-request-bytes default, 1.5 M
 GRPC_OVERHEAD_BYTES = 512 * 1024  # etcd lets gRPC receive up to max-request-bytes + this
 TOO_LARGE = ("INVALID_ARGUMENT", "etcdserver: request is too large")
 TOO_MANY_OPS = ("INVALID_ARGUMENT", "etcdserver: too many operations in txn request")
+EMPTY_KEY = ("INVALID_ARGUMENT", "etcdserver: key is not provided")
 DUPLICATE_KEY = ("INVALID_ARGUMENT", "etcdserver: duplicate key given in txn request")
 COMPACTED = ("OUT_OF_RANGE", "etcdserver: mvcc: required revision has been compacted")
 FUTURE_REV = ("OUT_OF_RANGE", "etcdserver: mvcc: required revision is a future revision")
@@ -127,7 +128,7 @@ def test_request_just_over_max_request_bytes(both: Both) -> None:
     both.same("Put", Put(key=b"big", value=b"x" * (limit + 1)), TOO_LARGE)
     # Size is checked before the lease is looked up, after the key is validated.
     both.same("Put", Put(key=b"big", value=b"x" * limit, lease=5), TOO_LARGE)
-    both.same("Put", Put(key=b"", value=b"x" * limit), ("INVALID_ARGUMENT", "etcdserver: key is not provided"))
+    both.same("Put", Put(key=b"", value=b"x" * limit), EMPTY_KEY)
     both.same("Txn", Txn(success=[Op(request_put=Put(key=b"big", value=b"x" * limit))]), TOO_LARGE)
     both.same("DeleteRange", Delete(key=b"k" * (limit + 1)), TOO_LARGE)
     both.assert_serves()

@@ -12,19 +12,30 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
+import fastetcd as fastetcd_pkg
 from fastetcd.cli import parse_config
-from fastetcd.config import GiB, Config, ConfigError, parse_duration, parse_url
+from fastetcd.config import Config, ConfigError, GiB, parse_duration, parse_url
 from fastetcd.log import setup_logging
 
 
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The child runs the same fastetcd package this test imported (installed or a checkout's src/)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTETCD_")}
+    pkg_parent = str(Path(fastetcd_pkg.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
+    env.update(extra or {})
+    return env
+
+
 def fastetcd(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("FASTETCD_")}
-    full_env.update(env or {})
+    full_env = child_env(env)
     return subprocess.run(
-        [sys.executable, "-m", "fastetcd", *args], capture_output=True, text=True, env=full_env, timeout=60, **kw
+        [sys.executable, "-m", "fastetcd", *args],
+        capture_output=True, text=True, env=full_env, timeout=60, **kw,
     )
 
 
@@ -242,7 +253,11 @@ def test_log_lines_are_zap_shaped_json():
     finally:
         setup_logging("info")  # back to stderr for the rest of the session
     lines = [json.loads(line) for line in buf.getvalue().splitlines()]
-    assert [(r["level"], r["msg"]) for r in lines] == [("info", "hello world"), ("error", "failed"), ("warn", "careful")]
+    assert [(r["level"], r["msg"]) for r in lines] == [
+        ("info", "hello world"),
+        ("error", "failed"),
+        ("warn", "careful"),
+    ]
     first = lines[0]
     assert list(first)[:4] == ["level", "ts", "caller", "msg"]
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["ts"])
@@ -263,27 +278,29 @@ def free_port() -> int:
 
 def etcdctl(port: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["etcdctl", f"--endpoints=http://127.0.0.1:{port}", "--dial-timeout=2s", "--command-timeout=5s", *args],
+        ["etcdctl", f"--endpoints=http://127.0.0.1:{port}", "--dial-timeout=2s", "--command-timeout=5s",
+         *args],
         capture_output=True, text=True, timeout=30,
     )
 
 
 class Server:
     def __init__(self, cwd, port: int, *extra: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FASTETCD_")}
+        env = child_env()
         url = f"http://127.0.0.1:{port}"
         self.port = port
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastetcd", "--listen-client-urls", url, "--advertise-client-urls", url, *extra],
+            [sys.executable, "-m", "fastetcd",
+             "--listen-client-urls", url, "--advertise-client-urls", url, *extra],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
 
-    def wait_ready(self, timeout: float = 60.0) -> None:
+    def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            if etcdctl(self.port, "endpoint", "health").returncode == 0:
+            if etcdctl(self.port, "get", "health").returncode == 0:
                 return
             time.sleep(0.2)
         raise AssertionError("server did not become healthy")

@@ -387,7 +387,7 @@ def _mismatch_report(seed: int, index: int, method: str, req: Message, history: 
         f"request: {describe(method, req)}\n"
         f"--- fastetcd ---\n{a}--- etcd ---\n{b}--- diff (etcd -> fastetcd) ---\n{diff}\n"
         f"previous ops:\n{recent}\n"
-        f"reproduce: pytest tests/test_differential.py -k 'seed{seed}]' --diff-seed-start {seed}"
+        f"reproduce: pytest tests/test_differential.py -k test_differential --diff-seed-start {seed}"
         f" --diff-seeds 1 --diff-ops {index + 1}"
     )
 
@@ -432,7 +432,8 @@ def run_sequence(seed: int, n_ops: int, subject: str, oracle: str) -> int:
         for i, req in enumerate(finals):
             got, want = both("Range", req)
             if got.key() != want.key():
-                pytest.fail(_mismatch_report(seed, n_ops + i, "Range", req, history, got, want), pytrace=False)
+                report = _mismatch_report(seed, n_ops + i, "Range", req, history, got, want)
+                pytest.fail(report, pytrace=False)
     return succeeded
 
 

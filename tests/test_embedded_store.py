@@ -10,11 +10,21 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
+import fastetcd
 from fastetcd.store.base import Recovered, StoreError
 from fastetcd.store.embedded import DB_FILE, EmbeddedStore
+
+
+def child_env() -> dict[str, str]:
+    """The child imports the same fastetcd package this test did (installed or a checkout's src/)."""
+    env = dict(os.environ)
+    pkg_parent = str(Path(fastetcd.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def run(coro):
@@ -295,7 +305,8 @@ CHILD_HOLDS_LOCK = textwrap.dedent(
 def test_lock_is_held_across_processes_and_released_by_death(tmp_path):
     d = str(tmp_path)
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD_HOLDS_LOCK, d], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", CHILD_HOLDS_LOCK, d],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
     )
     try:
         assert child.stdout.readline().strip() == "ready"
@@ -366,7 +377,9 @@ def test_sigkill_mid_append_loses_no_acknowledged_revision(tmp_path):
     rng = random.Random(1234)
     acked = 1
     for _ in range(4):
-        child = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, d], stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CRASH_CHILD, d], stdout=subprocess.PIPE, text=True, env=child_env()
+        )
         try:
             first = child.stdout.readline().split()
             assert first[0] == "recovered", first

@@ -1,3 +1,4 @@
+cimport cython
 # Declarations of the MVCC core, so that other Cython modules (the watch matcher, a compiled transport)
 # can reach its C-level structures without going through Python.
 from cpython.object cimport PyObject
@@ -31,6 +32,7 @@ cdef struct Buf:
     Py_ssize_t cap
 
 
+@cython.final
 cdef class MVCC:
     cdef KeyEntry* ents       # by key id
     cdef int32_t n_ents
@@ -46,9 +48,9 @@ cdef class MVCC:
     cdef readonly int64_t compact_rev
     cdef readonly Py_ssize_t n_revs
 
-    cdef int32_t _lower_bound(self, const char* k, Py_ssize_t kl) nogil
+    cdef int32_t _lower_bound(self, const char* k, Py_ssize_t kl) noexcept nogil
     cdef int32_t _key_id(self, bytes key, bint create) except -2
-    cdef Rev* _at(self, int32_t kid, int64_t rev) nogil
+    cdef Rev* _at(self, int32_t kid, int64_t rev) noexcept nogil
     cdef void _bounds(self, bytes key, bytes end, int32_t* lo, int32_t* hi)
     cdef Rev* _push(self, int32_t kid) except NULL
     cdef int _rec_op(self, uint8_t op, bytes key, bytes value, int64_t lease, int64_t rev) except -1

@@ -8,6 +8,7 @@ The head revision may run ahead of what the engine has made durable: readers alw
 read at, which hides pending versions without copying anything.
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
@@ -215,6 +216,7 @@ cdef inline int _cmp(const char* a, Py_ssize_t al, const char* b, Py_ssize_t bl)
     return (al > bl) - (al < bl)
 
 
+@cython.final
 cdef class MVCC:
     """etcd's MVCC key space: versions of every key, readable at any revision >= ``compact_rev``.
 
@@ -251,7 +253,7 @@ cdef class MVCC:
 
     # ------------------------------------------------------------ index internals
 
-    cdef int32_t _lower_bound(self, const char* k, Py_ssize_t kl) nogil:
+    cdef int32_t _lower_bound(self, const char* k, Py_ssize_t kl) noexcept nogil:
         cdef int32_t lo = 0, hi = self.n_order, mid
         cdef KeyEntry* e
         while lo < hi:
@@ -322,7 +324,7 @@ cdef class MVCC:
                 j += 1
         self.n_order = j
 
-    cdef Rev* _at(self, int32_t kid, int64_t rev) nogil:
+    cdef Rev* _at(self, int32_t kid, int64_t rev) noexcept nogil:
         """The newest version of ``kid`` with main revision <= rev, or NULL."""
         cdef KeyEntry* e = &self.ents[kid]
         cdef int32_t lo, hi, mid

@@ -72,7 +72,9 @@ class _Option:
 _OPTIONS: tuple[_Option, ...] = (
     _Option("name", _parse_str, "Human-readable name for this member."),
     _Option("data-dir", _parse_str, "Path to the data directory.", default_text="${name}.etcd"),
-    _Option("listen-client-urls", _parse_urls, "List of URLs to listen on for client traffic (comma-separated)."),
+    _Option(
+        "listen-client-urls", _parse_urls, "List of URLs to listen on for client traffic (comma-separated)."
+    ),
     _Option(
         "advertise-client-urls",
         _parse_urls,
@@ -117,7 +119,12 @@ _OPTIONS: tuple[_Option, ...] = (
         "Duration of periodical watch progress notification (Go duration, e.g. 10m, 100ms).",
     ),
     _Option("store", _parse_str, f"Where data lives: {' or '.join(STORES)}."),
-    _Option("cosmos-endpoint", _parse_str, "Azure Cosmos DB account endpoint (with --store cosmos).", default_text=""),
+    _Option(
+        "cosmos-endpoint",
+        _parse_str,
+        "Azure Cosmos DB account endpoint (with --store cosmos).",
+        default_text="",
+    ),
     _Option(
         "cosmos-key",
         _parse_str,
@@ -158,8 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "fastetcd: an etcd v3.5 API server (gRPC, byte-compatible with etcd clients and etcdctl) with a "
             "compiled MVCC core and an embedded durable store.\n\n"
-            f"Every flag can also be set by an environment variable {ENV_PREFIX}<FLAG> (upper case, '-' → '_'), "
-            "e.g. FASTETCD_DATA_DIR; a flag on the command line wins over the environment."
+            f"Every flag can also be set by an environment variable {ENV_PREFIX}<FLAG> "
+            "(upper case, '-' → '_'), e.g. FASTETCD_DATA_DIR; a flag on the command line wins over the "
+            "environment."
         ),
         epilog=(
             "examples:\n"
@@ -257,6 +265,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(config: Config) -> int:
     """Serve ``config`` until SIGINT/SIGTERM; returns the exit code."""
+    if config.log_level != "debug":
+        # gRPC's C core writes plain-text lines straight to stderr, breaking the one-JSON-object-per-line
+        # stream; what it reports (a failed bind, say) reaches us as exceptions anyway. An explicit
+        # GRPC_VERBOSITY still wins. Must happen before grpc is first imported.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from fastetcd.server.app import serve  # late: --help and flag errors must not need the server built
 
     try:

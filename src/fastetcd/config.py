@@ -180,7 +180,9 @@ class Config:
         if self.snapshot_count < 0:
             raise ConfigError(f"--snapshot-count must not be negative, got {self.snapshot_count}")
         if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"--log-level: unrecognized level {self.log_level!r} (use {'|'.join(LOG_LEVELS)})")
+            raise ConfigError(
+                f"--log-level: unrecognized level {self.log_level!r} (use {'|'.join(LOG_LEVELS)})"
+            )
         if self.store not in STORES:
             raise ConfigError(f"--store: unknown store {self.store!r} (use {'|'.join(STORES)})")
         if self.auto_compaction_mode not in COMPACTION_MODES:

@@ -180,7 +180,8 @@ class EmbeddedStore:
             conn.execute("CREATE TABLE IF NOT EXISTS log (rev INTEGER PRIMARY KEY, data BLOB NOT NULL)")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS snapshot"
-                " (rev INTEGER NOT NULL, chunk INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (rev, chunk))"
+                " (rev INTEGER NOT NULL, chunk INTEGER NOT NULL, data BLOB NOT NULL,"
+                " PRIMARY KEY (rev, chunk))"
             )
             conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
             row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
@@ -238,7 +239,9 @@ class EmbeddedStore:
                 "last-revision": self._last_rev or 0,
             },
         )
-        return Recovered(snapshot_rev=snapshot_rev, snapshot=snapshot, compact_rev=compact_rev, records=records)
+        return Recovered(
+            snapshot_rev=snapshot_rev, snapshot=snapshot, compact_rev=compact_rev, records=records
+        )
 
     def _check_usable(self) -> sqlite3.Connection:
         if self._broken is not None:
@@ -256,7 +259,9 @@ class EmbeddedStore:
             raise StoreError(f"append of invalid revision {first}")
         for i, (rev, _) in enumerate(records):
             if rev != first + i:
-                raise StoreError(f"append batch is not contiguous: revision {rev} at position {i} after {first}")
+                raise StoreError(
+                    f"append batch is not contiguous: revision {rev} at position {i} after {first}"
+                )
 
         committing = False
         try:
@@ -274,7 +279,9 @@ class EmbeddedStore:
                 # in the WAL that recovery would honour. We cannot tell, so refuse further writes: reusing
                 # these revisions for other data could make disk and memory disagree after a restart.
                 self._broken = f"I/O error during commit: {e}"
-                raise Uncertain(f"append of revisions {first}..{records[-1][0]} has unknown outcome: {e}") from e
+                raise Uncertain(
+                    f"append of revisions {first}..{records[-1][0]} has unknown outcome: {e}"
+                ) from e
             raise StoreError(f"append of revisions {first}..{records[-1][0]} failed: {e}") from e
         self._last_rev = records[-1][0]
 
@@ -307,7 +314,9 @@ class EmbeddedStore:
         if self._last_rev is None or rev > self._last_rev:
             raise StoreError(f"snapshot at revision {rev} is ahead of the stored log ({self._last_rev or 0})")
         if rev < self._snapshot_rev:
-            raise StoreError(f"snapshot at revision {rev} is older than the stored one ({self._snapshot_rev})")
+            raise StoreError(
+                f"snapshot at revision {rev} is older than the stored one ({self._snapshot_rev})"
+            )
         try:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("DELETE FROM snapshot WHERE rev = ?", (rev,))

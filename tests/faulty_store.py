@@ -1,0 +1,85 @@
+"""A Store wrapper for engine tests: delegates to a real store, but can hold appends and fail them.
+
+It never fakes success: every call that is not made to fail goes to the wrapped store, so what the
+engine believes is durable really is, and a restart on the same data dir is a real recovery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+
+from fastetcd.store.base import Recovered, Store, StoreError
+
+
+class FaultyStore:
+    """``Store`` over ``inner`` that records every append and can hold or fail chosen ones.
+
+    - ``appends``: the revisions handed to each ``append`` call, in call order, failed calls included.
+    - ``fail_appends``: 1-based numbers of the append calls that raise ``StoreError`` (without delegating,
+      so the batch is certainly not durable).
+    - ``hold()`` / ``release()``: appends started while held wait (before delegating) until released;
+      ``wait_held()`` returns once one is waiting, i.e. the engine's writer is blocked inside the store.
+    """
+
+    def __init__(self, inner: Store) -> None:
+        self.inner = inner
+        self.appends: list[list[int]] = []
+        # ("append", first_rev, last_rev, ok) / ("compact", rev): the order durable steps completed in.
+        self.events: list[tuple] = []
+        self.fail_appends: set[int] = set()
+        self.fail_compact = False
+        self.compacts: list[int] = []
+        self.snapshots: list[int] = []
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._entered = asyncio.Event()
+
+    # ---------------------------------------------------------------- test controls
+
+    def hold(self) -> None:
+        self._entered.clear()
+        self._gate.clear()
+
+    async def wait_held(self, timeout: float = 5.0) -> None:
+        await asyncio.wait_for(self._entered.wait(), timeout)
+
+    def release(self) -> None:
+        self._gate.set()
+
+    @property
+    def append_count(self) -> int:
+        return len(self.appends)
+
+    # ---------------------------------------------------------------- Store protocol
+
+    async def open(self) -> Recovered:
+        return await self.inner.open()
+
+    async def append(self, records: list[tuple[int, bytes]]) -> None:
+        self.appends.append([rev for rev, _ in records])
+        n = len(self.appends)
+        self._entered.set()
+        await self._gate.wait()
+        if n in self.fail_appends:
+            self.events.append(("append", records[0][0], records[-1][0], False))
+            raise StoreError(f"injected failure of append #{n}")
+        await self.inner.append(records)
+        self.events.append(("append", records[0][0], records[-1][0], True))
+
+    async def compact(self, rev: int) -> None:
+        if self.fail_compact:
+            raise StoreError(f"injected failure of compaction at {rev}")
+        await self.inner.compact(rev)
+        self.compacts.append(rev)
+        self.events.append(("compact", rev))
+
+    async def save_snapshot(self, rev: int, chunks: Iterable[bytes]) -> None:
+        await self.inner.save_snapshot(rev, chunks)
+        self.snapshots.append(rev)
+
+    def size(self) -> int:
+        return self.inner.size()
+
+    async def close(self) -> None:
+        await self.inner.close()
