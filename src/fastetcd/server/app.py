@@ -61,7 +61,11 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             max_request_bytes=config.max_request_bytes,
         )
         for url in config.client_urls:
-            if server.add_insecure_port(url.address) == 0:
+            try:
+                bound = server.add_insecure_port(url.address)
+            except RuntimeError as e:  # grpcio reports a failed bind this way
+                raise OSError(f"cannot listen on {url}: {e}") from None
+            if bound == 0:
                 raise OSError(f"cannot listen on {url}: address in use or not available")
         await server.start()
         log.info(
