@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if importlib.util.find_spec("fastetcd") is None:
     sys.path.insert(0, str(_SRC))
 
-from servers import ServerFactory, ServerProcess, start_etcd, start_server  # noqa: E402
+from servers import ServerFactory, ServerPair, ServerProcess, start_etcd, start_server  # noqa: E402
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -73,10 +74,24 @@ def subject_server(tmp_path: Path, subject_kind: str) -> Iterator[ServerProcess]
 
 
 @pytest.fixture
-def etcd_endpoint(etcd_server: ServerProcess) -> str:
-    return etcd_server.endpoint
+def server_pair(tmp_path: Path, subject_kind: str) -> Iterator[ServerPair]:
+    """A fresh subject and a fresh oracle, started concurrently (start-up is mostly waiting)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(start_server, subject_kind, tmp_path / "subject")
+        oracle_f = pool.submit(start_etcd, tmp_path / "oracle")
+    started = [f.result() for f in (subject_f, oracle_f) if f.exception() is None]
+    try:
+        yield ServerPair(subject_f.result(), oracle_f.result())  # re-raises a failed start
+    finally:
+        for server in started:
+            server.kill()
 
 
 @pytest.fixture
-def fastetcd_endpoint(subject_server: ServerProcess) -> str:
-    return subject_server.endpoint
+def etcd_endpoint(server_pair: ServerPair) -> str:
+    return server_pair.oracle.endpoint
+
+
+@pytest.fixture
+def fastetcd_endpoint(server_pair: ServerPair) -> str:
+    return server_pair.subject.endpoint

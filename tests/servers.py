@@ -200,6 +200,14 @@ def run_etcdctl(endpoint: str, args: Sequence[str], stdin: str | None = None,
     return proc.returncode, proc.stdout, proc.stderr
 
 
+@dataclass
+class ServerPair:
+    """The server under test and the oracle it is compared with."""
+
+    subject: ServerProcess
+    oracle: ServerProcess
+
+
 # start(kind, name, extra_args=(), **kwargs) -> ServerProcess; see the server_factory fixture.
 ServerFactory = Callable[..., ServerProcess]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from google.protobuf.message import Message
-from servers import UNLIMITED_CHANNEL_OPTIONS, ServerFactory, ServerProcess, kv_stub
+from servers import UNLIMITED_CHANNEL_OPTIONS, ServerFactory, ServerPair, kv_stub
 
 from fastetcd.proto import rpc_pb2
 
@@ -222,17 +222,16 @@ def _spray(endpoint: str, payload: bytes) -> None:
             pass  # a reset or silence are both fine; only the server's survival matters
 
 
-def test_garbage_bytes_on_raw_socket(both: Both, subject_server: ServerProcess,
-                                     etcd_server: ServerProcess) -> None:
+def test_garbage_bytes_on_raw_socket(both: Both, server_pair: ServerPair) -> None:
     for payload in GARBAGE:
         for target in (both.fastetcd, both.etcd):
             _spray(target.endpoint, payload)
             target.assert_serves()
     # Many connections at once that never speak, then vanish.
-    socks = [socket.create_connection(("127.0.0.1", subject_server.port)) for _ in range(50)]
+    socks = [socket.create_connection(("127.0.0.1", server_pair.subject.port)) for _ in range(50)]
     for s in socks:
         s.close()
-    assert subject_server.alive() and etcd_server.alive()
+    assert server_pair.subject.alive() and server_pair.oracle.alive()
     both.assert_serves()
 
 

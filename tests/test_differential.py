@@ -21,7 +21,7 @@ import grpc
 import pytest
 from google.protobuf import text_format
 from google.protobuf.message import Message
-from servers import ServerProcess, kv_stub
+from servers import kv_stub
 
 from fastetcd.proto import rpc_pb2
 
@@ -437,10 +437,10 @@ def run_sequence(seed: int, n_ops: int, subject: str, oracle: str) -> int:
     return succeeded
 
 
-def test_differential(seed: int, request: pytest.FixtureRequest, subject_server: ServerProcess,
-                      etcd_server: ServerProcess) -> None:
+def test_differential(seed: int, request: pytest.FixtureRequest, fastetcd_endpoint: str,
+                      etcd_endpoint: str) -> None:
     n_ops = request.config.getoption("--diff-ops")
-    succeeded = run_sequence(seed, n_ops, subject_server.endpoint, etcd_server.endpoint)
+    succeeded = run_sequence(seed, n_ops, fastetcd_endpoint, etcd_endpoint)
     # A generator whose requests mostly fail would compare little but error strings.
     assert succeeded >= n_ops // 2, f"only {succeeded} of {n_ops} ops succeeded on etcd"
 

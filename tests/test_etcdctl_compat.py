@@ -8,7 +8,8 @@ Only what must differ between two clusters is normalized: the cluster/member ids
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
@@ -71,11 +72,14 @@ class Pair:
         self.oracle = oracle
         self.mismatches: list[str] = []
         self.count = 0
+        self.pool = ThreadPoolExecutor(max_workers=1)
 
     def run(self, *args: str, stdin: str | None = None, expect_rc: int | None = None) -> Outcome:
         self.count += 1
-        got = ctl(self.subject, args, stdin)
+        # Both at once: each etcdctl run is mostly process start-up and waiting.
+        got_f = self.pool.submit(ctl, self.subject, args, stdin)
         want = ctl(self.oracle, args, stdin)
+        got = got_f.result()
         cmd = "etcdctl " + " ".join(repr(a) if (not a or " " in a) else a for a in args)
         if stdin is not None:
             cmd += f"  <<< {stdin!r}"
@@ -87,6 +91,7 @@ class Pair:
         return want
 
     def check(self) -> None:
+        self.pool.shutdown()
         if self.mismatches:
             pytest.fail(
                 f"{len(self.mismatches)} of {self.count} etcdctl commands differ:\n\n"
@@ -96,8 +101,12 @@ class Pair:
 
 
 @pytest.fixture
-def pair(fastetcd_endpoint: str, etcd_endpoint: str) -> Pair:
-    return Pair(fastetcd_endpoint, etcd_endpoint)
+def pair(fastetcd_endpoint: str, etcd_endpoint: str) -> Iterator[Pair]:
+    p = Pair(fastetcd_endpoint, etcd_endpoint)
+    try:
+        yield p
+    finally:
+        p.pool.shutdown()
 
 
 SORT_TARGETS = ("KEY", "VERSION", "CREATE", "MODIFY", "VALUE")

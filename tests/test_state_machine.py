@@ -461,17 +461,18 @@ def check_against_model(sm: StateMachine, model: Model) -> dict[int, Any]:
     return seen
 
 
-def test_restart_recovers_identical_state_from_snapshot_and_log(tmp_path):
-    rnd = random.Random(7)
+@pytest.mark.parametrize("seed", [7, 8, 9])
+def test_restart_recovers_identical_state_from_snapshot_and_log(tmp_path, seed):
+    rnd = random.Random(seed)
     model = Model()
 
     async def body():
         # Phase 1: small snapshot_count, a compaction in the middle, so later snapshots carry it.
         async with engine(tmp_path, snapshot_count=10) as (sm, store):
-            await run_ops(sm, model, rnd, 120)
-            c1 = sm.committed_rev - 15
+            await run_ops(sm, model, rnd, 250)
+            c1 = sm.committed_rev - 37
             assert await sm.compact(c1) == sm.committed_rev
-            await run_ops(sm, model, rnd, 80)
+            await run_ops(sm, model, rnd, 150)
             seen1 = check_against_model(sm, model)
             assert store.snapshots, "snapshot_count=10 must have produced snapshots"
             head1 = sm.committed_rev
@@ -490,11 +491,11 @@ def test_restart_recovers_identical_state_from_snapshot_and_log(tmp_path):
         async with engine(tmp_path, snapshot_count=10**9) as (sm, store):
             assert sm.committed_rev == head1 and sm.compact_rev == c1
             assert check_against_model(sm, model) == seen1
-            await run_ops(sm, model, rnd, 30)
+            await run_ops(sm, model, rnd, 60)
             c2 = sm.committed_rev - 10
             assert c2 > rec.snapshot_rev
             await sm.compact(c2)
-            await run_ops(sm, model, rnd, 20)
+            await run_ops(sm, model, rnd, 40)
             assert not store.snapshots
             seen2 = check_against_model(sm, model)
             head2 = sm.committed_rev
@@ -579,5 +580,41 @@ def test_compaction_is_ordered_with_writes(tmp_path):
             assert sm.compact_rev == 7 and sm.committed_rev == 8
             raises_etcd(errors.COMPACTED, sm.range, pb.RangeRequest(key=b"a", revision=6))
             assert [k[:2] for k in read_all(sm, 7)[0]] == [(b"a", b"3"), (b"b", b"2"), (b"x", b"1")]
+
+    run(body())
+
+
+# ----------------------------------------------------------------------------------------- error objects
+
+
+def _tb_depth(e: BaseException) -> int:
+    n, tb = 0, e.__traceback__
+    while tb is not None:
+        n, tb = n + 1, tb.tb_next
+    return n
+
+
+def test_repeated_errors_do_not_accumulate_tracebacks(tmp_path):
+    # Raising one exception instance again prepends each raise's frames to the same __traceback__, so a
+    # module-level error object answered all day (COMPACTED to every stale reader) would keep every frame,
+    # and every request those frames reference, alive for the life of the process.
+    async def body():
+        async with engine(tmp_path) as (sm, store):
+            for i in range(3):
+                await sm.put(put(b"k", b"%d" % i))
+            await sm.compact(3)
+            depths = []
+            for _ in range(200):
+                try:
+                    sm.range(pb.RangeRequest(key=b"k", revision=2))
+                except errors.EtcdError as e:
+                    depths.append(_tb_depth(e))
+            for _ in range(50):
+                try:
+                    await sm.compact(99)
+                except errors.EtcdError as e:
+                    depths.append(_tb_depth(e))
+            assert len(depths) == 250
+            assert max(depths) < 20, f"traceback depth grows with every raise: {depths[:3]} ... {depths[-3:]}"
 
     run(body())

@@ -12,17 +12,25 @@ from __future__ import annotations
 class EtcdError(Exception):
     """An error a client sees as a gRPC status with ``code`` and ``message``."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    code = "UNKNOWN"
+    message = ""
+
+    def __init__(self, code: str | None = None, message: str | None = None) -> None:
+        if code is not None:
+            self.code = code
+        if message is not None:
+            self.message = message
+        super().__init__(self.message)
 
     def __repr__(self) -> str:
-        return f"EtcdError({self.code}, {self.message!r})"
+        return f"{type(self).__name__}({self.code}, {self.message!r})"
 
 
-def _e(code: str, message: str) -> EtcdError:
-    return EtcdError(code, message)
+def _e(code: str, message: str) -> type[EtcdError]:
+    # Each constant is a class, so `raise errors.COMPACTED` raises a fresh instance: a shared instance
+    # would collect every raise's traceback (and the requests its frames hold) for the server's lifetime.
+    name = "".join(w.capitalize() for w in message.rsplit(": ", 1)[-1].split())
+    return type(name, (EtcdError,), {"code": code, "message": message})
 
 
 EMPTY_KEY = _e("INVALID_ARGUMENT", "etcdserver: key is not provided")
