@@ -199,6 +199,28 @@ def test_revision_out_of_range(both: Both) -> None:
     both.assert_serves()
 
 
+def test_revisions_below_one_before_and_after_first_compaction(both: Both) -> None:
+    """etcd starts with compacted revision -1, not 0: a Txn Range at revision -1 and Compact(0) are fine
+    until the first compaction; revision -2 already counts as compacted inside a Txn (a top-level Range
+    treats any revision <= 0 as "now")."""
+    both.same("Put", Put(key=b"r", value=b"1"))
+
+    def txn_range(rev: int) -> Message:
+        return Txn(success=[Op(request_range=Range(key=b"r", revision=rev))])
+
+    assert both.same("Txn", txn_range(-1)).code == "OK"
+    both.same("Txn", txn_range(-2), COMPACTED)
+    both.same("Range", Range(key=b"r", revision=-2))
+    both.same("Compact", rpc_pb2.CompactionRequest(revision=0))
+    both.same("Txn", txn_range(-1), COMPACTED)
+    both.same("Txn", txn_range(0))
+    both.same("Compact", rpc_pb2.CompactionRequest(revision=0), COMPACTED)
+    both.same("Compact", rpc_pb2.CompactionRequest(revision=-1), COMPACTED)
+    both.same("Compact", rpc_pb2.CompactionRequest(revision=1))
+    both.same("Range", Range(key=b"r", revision=1))
+    both.assert_serves()
+
+
 GARBAGE = [
     b"\x00" * 100,
     os.urandom(4096),

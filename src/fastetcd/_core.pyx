@@ -471,7 +471,7 @@ cdef class MVCC:
 
     def apply_record(self, int64_t rev, bytes record):
         """Replay a record produced by ``take_record`` at ``rev``."""
-        if rev <= self.rev and self.n_revs:
+        if rev <= self.rev:
             raise ValueError(f"record {rev} is not after head revision {self.rev}")
         cdef _Reader rd = _Reader(record)
         cdef int32_t sub = 0
