@@ -41,7 +41,7 @@ class ModelMVCC:
     def __init__(self) -> None:
         self.keys: dict[bytes, list[Version]] = {}
         self.rev = 1
-        self.compact_rev = 0
+        self.compact_rev = -1  # etcd: never compacted
 
     # ---------------------------------------------------------------- writes
 

@@ -20,8 +20,6 @@ import grpc
 
 from fastetcd.proto import rpc_pb2, rpc_pb2_grpc
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SRC_DIR = REPO_ROOT / "src"
 
 START_TIMEOUT_S = 30.0
 
@@ -148,9 +146,12 @@ def start_etcd(data_dir: Path, extra_args: Sequence[str] = (), fsync: bool = Fal
 
 
 def fastetcd_env() -> dict[str, str]:
-    """The child sees this checkout's src/ first, whether or not the project is pip-installed."""
+    """The child imports the same fastetcd the tests imported (installed, editable or src/ with a built core)."""
+    import fastetcd
+
+    pkg_parent = str(Path(fastetcd.__file__).resolve().parents[1])
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC_DIR), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -149,7 +149,7 @@ class CoreVsModel(RuleBasedStateMachine):
 
     @initialize()
     def empty_store_reads(self) -> None:
-        assert self.core.rev == 1 and self.core.compact_rev == 0 and len(self.core) == 0
+        assert self.core.rev == 1 and self.core.compact_rev == -1 and len(self.core) == 0
         assert self.core.range(b"\x00", b"\x00", 1, 0, False) == ([], 0)
 
     def _apply(self, ops: list[tuple], rev: int) -> int:

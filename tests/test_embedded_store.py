@@ -49,7 +49,7 @@ def test_fresh_store_is_empty_and_round_trips(tmp_path):
     async def body():
         s = EmbeddedStore(d)
         got = await s.open()
-        assert got == Recovered(snapshot_rev=0, snapshot=None, compact_rev=0, records=[])
+        assert got == Recovered(snapshot_rev=0, snapshot=None, compact_rev=-1, records=[])
         await s.append(recs(2, 4))
         await s.append([])  # nothing to do, must not count as a revision
         await s.append([(5, b"\x00" * 100_000), (6, b"")])

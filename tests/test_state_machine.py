@@ -302,7 +302,7 @@ def test_failed_compaction_in_store_leaves_history_readable(tmp_path):
             with pytest.raises(errors.EtcdError) as info:
                 await sm.compact(4)
             assert info.value.code == "UNAVAILABLE"
-            assert sm.compact_rev == 0
+            assert sm.compact_rev == -1
             assert get(sm, b"k", 2)[1] == b"0"
             store.fail_compact = False
             assert await sm.compact(4) == 5
@@ -546,7 +546,7 @@ def test_compaction_is_ordered_with_writes(tmp_path):
             late = spawn(sm.compact(6))
             p7 = spawn(sm.put(put(b"a", b"3")))
             await asyncio.sleep(0.02)
-            assert sm.compact_rev == 0
+            assert sm.compact_rev == -1
             store.release()
 
             assert (await blocker).header.revision == 4

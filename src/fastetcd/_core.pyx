@@ -236,7 +236,7 @@ cdef class MVCC:
         self.rec.n = self.rec.cap = 0
         self.rec_rev = 0
         self.rev = 1  # etcd's first revision is 1: an empty store answers with header.revision 1
-        self.compact_rev = 0
+        self.compact_rev = -1  # etcd's compactMainRev before the first compaction: Compact(0) is allowed
         self.n_revs = 0
 
     def __dealloc__(self):

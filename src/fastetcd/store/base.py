@@ -30,7 +30,7 @@ class Recovered:
 
     snapshot_rev: int = 0
     snapshot: bytes | None = None  # opaque bytes written by save_snapshot (the core's dump)
-    compact_rev: int = 0
+    compact_rev: int = -1  # -1: never compacted (etcd allows a first Compact at revision 0)
     records: list[tuple[int, bytes]] = field(default_factory=list)  # (revision, record), ascending
 
 

@@ -200,7 +200,7 @@ class EmbeddedStore:
     def _recover(self, conn: sqlite3.Connection) -> Recovered:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
         snapshot_rev = int(meta.get("snapshot_rev", 0))
-        compact_rev = int(meta.get("compact_rev", 0))
+        compact_rev = int(meta.get("compact_rev", -1))
         snapshot: bytes | None = None
         if snapshot_rev:
             parts = conn.execute(
