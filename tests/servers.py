@@ -20,7 +20,6 @@ import grpc
 
 from fastetcd.proto import rpc_pb2, rpc_pb2_grpc
 
-
 START_TIMEOUT_S = 30.0
 
 # Big enough for the oversized-request tests: the client must be able to send what the server rejects.
@@ -146,7 +145,7 @@ def start_etcd(data_dir: Path, extra_args: Sequence[str] = (), fsync: bool = Fal
 
 
 def fastetcd_env() -> dict[str, str]:
-    """The child imports the same fastetcd the tests imported (installed, editable or src/ with a built core)."""
+    """The child imports the fastetcd the tests imported (installed, editable, or src/ with a built core)."""
     import fastetcd
 
     pkg_parent = str(Path(fastetcd.__file__).resolve().parents[1])
