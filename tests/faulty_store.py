@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 
+from fastetcd.engine import log_entry
 from fastetcd.store.base import Recovered, Store, StoreError
 
 
 class FaultyStore:
     """``Store`` over ``inner`` that records every append and can hold or fail chosen ones.
 
-    - ``appends``: the revisions handed to each ``append`` call, in call order, failed calls included.
+    - ``appends``: the etcd revisions created by the log entries of each ``append`` call, in call order,
+      failed calls included (entries that create no revision, such as lease grants, are left out).
     - ``fail_appends``: 1-based numbers of the append calls that raise ``StoreError`` (without delegating,
       so the batch is certainly not durable).
     - ``hold()`` / ``release()``: appends started while held wait (before delegating) until released;
@@ -57,15 +59,16 @@ class FaultyStore:
         return await self.inner.open()
 
     async def append(self, records: list[tuple[int, bytes]]) -> None:
-        self.appends.append([rev for rev, _ in records])
+        revs = [log_entry.decode(data).rev for _, data in records]
+        self.appends.append([rev for rev in revs if rev])
         n = len(self.appends)
         self._entered.set()
         await self._gate.wait()
         if n in self.fail_appends:
-            self.events.append(("append", records[0][0], records[-1][0], False))
+            self.events.append(("append", min(revs, default=0), max(revs, default=0), False))
             raise StoreError(f"injected failure of append #{n}")
         await self.inner.append(records)
-        self.events.append(("append", records[0][0], records[-1][0], True))
+        self.events.append(("append", min(revs, default=0), max(revs, default=0), True))
 
     async def compact(self, rev: int) -> None:
         if self.fail_compact:

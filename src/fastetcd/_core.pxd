@@ -58,3 +58,4 @@ cdef class MVCC:
     cdef void _compact_order(self)
     cdef void _set_rev(self, int64_t rev)
     cdef bint _tombstone(self, int32_t kid, bytes key, int64_t rev, int32_t sub) except -1
+    cdef object _event(self, KeyEntry* e, int32_t j)

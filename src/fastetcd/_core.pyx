@@ -12,7 +12,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memmove
 
@@ -135,6 +135,83 @@ def encode_range_response(bytes header, list kvs, bint more, int64_t count):
         p += 2
     _put_field_varint(p, 0x20, <uint64_t>count)
     return out
+
+
+def _rev_sub(tuple t):
+    return (t[0], t[1])
+
+
+def encode_event(bint is_delete, bytes kv, object prev_kv):
+    """Encode an mvccpb.Event (type, kv, prev_kv)."""
+    cdef Py_ssize_t kl = PyBytes_GET_SIZE(kv)
+    cdef Py_ssize_t pl = -1 if prev_kv is None else PyBytes_GET_SIZE(<bytes>prev_kv)
+    cdef Py_ssize_t size = (2 if is_delete else 0) + 1 + _vlen(<uint64_t>kl) + kl
+    if pl >= 0:
+        size += 1 + _vlen(<uint64_t>pl) + pl
+    cdef object out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* p = PyBytes_AS_STRING(out)
+    if is_delete:
+        p[0] = 0x08
+        p[1] = 0x01
+        p += 2
+    p[0] = 0x12
+    p = _vput(p + 1, <uint64_t>kl)
+    memcpy(p, PyBytes_AS_STRING(kv), kl)
+    p += kl
+    if pl >= 0:
+        p[0] = 0x1a
+        p = _vput(p + 1, <uint64_t>pl)
+        memcpy(p, PyBytes_AS_STRING(<bytes>prev_kv), pl)
+    return out
+
+
+def encode_watch_response(bytes header, int64_t watch_id, list events, bint created=False,
+                          bint canceled=False, int64_t compact_revision=0, str cancel_reason="",
+                          bint fragment=False):
+    """Encode an etcdserverpb.WatchResponse around already-encoded Events."""
+    cdef bytes reason = cancel_reason.encode()
+    cdef Py_ssize_t hl = PyBytes_GET_SIZE(header), rl = PyBytes_GET_SIZE(reason)
+    cdef Py_ssize_t i, n = len(events), el
+    cdef Py_ssize_t size = 1 + _vlen(<uint64_t>hl) + hl + _field_varint_len(<uint64_t>watch_id)
+    size += (2 if created else 0) + (2 if canceled else 0) + (2 if fragment else 0)
+    size += _field_varint_len(<uint64_t>compact_revision) + _field_bytes_len(rl)
+    for i in range(n):
+        el = PyBytes_GET_SIZE(<bytes>events[i])
+        size += 1 + _vlen(<uint64_t>el) + el
+    cdef object out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* p = PyBytes_AS_STRING(out)
+    cdef object ev
+    p = _put_field_bytes(p, 0x0a, PyBytes_AS_STRING(header), hl) if hl else _put_empty(p, 0x0a)
+    p = _put_field_varint(p, 0x10, <uint64_t>watch_id)
+    if created:
+        p[0] = 0x18
+        p[1] = 0x01
+        p += 2
+    if canceled:
+        p[0] = 0x20
+        p[1] = 0x01
+        p += 2
+    p = _put_field_varint(p, 0x28, <uint64_t>compact_revision)
+    p = _put_field_bytes(p, 0x32, PyBytes_AS_STRING(reason), rl)
+    if fragment:
+        p[0] = 0x38
+        p[1] = 0x01
+        p += 2
+    for i in range(n):
+        ev = events[i]
+        el = PyBytes_GET_SIZE(ev)
+        p[0] = 0x5a
+        p = _vput(p + 1, <uint64_t>el)
+        memcpy(p, PyBytes_AS_STRING(ev), el)
+        p += el
+    return out
+
+
+cdef inline char* _put_empty(char* p, char tag) noexcept nogil:
+    # a present but empty sub-message (Go always sends the header, even when all its fields are zero)
+    p[0] = tag
+    p[1] = 0
+    return p + 2
 
 
 # ---------------------------------------------------------------- growable byte buffer (log records)
@@ -444,8 +521,11 @@ cdef class MVCC:
             return False
         return self._tombstone(kid, key, rev, sub)
 
-    def delete_range(self, bytes key, bytes end, int64_t rev, int32_t sub):
-        """Delete every key live at the head in the range; returns the deleted versions' encoded KeyValues."""
+    def delete_range(self, bytes key, bytes end, int64_t rev, int32_t sub, list leased=None):
+        """Delete every key live at the head in the range; returns the deleted versions' encoded KeyValues.
+
+        If ``leased`` is given, (key, lease) of every deleted key that had a lease is appended to it.
+        """
         cdef int32_t lo, hi, i
         cdef list kids = []
         cdef list prev = []
@@ -457,6 +537,8 @@ cdef class MVCC:
             if e.n and e.revs[e.n - 1].kv != NULL:
                 kids.append(self.order[i])
                 prev.append(<object>e.revs[e.n - 1].kv)
+                if leased is not None and e.revs[e.n - 1].lease != 0:
+                    leased.append((<object>e.key, e.revs[e.n - 1].lease))
         for i in range(len(kids)):
             kid = <int32_t>kids[i]
             self._tombstone(kid, <bytes>self.ents[kid].key, rev, sub + i)
@@ -565,6 +647,17 @@ cdef class MVCC:
         return (r.create, r.main, r.version, r.lease,
                 PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen))
 
+    def lease_of(self, bytes key, int64_t rev):
+        """The lease of ``key`` at ``rev`` (0 if it has none or is not live)."""
+        cdef int32_t kid = self._key_id(key, False)
+        cdef Rev* r
+        if kid < 0:
+            return 0
+        r = self._at(kid, rev)
+        if r == NULL or r.kv == NULL:
+            return 0
+        return r.lease
+
     def get_kv(self, bytes key, int64_t rev):
         """The encoded KeyValue of ``key`` at ``rev``, or None."""
         cdef int32_t kid = self._key_id(key, False)
@@ -634,6 +727,80 @@ cdef class MVCC:
     def __len__(self):
         """Number of keys with any retained version (live or not)."""
         return self.n_order
+
+    # ------------------------------------------------------------ watch support
+
+    cdef object _event(self, KeyEntry* e, int32_t j):
+        """(is_delete, key, kv, prev_kv or None) for version j of a key, as a watcher receives it."""
+        cdef Rev* r = &e.revs[j]
+        cdef object prev = None
+        if j > 0 and e.revs[j - 1].kv != NULL:
+            prev = <object>e.revs[j - 1].kv
+        if r.kv == NULL:
+            # etcd's DELETE event carries only the key and the deleting revision
+            return (True, <object>e.key, _encode_kv(e.kp, e.kl, 0, r.main, 0, NULL, 0, 0, NULL), prev)
+        return (False, <object>e.key, <object>r.kv, prev)
+
+    def events(self, int64_t rev, bytes record):
+        """The events of revision ``rev`` (whose log record is ``record``), in sub-revision order."""
+        cdef _Reader rd = _Reader(record)
+        cdef list out = []
+        cdef uint8_t op
+        cdef bytes key
+        cdef int32_t kid, j
+        cdef KeyEntry* e
+        while not rd.done():
+            op = <uint8_t>rd.p[0]
+            rd.p += 1
+            key = rd.chunk()
+            if op == OP_PUT:
+                rd.chunk()
+                rd.varint()
+            kid = self._key_id(key, False)
+            if kid < 0:
+                raise ValueError(f"revision {rev}: key {key!r} is not in the index")
+            e = &self.ents[kid]
+            j = e.n - 1
+            while j >= 0 and e.revs[j].main > rev:
+                j -= 1
+            if j < 0 or e.revs[j].main != rev:
+                raise ValueError(f"revision {rev}: no version of {key!r} at that revision")
+            out.append(self._event(e, j))
+        return out
+
+    def history(self, bytes key, bytes end, int64_t start_rev, int64_t end_rev):
+        """Every event in the range with start_rev <= revision <= end_rev, ordered by (revision, sub).
+
+        Returns a list of (revision, is_delete, key, kv, prev_kv or None): what a watcher that fell behind
+        (or started in the past) must receive before it joins the live stream.
+        """
+        cdef int32_t lo, hi, i, j
+        cdef KeyEntry* e
+        cdef list found = []
+        cdef tuple ev
+        self._bounds(key, end, &lo, &hi)
+        for i in range(lo, hi):
+            e = &self.ents[self.order[i]]
+            j = e.n - 1
+            while j >= 0 and e.revs[j].main > end_rev:
+                j -= 1
+            while j >= 0 and e.revs[j].main >= start_rev:
+                ev = self._event(e, j)
+                found.append((e.revs[j].main, e.revs[j].sub, ev))
+                j -= 1
+        found.sort(key=_rev_sub)
+        return [(f[0],) + f[2] for f in found]
+
+    def leased_keys(self, int64_t rev):
+        """(key, lease) of every key live at ``rev`` that has a lease: rebuilds lease attachments."""
+        cdef int32_t i
+        cdef Rev* r
+        cdef list out = []
+        for i in range(self.n_order):
+            r = self._at(self.order[i], rev)
+            if r != NULL and r.kv != NULL and r.lease != 0:
+                out.append((<object>self.ents[self.order[i]].key, r.lease))
+        return out
 
     # ------------------------------------------------------------ snapshots
 
@@ -711,3 +878,81 @@ cdef class MVCC:
                     r.vlen = <int32_t>PyBytes_GET_SIZE(value)
         self.rev = rev if rev > 1 else 1
         self.compact_rev = compact_rev
+
+
+# ---------------------------------------------------------------- watch matching
+
+cdef class WatchIndex:
+    """Which watchers want an event on a key: exact keys by hash, ranges by their distinct bounds.
+
+    Watchers with identical bounds share one pyroaring set, so a thousand watchers on one prefix cost one
+    comparison per event, not a thousand.
+    """
+
+    cdef dict exact       # key -> BitMap of watcher ids
+    cdef dict ranges      # (start, end) -> BitMap; end b"" = unbounded
+    cdef list flat        # [(start, end, BitMap)] mirror of ranges for a tight loop
+    cdef object BitMap
+
+    def __cinit__(self):
+        from pyroaring import BitMap
+        self.BitMap = BitMap
+        self.exact = {}
+        self.ranges = {}
+        self.flat = []
+
+    def add(self, uint32_t wid, bytes key, bytes end):
+        """Register watcher ``wid`` for ``key`` (end b"") or [key, end) (end b"\\0" = every key >= key)."""
+        cdef object ids
+        if not end:
+            ids = self.exact.get(key)
+            if ids is None:
+                ids = self.exact[key] = self.BitMap()
+            ids.add(wid)
+            return
+        if end == b"\x00":
+            end = b""
+        ids = self.ranges.get((key, end))
+        if ids is None:
+            ids = self.ranges[(key, end)] = self.BitMap()
+            self.flat.append((key, end, ids))
+        ids.add(wid)
+
+    def remove(self, uint32_t wid, bytes key, bytes end):
+        cdef object ids
+        if not end:
+            ids = self.exact.get(key)
+            if ids is not None:
+                ids.discard(wid)
+                if not ids:
+                    del self.exact[key]
+            return
+        if end == b"\x00":
+            end = b""
+        ids = self.ranges.get((key, end))
+        if ids is not None:
+            ids.discard(wid)
+            if not ids:
+                del self.ranges[(key, end)]
+                self.flat = [t for t in self.flat if t[2] is not ids]
+
+    def match(self, bytes key):
+        """The ids of the watchers interested in ``key`` (a new BitMap, or None when there are none)."""
+        cdef object found = None
+        cdef object ids = self.exact.get(key)
+        cdef tuple t
+        cdef bytes start, end
+        if ids is not None:
+            found = self.BitMap(ids)
+        for t in self.flat:
+            start = <bytes>t[0]
+            end = <bytes>t[1]
+            if key >= start and (not end or key < end):
+                if found is None:
+                    found = self.BitMap(<object>t[2])
+                else:
+                    found |= <object>t[2]
+        return found
+
+    def __len__(self):
+        return sum(len(v) for v in self.exact.values()) + sum(len(v) for v in self.ranges.values())

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from fastetcd import errors
 from fastetcd._core import MVCC, encode_kv
 from fastetcd.engine.go_sort import go_sort
+from fastetcd.engine.lessor import Lessor
 from fastetcd.proto import rpc_pb2 as pb
 
 _NONE = pb.RangeRequest.NONE
@@ -91,20 +92,17 @@ def range_kvs(core: MVCC, r: pb.RangeRequest, cur_rev: int) -> RangeResult:
     return RangeResult(kvs, more, count, cur_rev)
 
 
-class LeaseLookup:
-    """Which lease IDs exist. Leases arrive with the Lease service; until then none exists."""
-
-    def exists(self, lease_id: int) -> bool:
-        return False
-
-
 class Writer:
-    """One write request being applied at revision ``core.rev + 1`` (etcd's storeTxnWrite)."""
+    """One write request being applied at revision ``core.rev + 1`` (etcd's storeTxnWrite).
 
-    __slots__ = ("core", "begin", "rev", "sub")
+    It also keeps lease attachments in step with the keys it writes and deletes.
+    """
 
-    def __init__(self, core: MVCC) -> None:
+    __slots__ = ("core", "lessor", "begin", "rev", "sub")
+
+    def __init__(self, core: MVCC, lessor: Lessor) -> None:
         self.core = core
+        self.lessor = lessor
         self.begin = core.rev
         self.rev = self.begin + 1
         self.sub = 0
@@ -118,14 +116,23 @@ class Writer:
         return self.rev if self.sub else self.begin
 
     def put(self, key: bytes, value: bytes, lease: int) -> int:
+        old = self.core.lease_of(key, self.read_rev())
         self.core.put(key, value, lease, self.rev, self.sub)
         self.sub += 1
+        if old != lease:
+            if old:
+                self.lessor.detach(old, key)
+            if lease:
+                self.lessor.attach(lease, key)
         return self.rev
 
     def delete_range(self, key: bytes, end: bytes) -> tuple[int, int]:
         """(number deleted, header revision) like storeTxnWrite.DeleteRange."""
-        n = len(self.core.delete_range(key, end, self.rev, self.sub))
+        leased: list[tuple[bytes, int]] = []
+        n = len(self.core.delete_range(key, end, self.rev, self.sub, leased))
         self.sub += n
+        for k, lease in leased:
+            self.lessor.detach(lease, k)
         return n, (self.rev if self.sub else self.begin)
 
     def end_rev(self) -> int:
@@ -137,19 +144,18 @@ def _header(rev: int) -> pb.ResponseHeader:
 
 
 class Applier:
-    """Applies Put / DeleteRange / Txn / Compact checks to the core."""
+    """Applies Put / DeleteRange / Txn and lease operations to the core and the lessor."""
 
-    def __init__(self, core: MVCC, leases: LeaseLookup | None = None) -> None:
+    def __init__(self, core: MVCC, lessor: Lessor) -> None:
         self.core = core
-        self.leases = leases or LeaseLookup()
+        self.leases = lessor
 
     # -------------------------------------------------------------- writes
 
     def put(self, p: pb.PutRequest) -> pb.PutResponse:
         if p.lease and not self.leases.exists(p.lease):
             raise errors.LEASE_NOT_FOUND
-        w = Writer(self.core)
-        return self._put(w, p)
+        return self._put(Writer(self.core, self.leases), p)
 
     def _put(self, w: Writer, p: pb.PutRequest) -> pb.PutResponse:
         resp = pb.PutResponse(header=pb.ResponseHeader())
@@ -170,7 +176,7 @@ class Applier:
         return resp
 
     def delete_range(self, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        return self._delete_range(Writer(self.core), d)
+        return self._delete_range(Writer(self.core, self.leases), d)
 
     def _delete_range(self, w: Writer, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
         resp = pb.DeleteRangeResponse(header=pb.ResponseHeader())
@@ -180,6 +186,32 @@ class Applier:
                 resp.prev_kvs.add().MergeFromString(kv)
         resp.deleted, resp.header.revision = w.delete_range(d.key, d.range_end)
         return resp
+
+    # -------------------------------------------------------------- leases
+
+    def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
+        lease = self.leases.grant(r.ID, r.TTL)
+        return pb.LeaseGrantResponse(header=_header(self.core.rev), ID=lease.id, TTL=lease.ttl)
+
+    def lease_revoke(
+        self, r: pb.LeaseRevokeRequest, *, only_if_expired: bool = False
+    ) -> pb.LeaseRevokeResponse:
+        """Delete the lease's keys (sorted, in one revision) and the lease itself."""
+        lease = self.leases.get(r.ID)
+        if lease is None:
+            raise errors.LEASE_NOT_FOUND
+        if only_if_expired and lease.remaining(self.leases.clock()) > 0:
+            return pb.LeaseRevokeResponse(header=_header(self.core.rev))  # renewed while queued
+        w = Writer(self.core, self.leases)
+        for key in sorted(lease.keys):
+            self.core.delete(key, w.rev, w.sub)
+            w.sub += 1
+        self.leases.revoke(r.ID)
+        return pb.LeaseRevokeResponse(header=_header(w.end_rev()))
+
+    def lease_checkpoint(self, checkpoints: list[tuple[int, int]]) -> None:
+        for lease_id, remaining in checkpoints:
+            self.leases.set_checkpoint(lease_id, remaining)
 
     # -------------------------------------------------------------- txn
 
@@ -193,7 +225,7 @@ class Applier:
             self._check_requests(t, path, 0, self._check_put, view)
         self._check_requests(t, path, 0, self._check_range, view)
         if write:
-            w = Writer(core)
+            w = Writer(core, self.leases)
             resp, _ = self._apply_txn(w, t, path, 0, view)
             resp.header.revision = w.end_rev()
         else:

@@ -1,17 +1,21 @@
 """The state machine: one writer, group commit, reads at the committed revision.
 
 Write requests queue to a single writer task. The writer applies each to the core at the next revision
-(so a Txn sees the effects of earlier requests in the same batch), collects one log record per new
-revision, and hands the whole batch to the store in one durable step. Only when ``store.append`` returns
-does ``committed_rev`` advance and do the callers get their answers; until then the new versions sit in the
-core above ``committed_rev``, invisible to readers. If the append fails, the core is truncated back and
-exactly that batch's callers get the error.
+(so a Txn sees the effects of earlier requests in the same batch) and to the lessor, collects one log entry
+per request that changed anything, and hands the whole batch to the store in one durable step. Only when
+``store.append`` returns does ``committed_rev`` advance, do watchers get the batch's events and do the
+callers get their answers; until then the new versions sit in the core above ``committed_rev``, invisible
+to readers. If the append fails, the core and the lessor are rolled back and exactly that batch's callers
+get the error.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,7 +23,9 @@ from typing import Any
 
 from fastetcd import errors
 from fastetcd._core import MVCC
+from fastetcd.engine import log_entry
 from fastetcd.engine.apply import Applier, RangeResult, range_kvs
+from fastetcd.engine.lessor import Lessor
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.store.base import Store, StoreError
 
@@ -31,6 +37,12 @@ MAX_BATCH = 1024
 # applied index falls too far behind the committed one.
 MAX_PENDING = 20000
 SNAPSHOT_CHUNK = 4 << 20
+# etcd checks for expired leases every 500 ms and checkpoints remaining TTLs every 5 minutes.
+LEASE_EXPIRY_TICK = 0.5
+LEASE_CHECKPOINT_INTERVAL = 300.0
+
+# (revision, that revision's KV record) for every revision a batch committed, in order.
+CommitListener = Callable[[list[tuple[int, bytes]]], None]
 
 
 class _Compaction:
@@ -43,20 +55,32 @@ class _Compaction:
 
 
 class StateMachine:
-    """etcd's KV state machine over an MVCC core and a durable Store."""
+    """etcd's KV and lease state machine over an MVCC core and a durable Store."""
 
-    def __init__(self, store: Store, *, snapshot_count: int = 100_000, quota_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        snapshot_count: int = 100_000,
+        quota_bytes: int = 0,
+        checkpoint_interval: float = LEASE_CHECKPOINT_INTERVAL,
+    ) -> None:
         self.store = store
         self.core = MVCC()
-        self.applier = Applier(self.core)
+        self.lessor = Lessor()
+        self.applier = Applier(self.core, self.lessor)
         self.committed_rev = 1
+        self.applied_index = 0
         self.snapshot_count = snapshot_count
         self.quota_bytes = quota_bytes
+        self.checkpoint_interval = checkpoint_interval
+        self.listeners: list[CommitListener] = []
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._writer_task: asyncio.Task | None = None
         self._stopping = False
-        self._last_snapshot_rev = 0
+        self._last_snapshot_index = 0
         self._snapshot_task: asyncio.Task | None = None
 
     # -------------------------------------------------------------- life cycle
@@ -65,31 +89,51 @@ class StateMachine:
         t0 = time.monotonic()
         rec = await self.store.open()
         if rec.snapshot is not None:
-            self.core.load(rec.snapshot)
-        for rev, record in rec.records:
-            self.core.apply_record(rev, record)
+            self._load_snapshot(rec.snapshot)
+        for index, data in rec.records:
+            e = log_entry.decode(data)
+            if e.rev:
+                self.core.apply_record(e.rev, e.kv)
+            if e.lease_ops:
+                self.lessor.replay(e.lease_ops)
+            self.applied_index = index
         if rec.compact_rev > self.core.compact_rev:
             self.core.compact(rec.compact_rev)
+        self.lessor.reattach(self.core.leased_keys(self.core.rev))
         self.committed_rev = self.core.rev
-        self._last_snapshot_rev = rec.snapshot_rev
+        self.applied_index = max(self.applied_index, rec.snapshot_rev)
+        self._last_snapshot_index = rec.snapshot_rev
         log.info(
             "recovered state",
             extra={
                 "revision": self.committed_rev,
                 "compact-revision": self.core.compact_rev,
-                "snapshot-revision": rec.snapshot_rev,
-                "replayed-records": len(rec.records),
+                "log-index": self.applied_index,
+                "snapshot-index": rec.snapshot_rev,
+                "replayed-entries": len(rec.records),
+                "leases": len(self.lessor.leases),
                 "took": f"{time.monotonic() - t0:.3f}s",
             },
         )
-        self._task = asyncio.create_task(self._writer(), name="fastetcd-writer")
+        self._writer_task = asyncio.create_task(self._writer(), name="fastetcd-writer")
+        self._tasks = [
+            asyncio.create_task(self._expire_leases(), name="fastetcd-lease-expiry"),
+            asyncio.create_task(self._checkpoint_leases(), name="fastetcd-lease-checkpoint"),
+        ]
 
     async def stop(self) -> None:
         """Finish what is queued, then stop the writer."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except asyncio.CancelledError:
+                pass
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
-            await self._task
+        if self._writer_task is not None:
+            await self._writer_task
         if self._snapshot_task is not None:
             await self._snapshot_task
 
@@ -119,6 +163,32 @@ class StateMachine:
     async def compact(self, rev: int) -> int:
         """Compact at ``rev``; returns the current revision for the response header."""
         return await self._submit(_Compaction(rev), None)
+
+    async def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
+        if r.ID == 0:
+            r = pb.LeaseGrantRequest(ID=self._new_lease_id(), TTL=r.TTL)
+        return await self._submit(self.applier.lease_grant, r)
+
+    async def lease_revoke(self, r: pb.LeaseRevokeRequest) -> pb.LeaseRevokeResponse:
+        return await self._submit(self.applier.lease_revoke, r)
+
+    async def lease_keepalive(self, lease_id: int) -> int:
+        """Renew in memory; returns the granted TTL, 0 for an unknown lease (etcd's answer)."""
+        try:
+            lease = self.lessor.renew(lease_id)
+        except errors.EtcdError:
+            return 0
+        if lease.checkpoint:
+            # A checkpointed remainder would come back after a restart, shorter than the renewal
+            # just promised: persist "full TTL again" before answering.
+            await self._submit(self.applier.lease_checkpoint, [(lease_id, 0)])
+        return lease.ttl
+
+    def _new_lease_id(self) -> int:
+        while True:
+            lease_id = random.getrandbits(63)
+            if lease_id and not self.lessor.exists(lease_id):
+                return lease_id
 
     async def _submit(self, fn: Callable | _Compaction, req: Any) -> Any:
         if self._stopping:
@@ -153,8 +223,11 @@ class StateMachine:
     async def _commit_batch(self) -> None:
         queue = self._queue
         core = self.core
+        lessor = self.lessor
         done: list[tuple[asyncio.Future, Any, BaseException | None]] = []
-        records: list[tuple[int, bytes]] = []
+        entries: list[tuple[int, bytes]] = []
+        revisions: list[tuple[int, bytes]] = []
+        index = self.applied_index
         no_space = self._over_quota()
         while queue and len(done) < MAX_BATCH:
             (fn, req), fut = queue[0]
@@ -169,28 +242,43 @@ class StateMachine:
                     raise errors.NO_SPACE
                 res = fn(req)
             except errors.EtcdError as e:
+                lessor.ops.clear()
                 done.append((fut, None, e))
                 continue
             except Exception as e:  # a bug must not leave a half-applied request behind
                 log.exception("apply failed")
                 core.truncate(before)
+                lessor.ops.clear()
+                lessor.reattach(core.leased_keys(core.rev))
                 done.append((fut, None, e))
                 continue
-            if core.rev != before:
-                records.append((core.rev, core.take_record()))
+            rev = core.rev if core.rev != before else 0
+            ops = lessor.take_ops()
+            if rev or ops:
+                kv = core.take_record() if rev else b""
+                index += 1
+                entries.append((index, log_entry.encode(log_entry.Entry(rev, kv, ops))))
+                if rev:
+                    revisions.append((rev, kv))
             done.append((fut, res, None))
-        if records:
+        if entries:
             try:
-                await self.store.append(records)
+                await self.store.append(entries)
             except StoreError as e:
-                log.error("store append failed", extra={"error": str(e), "records": len(records)})
+                log.error("store append failed", extra={"error": str(e), "entries": len(entries)})
                 core.truncate(self.committed_rev)
+                lessor.rollback(core.leased_keys(core.rev))
                 err = errors.EtcdError("UNAVAILABLE", f"etcdserver: storage failure: {e}")
                 for fut, _, _ in done:
                     if not fut.done():
                         fut.set_exception(err)
                 return
+            lessor.commit()
+            self.applied_index = index
             self.committed_rev = core.rev
+            if revisions:
+                for listener in self.listeners:
+                    listener(revisions)
         for fut, res, exc in done:
             if fut.done():
                 continue
@@ -218,28 +306,75 @@ class StateMachine:
         if not fut.done():
             fut.set_result(self.committed_rev)
 
+    # -------------------------------------------------------------- lease timers
+
+    async def _expire_leases(self) -> None:
+        """Revoke leases whose deadline passed; each revoke is its own revision, as in etcd."""
+        while True:
+            await asyncio.sleep(LEASE_EXPIRY_TICK)
+            expired = self.lessor.expired()
+            if not expired:
+                continue
+            results = await asyncio.gather(
+                *(self._submit(self._revoke_expired, lease_id) for lease_id in expired),
+                return_exceptions=True,
+            )
+            for lease_id, res in zip(expired, results, strict=True):
+                if isinstance(res, errors.STOPPED):
+                    return
+                if isinstance(res, BaseException):
+                    log.warning("lease expiry failed", extra={"lease-id": lease_id, "error": str(res)})
+
+    def _revoke_expired(self, lease_id: int) -> pb.LeaseRevokeResponse | None:
+        if not self.lessor.exists(lease_id):
+            return None  # revoked by a client meanwhile
+        return self.applier.lease_revoke(pb.LeaseRevokeRequest(ID=lease_id), only_if_expired=True)
+
+    async def _checkpoint_leases(self) -> None:
+        """Persist remaining TTLs, so that restarts do not keep granting a lease its full TTL anew."""
+        while True:
+            await asyncio.sleep(self.checkpoint_interval)
+            now = self.lessor.clock()
+            cps = []
+            for lease in self.lessor.leases.values():
+                remaining = max(math.ceil(lease.remaining(now)), 1)
+                if remaining < lease.ttl and remaining != lease.checkpoint:
+                    cps.append((lease.id, remaining))
+            if cps:
+                try:
+                    await self._submit(self.applier.lease_checkpoint, cps)
+                except errors.EtcdError as e:
+                    if isinstance(e, errors.STOPPED):
+                        return
+
     # -------------------------------------------------------------- snapshots
 
     def _maybe_snapshot(self) -> None:
-        """Bound start-up replay: every ``snapshot_count`` revisions, persist the core's state."""
-        if self.committed_rev - self._last_snapshot_rev < self.snapshot_count:
+        """Bound start-up replay: every ``snapshot_count`` entries, persist the whole state."""
+        if self.applied_index - self._last_snapshot_index < self.snapshot_count:
             return
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
-        rev = self.committed_rev
-        data = self.core.dump(rev)
-        self._last_snapshot_rev = rev
-        chunks = [data[i : i + SNAPSHOT_CHUNK] for i in range(0, len(data), SNAPSHOT_CHUNK)] or [b""]
-        self._snapshot_task = asyncio.create_task(self._save_snapshot(rev, chunks))
+        index = self.applied_index
+        core_dump = self.core.dump(self.committed_rev)
+        data = struct.pack("<Q", len(core_dump)) + core_dump + self.lessor.dump()
+        self._last_snapshot_index = index
+        chunks = [data[i : i + SNAPSHOT_CHUNK] for i in range(0, len(data), SNAPSHOT_CHUNK)]
+        self._snapshot_task = asyncio.create_task(self._save_snapshot(index, chunks))
 
-    async def _save_snapshot(self, rev: int, chunks: list[bytes]) -> None:
+    def _load_snapshot(self, data: bytes) -> None:
+        (n,) = struct.unpack_from("<Q", data)
+        self.core.load(data[8 : 8 + n])
+        self.lessor.load(data[8 + n :])
+
+    async def _save_snapshot(self, index: int, chunks: list[bytes]) -> None:
         try:
-            await self.store.save_snapshot(rev, chunks)
-            log.info("saved snapshot", extra={"revision": rev, "bytes": sum(map(len, chunks))})
+            await self.store.save_snapshot(index, chunks)
+            log.info("saved snapshot", extra={"index": index, "bytes": sum(map(len, chunks))})
         except StoreError as e:
-            log.error("snapshot failed", extra={"revision": rev, "error": str(e)})
+            log.error("snapshot failed", extra={"index": index, "error": str(e)})
 
 
 def _frees_space(req: Any) -> bool:
-    """Under the quota alarm etcd still accepts deletes (and reads); everything that may write is refused."""
-    return isinstance(req, pb.DeleteRangeRequest)
+    """Under the quota alarm etcd still takes deletes and revokes (and reads); growing writes are refused."""
+    return isinstance(req, pb.DeleteRangeRequest | pb.LeaseRevokeRequest) or isinstance(req, int | list)

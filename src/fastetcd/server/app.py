@@ -8,11 +8,14 @@ import logging
 from fastetcd import __version__
 from fastetcd.config import Config
 from fastetcd.engine.state_machine import StateMachine
+from fastetcd.engine.watch_hub import WatchHub
 from fastetcd.server import grpc_transport
 from fastetcd.server.cluster import ClusterService
 from fastetcd.server.header import Header, member_id_for
 from fastetcd.server.kv import KVService
+from fastetcd.server.lease import LeaseService
 from fastetcd.server.maintenance import MaintenanceService
+from fastetcd.server.watch import WatchService
 from fastetcd.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -35,12 +38,24 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         quota_bytes=max(config.quota_backend_bytes, 0),
     )
     await sm.start()
+    hub = WatchHub(sm.core, sm.committed_rev)
+    sm.listeners.append(hub.publish)
+    hub.start()
+    watch = None
     try:
         member_id = member_id_for(config.name, config.advertise_client_urls)
         header = Header(cluster_id=member_id ^ 0x5A5A5A5A5A5A5A5A, member_id=member_id)
         kv = KVService(
             sm, header, max_request_bytes=config.max_request_bytes, max_txn_ops=config.max_txn_ops
         )
+        watch = WatchService(
+            hub,
+            header,
+            max_request_bytes=config.max_request_bytes,
+            progress_interval=config.experimental_watch_progress_notify_interval,
+        )
+        watch.start()
+        lease = LeaseService(sm, header)
         maintenance = MaintenanceService(sm, header)
         cluster = ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls)
         server = grpc_transport.build_server(
@@ -54,6 +69,17 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
                         "Txn": kv.txn,
                         "Compact": kv.compact,
                     },
+                ),
+                grpc_transport.service_handler("etcdserverpb.Watch", {}, {"Watch": watch.watch}),
+                grpc_transport.service_handler(
+                    "etcdserverpb.Lease",
+                    {
+                        "LeaseGrant": lease.grant,
+                        "LeaseRevoke": lease.revoke,
+                        "LeaseTimeToLive": lease.time_to_live,
+                        "LeaseLeases": lease.leases,
+                    },
+                    {"LeaseKeepAlive": lease.keep_alive},
                 ),
                 grpc_transport.service_handler("etcdserverpb.Maintenance", {"Status": maintenance.status}),
                 grpc_transport.service_handler("etcdserverpb.Cluster", {"MemberList": cluster.member_list}),
@@ -79,6 +105,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             log.info("stopping server")
             await server.stop(grace=2)
     finally:
+        if watch is not None:
+            await watch.stop()
+        await hub.stop()
         await sm.stop()
         await store.close()
         log.info("stopped", extra={"revision": sm.committed_rev})

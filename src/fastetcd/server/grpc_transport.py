@@ -8,7 +8,7 @@ transport can sit beside this one behind the same services.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -18,6 +18,8 @@ from fastetcd import errors
 log = logging.getLogger(__name__)
 
 Unary = Callable[[bytes], Awaitable[bytes]]
+# A bidirectional stream: the request bytes as they arrive, and a coroutine that sends one response.
+Bidi = Callable[[AsyncIterator[bytes], Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 
 # etcd accepts gRPC messages this much larger than --max-request-bytes, so that an oversized request
 # reaches its own size check and gets "request is too large" instead of a transport error.
@@ -37,9 +39,25 @@ def _unary(fn: Unary) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def service_handler(name: str, methods: dict[str, Unary]) -> grpc.GenericRpcHandler:
-    """A generic handler for service ``name`` (e.g. "etcdserverpb.KV") with raw-bytes unary methods."""
-    return grpc.method_handlers_generic_handler(name, {m: _unary(fn) for m, fn in methods.items()})
+def _bidi(fn: Bidi) -> grpc.RpcMethodHandler:
+    async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        try:
+            await fn(requests, context.write)
+        except errors.EtcdError as e:
+            await context.abort(grpc.StatusCode[e.code], e.message)
+        except DecodeError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {e}")
+
+    return grpc.stream_stream_rpc_method_handler(handler)
+
+
+def service_handler(
+    name: str, unary: dict[str, Unary], bidi: dict[str, Bidi] | None = None
+) -> grpc.GenericRpcHandler:
+    """A generic handler for service ``name`` (e.g. "etcdserverpb.KV") with raw-bytes methods."""
+    handlers = {m: _unary(fn) for m, fn in unary.items()}
+    handlers.update({m: _bidi(fn) for m, fn in (bidi or {}).items()})
+    return grpc.method_handlers_generic_handler(name, handlers)
 
 
 def build_server(handlers: list[grpc.GenericRpcHandler], *, max_request_bytes: int) -> grpc.aio.Server:

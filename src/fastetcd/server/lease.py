@@ -1,0 +1,56 @@
+"""The Lease service (etcdserverpb.Lease), transport-neutral."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastetcd.engine.state_machine import StateMachine
+from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server.header import Header
+
+
+class LeaseService:
+    def __init__(self, sm: StateMachine, header: Header) -> None:
+        self.sm = sm
+        self.header = header
+
+    def _fill(self, resp) -> bytes:
+        resp.header.SetInParent()
+        self.header.fill(resp.header, self.sm.committed_rev)
+        return resp.SerializeToString()
+
+    async def grant(self, raw: bytes) -> bytes:
+        return self._fill(await self.sm.lease_grant(pb.LeaseGrantRequest.FromString(raw)))
+
+    async def revoke(self, raw: bytes) -> bytes:
+        return self._fill(await self.sm.lease_revoke(pb.LeaseRevokeRequest.FromString(raw)))
+
+    async def time_to_live(self, raw: bytes) -> bytes:
+        r = pb.LeaseTimeToLiveRequest.FromString(raw)
+        lessor = self.sm.lessor
+        lease = lessor.get(r.ID)
+        if lease is None:
+            # etcd answers an unknown lease with TTL -1, not an error
+            return self._fill(pb.LeaseTimeToLiveResponse(ID=r.ID, TTL=-1))
+        resp = pb.LeaseTimeToLiveResponse(ID=lease.id, TTL=lessor.remaining_ttl(lease), grantedTTL=lease.ttl)
+        if r.keys:
+            resp.keys.extend(sorted(lease.keys))
+        return self._fill(resp)
+
+    async def leases(self, raw: bytes) -> bytes:
+        pb.LeaseLeasesRequest.FromString(raw)
+        resp = pb.LeaseLeasesResponse(leases=[pb.LeaseStatus(ID=le.id) for le in self.sm.lessor.by_expiry()])
+        return self._fill(resp)
+
+    async def keep_alive(
+        self, requests: AsyncIterator[bytes], send: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        """One LeaseKeepAlive stream: every request renews in memory and is answered with the granted TTL."""
+        async for raw in requests:
+            r = pb.LeaseKeepAliveRequest.FromString(raw)
+            rev = self.sm.committed_rev  # etcd fills the header before renewing
+            ttl = await self.sm.lease_keepalive(r.ID)
+            resp = pb.LeaseKeepAliveResponse(ID=r.ID, TTL=ttl)
+            resp.header.SetInParent()
+            self.header.fill(resp.header, rev)
+            await send(resp.SerializeToString())
