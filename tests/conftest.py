@@ -29,6 +29,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--diff-seed-start", type=int, default=0,
                     help="first seed of the differential test (to explore new sequences)")
     group.addoption("--diff-ops", type=int, default=1500, help="operations per differential sequence")
+    group.addoption("--watch-diff-seeds", type=int, default=5,
+                    help="random sequences in the watch/lease differential test (from --diff-seed-start)")
+    group.addoption("--watch-diff-ops", type=int, default=400,
+                    help="operations per watch/lease differential sequence")
     group.addoption("--subject", choices=("fastetcd", "etcd"), default="fastetcd",
                     help="server under test; 'etcd' checks the harness against the oracle itself")
 

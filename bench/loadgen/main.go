@@ -84,7 +84,8 @@ func closeAll(conns []*grpc.ClientConn) {
 	}
 }
 
-// Percentiles in microseconds of a sample (sorted in place).
+// Percentiles in microseconds of a sample (sorted in place). -1 stands for "never": with events that were
+// not delivered by the end of the run, the upper percentiles fall among them.
 type Percentiles struct {
 	N   int     `json:"n"`
 	P50 float64 `json:"p50_us"`
@@ -94,18 +95,28 @@ type Percentiles struct {
 }
 
 func percentiles(us []int32) Percentiles {
-	if len(us) == 0 {
+	return percentilesWithMissing(us, 0)
+}
+
+// percentilesWithMissing counts `missing` samples as infinitely late, so an undelivered event cannot make
+// the latency look better than it was.
+func percentilesWithMissing(us []int32, missing int64) Percentiles {
+	n := int64(len(us)) + missing
+	if n == 0 {
 		return Percentiles{}
 	}
 	sort.Slice(us, func(i, j int) bool { return us[i] < us[j] })
 	at := func(q float64) float64 {
-		i := int(math.Ceil(q*float64(len(us)))) - 1
+		i := int64(math.Ceil(q*float64(n))) - 1
 		if i < 0 {
 			i = 0
 		}
+		if i >= int64(len(us)) {
+			return -1
+		}
 		return float64(us[i])
 	}
-	return Percentiles{N: len(us), P50: at(0.50), P90: at(0.90), P99: at(0.99), Max: float64(us[len(us)-1])}
+	return Percentiles{N: int(n), P50: at(0.50), P90: at(0.90), P99: at(0.99), Max: at(1.0)}
 }
 
 func clampUs(ns int64) int32 {
@@ -401,8 +412,9 @@ func watchFanout(args []string) (*FanoutResult, error) {
 			}
 		}
 	}
-	res.AckLatency = percentiles(ackLat)
-	res.IssueLatency = percentiles(issueLat)
+	undelivered := max(0, res.EventsExpected-res.Events)
+	res.AckLatency = percentilesWithMissing(ackLat, undelivered)
+	res.IssueLatency = percentilesWithMissing(issueLat, undelivered)
 	res.BeforeAck = beforeAck.Load()
 	res.OrderErrors = orderErrs.Load()
 	return res, nil

@@ -1,16 +1,17 @@
-"""The watch hub: committed events → the watchers that want them (etcd's watchable store).
+"""The watch hub: committed events → the watch streams that want them (etcd's watchable store).
 
-Synced watchers sit in a ``WatchIndex`` and receive each committed revision as it lands, every event
-encoded once and the same bytes shared by every watcher that receives it. A watcher that starts in the
-past, or whose stream stops draining, is *unsynced*: it leaves the index and a catch-up task replays its
-events from the MVCC history, a bounded window at a time and only while its stream has room, then
-rejoins the index. So a slow client costs history reads, never an unbounded buffer, and never holds up
-anyone else.
+Delivery is pulled, not pushed. Every committed revision's events go once into a bounded ring (each event
+encoded at most twice, with and without prev_kv, and those bytes shared by every watcher). The hub then
+only wakes the streams whose watchers match one of the keys (a Cython ``WatchIndex`` over stream ids).
+A woken stream sends each of its watchers everything from the watcher's position up to the committed
+revision in as few responses as fit, so a busy watcher gets many revisions per message instead of a
+message per revision, and a stream whose client stops reading just stops advancing: nothing is buffered
+for it. A watcher that falls behind the ring (or starts before it) reads its events from the MVCC history
+instead, a bounded window at a time.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Protocol
 
@@ -18,26 +19,21 @@ from fastetcd._core import MVCC, WatchIndex, encode_event
 
 log = logging.getLogger(__name__)
 
-# A catch-up step replays at most this many revisions (etcd's watchBatchMaxRevs).
+# History reads for a watcher behind the ring cover at most this many revisions (etcd's watchBatchMaxRevs).
 CATCH_UP_REVS = 1000
+# The ring keeps at least this many recent revisions, and more while their values fit in RING_BYTES.
+RING_MIN_REVS = 1024
+RING_BYTES = 64 << 20
 
 
 class Sink(Protocol):
-    """Where a watcher's responses go (a watch stream of the server layer)."""
+    """A watch stream of the server layer, as the hub sees it."""
 
-    watchers: dict[int, Watcher]  # this sink's watchers by watch id
-
-    def send_events(self, w: Watcher, rev: int, events: list[bytes]) -> None: ...
-    def send_compacted(self, w: Watcher, compact_rev: int) -> None: ...
-    def send_progress(self, w: Watcher | None, rev: int) -> None: ...
-    def congested(self) -> bool: ...
-    def on_synced(self) -> None: ...
+    def wake(self) -> None: ...
 
 
 class Watcher:
     __slots__ = (
-        "hid",
-        "sink",
         "watch_id",
         "key",
         "end",
@@ -47,17 +43,15 @@ class Watcher:
         "progress_notify",
         "fragment",
         "next_rev",
-        "synced",
         "quiet",
     )
 
     def __init__(
         self,
-        sink: Sink,
         watch_id: int,
         key: bytes,
         end: bytes,
-        start_rev: int,
+        next_rev: int,
         *,
         prev_kv: bool = False,
         no_put: bool = False,
@@ -65,28 +59,30 @@ class Watcher:
         progress_notify: bool = False,
         fragment: bool = False,
     ) -> None:
-        self.hid = 0
-        self.sink = sink
         self.watch_id = watch_id
         self.key = key
-        self.end = end
+        self.end = end  # b"" = the key alone, b"\0" = every key >= key, else [key, end)
         self.prev_kv = prev_kv
         self.no_put = no_put
         self.no_delete = no_delete
         self.progress_notify = progress_notify
         self.fragment = fragment
-        self.next_rev = start_rev  # every event below this revision has been handed to the sink
-        self.synced = False
+        self.next_rev = next_rev  # every event below this revision has been sent
         self.quiet = True  # nothing sent since the last progress tick
 
+    def signature(self) -> tuple:
+        """Watchers with equal signatures receive identical event lists: computed once per stream cycle."""
+        return (self.key, self.end, self.prev_kv, self.no_put, self.no_delete, self.next_rev)
 
-class _Event:
-    """One committed event and its two encodings (with and without prev_kv), made on first use."""
 
-    __slots__ = ("is_delete", "kv", "prev", "_plain", "_with_prev")
+class Event:
+    """One committed event and its encodings (with and without prev_kv), made on first use."""
 
-    def __init__(self, is_delete: bool, kv: bytes, prev: bytes | None) -> None:
+    __slots__ = ("is_delete", "key", "kv", "prev", "_plain", "_with_prev")
+
+    def __init__(self, is_delete: bool, key: bytes, kv: bytes, prev: bytes | None) -> None:
         self.is_delete = is_delete
+        self.key = key
         self.kv = kv
         self.prev = prev
         self._plain: bytes | None = None
@@ -102,12 +98,12 @@ class _Event:
         return self._plain
 
 
-def _select(w: Watcher, events: list[_Event]) -> list[bytes]:
-    return [
-        ev.encoded(w.prev_kv)
-        for ev in events
-        if not ((ev.is_delete and w.no_delete) or (not ev.is_delete and w.no_put))
-    ]
+def _in_range(key: bytes, start: bytes, end: bytes) -> bool:
+    if not end:
+        return key == start
+    if end == b"\x00":
+        return key >= start
+    return start <= key < end
 
 
 class WatchHub:
@@ -115,161 +111,124 @@ class WatchHub:
         self.core = core
         self.committed_rev = committed_rev
         self.index = WatchIndex()
-        self.watchers: dict[int, Watcher] = {}
-        self.unsynced: set[Watcher] = set()
-        self._next_hid = 1
-        self._kick = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._sinks: dict[int, Sink] = {}
+        self._refs: dict[tuple[int, bytes, bytes], int] = {}
+        self._next_sid = 1
+        self._ring: list[list[Event]] = []  # events of revision ring_start + i
+        self._ring_start = committed_rev + 1
+        self._ring_bytes: list[int] = []
+        self._ring_total = 0
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._catch_up_loop(), name="fastetcd-watch-catch-up")
+    # -------------------------------------------------------------- streams and watchers
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+    def register(self, sink: Sink) -> int:
+        sid = self._next_sid
+        self._next_sid += 1
+        self._sinks[sid] = sink
+        return sid
 
-    # -------------------------------------------------------------- watcher life cycle
+    def unregister(self, sid: int) -> None:
+        self._sinks.pop(sid, None)
+        for ref in [r for r in self._refs if r[0] == sid]:
+            del self._refs[ref]
+            self.index.remove(sid, ref[1], ref[2])
 
-    def add(self, w: Watcher) -> None:
-        """Register ``w`` (its ``next_rev`` is the requested start revision, 0 for "from now on")."""
-        hid = self._next_hid
-        while hid in self.watchers or hid == 0:
-            hid = (hid + 1) & 0xFFFFFFFF
-        self._next_hid = (hid + 1) & 0xFFFFFFFF
-        w.hid = hid
-        self.watchers[hid] = w
-        if w.next_rev == 0 or w.next_rev > self.committed_rev:
-            w.next_rev = max(w.next_rev, self.committed_rev + 1)
-            self._sync(w)
+    def watch(self, sid: int, w: Watcher) -> None:
+        ref = (sid, w.key, w.end)
+        n = self._refs.get(ref, 0)
+        if n == 0:
+            self.index.add(sid, w.key, w.end)
+        self._refs[ref] = n + 1
+
+    def unwatch(self, sid: int, w: Watcher) -> None:
+        ref = (sid, w.key, w.end)
+        n = self._refs.get(ref, 0) - 1
+        if n <= 0:
+            self._refs.pop(ref, None)
+            self.index.remove(sid, w.key, w.end)
         else:
-            self.unsynced.add(w)
-            self._kick.set()
+            self._refs[ref] = n
 
-    def remove(self, w: Watcher) -> None:
-        if self.watchers.pop(w.hid, None) is None:
-            return
-        if w.synced:
-            self.index.remove(w.hid, w.key, w.end)
-        self.unsynced.discard(w)
-
-    def kick(self) -> None:
-        """A stream drained: resume catching up its watchers."""
-        if self.unsynced:
-            self._kick.set()
-
-    def _sync(self, w: Watcher) -> None:
-        w.synced = True
-        self.unsynced.discard(w)
-        self.index.add(w.hid, w.key, w.end)
-
-    def _unsync(self, w: Watcher) -> None:
-        if w.synced:
-            w.synced = False
-            self.index.remove(w.hid, w.key, w.end)
-            self.unsynced.add(w)
-
-    # -------------------------------------------------------------- live events
+    # -------------------------------------------------------------- committed events
 
     def publish(self, revisions: list[tuple[int, bytes]]) -> None:
-        """Deliver committed revisions (revision, KV record) to the synced watchers that match."""
+        """Record committed revisions (revision, KV record) and wake the streams they concern."""
         core = self.core
+        woken: set[int] = set()
         index = self.index
-        watchers = self.watchers
         for rev, record in revisions:
+            events = [Event(d, key, kv, prev) for d, key, kv, prev in core.events(rev, record)]
+            self._ring.append(events)
+            size = sum(len(e.kv) for e in events)
+            self._ring_bytes.append(size)
+            self._ring_total += size
             self.committed_rev = rev
-            if not watchers:
-                continue
-            raw = core.events(rev, record)
-            events = [_Event(d, kv, prev) for d, _key, kv, prev in raw]
-            matched: dict[int, list[_Event]] = {}
-            for i, ev in enumerate(raw):
-                ids = index.match(ev[1])
-                if ids is not None:
-                    for hid in ids:
-                        lst = matched.get(hid)
-                        if lst is None:
-                            matched[hid] = [events[i]]
-                        else:
-                            lst.append(events[i])
-            for hid, evs in matched.items():
-                w = watchers[hid]
-                if rev < w.next_rev:
-                    continue  # a watcher that asked to start in the future
-                if w.sink.congested():
-                    # Leave it where it is; the catch-up task replays from next_rev once the stream drains.
-                    for other in list(w.sink.watchers.values()):
-                        self._unsync(other)
+            if self._sinks:
+                for ev in events:
+                    ids = index.match(ev.key)
+                    if ids is not None:
+                        woken.update(ids)
+        self._trim()
+        for sid in woken:
+            sink = self._sinks.get(sid)
+            if sink is not None:
+                sink.wake()
+
+    def _trim(self) -> None:
+        n = len(self._ring)
+        if n <= RING_MIN_REVS or self._ring_total <= RING_BYTES:
+            return
+        drop = 0
+        total = self._ring_total
+        while n - drop > RING_MIN_REVS and total > RING_BYTES:
+            total -= self._ring_bytes[drop]
+            drop += 1
+        del self._ring[:drop]
+        del self._ring_bytes[:drop]
+        self._ring_total = total
+        self._ring_start += drop
+
+    def collect(self, w: Watcher, upto: int, max_bytes: int) -> tuple[list[bytes], int] | None:
+        """Encoded events for ``w`` from its position through at most revision ``upto``.
+
+        Returns (events, last revision covered), whole revisions only, stopping early once ``max_bytes`` is
+        exceeded; or None if the events it needs were compacted away (etcd cancels such a watcher).
+        """
+        start = w.next_rev
+        key, end = w.key, w.end
+        no_put, no_delete, prev_kv = w.no_put, w.no_delete, w.prev_kv
+        out: list[bytes] = []
+        size = 0
+        if start < self._ring_start:
+            if start < self.core.compact_rev:
+                return None
+            top = min(upto, start + CATCH_UP_REVS - 1, self._ring_start - 1)
+            last = top
+            cur = -1
+            for rev, is_delete, _key, kv, prev in self.core.history(key, end, start, top):
+                if rev != cur:
+                    if size > max_bytes:
+                        last = cur
+                        break
+                    cur = rev
+                if (is_delete and no_delete) or (not is_delete and no_put):
                     continue
-                w.next_rev = rev + 1
-                selected = _select(w, evs)
-                if selected:
-                    w.quiet = False
-                    w.sink.send_events(w, rev, selected)
-        if self.unsynced:
-            self._kick.set()
-
-    # -------------------------------------------------------------- progress
-
-    def all_synced(self, sink: Sink) -> bool:
-        return not any(w.sink is sink for w in self.unsynced)
-
-    def progress_tick(self) -> None:
-        """etcd's progress notification: synced watchers that asked for it and heard nothing lately."""
-        for w in list(self.watchers.values()):
-            if w.progress_notify and w.synced:
-                if w.quiet and not w.sink.congested():
-                    w.sink.send_progress(w, self.committed_rev)
-                w.quiet = True
-
-    # -------------------------------------------------------------- catch-up (unsynced watchers)
-
-    async def _catch_up_loop(self) -> None:
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            try:
-                self._catch_up()
-            except Exception:
-                log.exception("watch catch-up failed")
-            await asyncio.sleep(0)
-
-    def _catch_up(self) -> None:
-        core = self.core
-        for w in list(self.unsynced):
-            if w.hid not in self.watchers:
-                continue
-            while not w.sink.congested():
-                if w.next_rev < core.compact_rev:
-                    self.remove(w)
-                    w.sink.send_compacted(w, core.compact_rev)
-                    break
-                top = min(self.committed_rev, w.next_rev + CATCH_UP_REVS - 1)
-                self._replay(w, core.history(w.key, w.end, w.next_rev, top), top)
-                w.next_rev = top + 1
-                if top >= self.committed_rev:
-                    self._sync(w)
-                    if self.all_synced(w.sink):
-                        w.sink.on_synced()
-                    break
-        if self.unsynced and any(not w.sink.congested() for w in self.unsynced):
-            self._kick.set()
-
-    def _replay(self, w: Watcher, history: list[tuple], top: int) -> None:
-        """Send history events to ``w``, one response per revision, header revision = current."""
-        i = 0
-        n = len(history)
-        while i < n:
-            rev = history[i][0]
-            evs = []
-            while i < n and history[i][0] == rev:
-                _, is_delete, _key, kv, prev = history[i]
-                evs.append(_Event(is_delete, kv, prev))
-                i += 1
-            selected = _select(w, evs)
-            if selected:
-                w.quiet = False
-                w.sink.send_events(w, self.committed_rev, selected)
+                ev = encode_event(is_delete, kv, prev if prev_kv else None)
+                out.append(ev)
+                size += len(ev)
+            return out, last
+        ring = self._ring
+        base = self._ring_start
+        last = upto
+        for rev in range(start, upto + 1):
+            if size > max_bytes:
+                last = rev - 1
+                break
+            for ev in ring[rev - base]:
+                if _in_range(ev.key, key, end) and not (
+                    (ev.is_delete and no_delete) or (not ev.is_delete and no_put)
+                ):
+                    enc = ev.encoded(prev_kv)
+                    out.append(enc)
+                    size += len(enc)
+        return out, last

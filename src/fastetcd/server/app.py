@@ -40,7 +40,6 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     await sm.start()
     hub = WatchHub(sm.core, sm.committed_rev)
     sm.listeners.append(hub.publish)
-    hub.start()
     watch = None
     try:
         member_id = member_id_for(config.name, config.advertise_client_urls)
@@ -49,6 +48,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             sm, header, max_request_bytes=config.max_request_bytes, max_txn_ops=config.max_txn_ops
         )
         watch = WatchService(
+            sm,
             hub,
             header,
             max_request_bytes=config.max_request_bytes,
@@ -107,7 +107,6 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     finally:
         if watch is not None:
             await watch.stop()
-        await hub.stop()
         await sm.stop()
         await store.close()
         log.info("stopped", extra={"revision": sm.committed_rev})

@@ -1,9 +1,11 @@
 """The Watch service (etcdserverpb.Watch), transport-neutral: request bytes in, response bytes out.
 
-One ``WatchStream`` per client stream holds that stream's watchers and its outgoing queue. Everything a
-stream sends — created/canceled answers, events, progress — goes through that one ordered queue, so a
-progress response can never overtake events (etcd 3.5.1's bug #15220), and the queue's size is what tells
-the hub that a client has stopped reading.
+A ``WatchStream`` per client stream owns that stream's watchers. Its sender runs in cycles: first the
+control answers (created, canceled) in request order, then, for every watcher behind the committed
+revision C, the events up to C (watchers with identical ranges, filters and positions share one
+computation), and last any progress answer, which is sent with revision C only once every watcher of the
+stream has been brought past C — so a progress response never overtakes events and the header revision
+on a stream never goes backwards. A client that stops reading blocks its own sender and nothing else.
 """
 
 from __future__ import annotations
@@ -14,16 +16,15 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastetcd._core import encode_watch_response
+from fastetcd.engine.state_machine import StateMachine
 from fastetcd.engine.watch_hub import Watcher, WatchHub
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server.header import Header
 
 log = logging.getLogger(__name__)
 
-# A stream holding more than this many unsent bytes is congested: its watchers stop receiving live events
-# and are caught up from history once it drains below LOW_WATER. Memory per stream stays near HIGH_WATER.
-HIGH_WATER = 4 << 20
-LOW_WATER = 1 << 20
+# Events for one watcher are packed into one response up to about this many bytes (whole revisions).
+RESPONSE_BYTES = 1 << 20
 
 _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
@@ -32,18 +33,22 @@ ERR_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
 
 
 class WatchStream:
-    def __init__(self, hub: WatchHub, header: Header, max_request_bytes: int) -> None:
+    def __init__(self, hub: WatchHub, sm: StateMachine, header: Header, max_request_bytes: int) -> None:
         self.hub = hub
+        self.sm = sm
         self.header = header
         self.max_request_bytes = max_request_bytes
         self.watchers: dict[int, Watcher] = {}
         self._next_id = 0
-        self._out: deque[bytes] = deque()
-        self._out_bytes = 0
-        self._was_congested = False
+        self._control: deque[bytes] = deque()
+        self._progress_requested = False
+        self._progress_tick = False
         self._wake = asyncio.Event()
-        self._deferred_progress = False
         self.closed = False
+        self.sid = hub.register(self)
+
+    def wake(self) -> None:
+        self._wake.set()
 
     # -------------------------------------------------------------- requests
 
@@ -55,10 +60,8 @@ class WatchStream:
         elif kind == "cancel_request":
             self._cancel(req.cancel_request.watch_id)
         elif kind == "progress_request":
-            if self.hub.all_synced(self):
-                self.send_progress(None, self.hub.committed_rev)
-            else:
-                self._deferred_progress = True
+            self._progress_requested = True
+            self._wake.set()
 
     def _create(self, c: pb.WatchCreateRequest) -> None:
         key = c.key or b"\x00"  # the smallest key, as etcd does
@@ -77,18 +80,27 @@ class WatchStream:
             elif watch_id in self.watchers:
                 error = ERR_DUPLICATE_ID
         if error:
-            self._push(
+            self._send_control(
                 encode_watch_response(
                     self.header.encode(rev), -1, [], created=True, canceled=True, cancel_reason=error
                 )
             )
             return
+        start = c.start_revision
+        self._send_control(encode_watch_response(self.header.encode(rev), watch_id, [], created=True))
+        if start and start < self.sm.compact_rev:
+            # etcd creates the watch, then cancels it: its history is gone
+            self._send_control(
+                encode_watch_response(
+                    self.header.encode(rev), watch_id, [], canceled=True, compact_revision=self.sm.compact_rev
+                )
+            )
+            return
         w = Watcher(
-            self,
             watch_id,
             key,
             end,
-            c.start_revision,
+            start or rev + 1,
             prev_kv=c.prev_kv,
             no_put=_NOPUT in c.filters,
             no_delete=_NODELETE in c.filters,
@@ -96,39 +108,97 @@ class WatchStream:
             fragment=c.fragment,
         )
         self.watchers[watch_id] = w
-        self._push(encode_watch_response(self.header.encode(rev), watch_id, [], created=True))
-        self.hub.add(w)
+        self.hub.watch(self.sid, w)
 
     def _cancel(self, watch_id: int) -> None:
         w = self.watchers.pop(watch_id, None)
         if w is None:
             return  # etcd answers nothing for an unknown id
-        self.hub.remove(w)
-        self._push(
+        self.hub.unwatch(self.sid, w)
+        self._send_control(
             encode_watch_response(self.header.encode(self.hub.committed_rev), watch_id, [], canceled=True)
         )
 
-    def close(self) -> None:
-        self.closed = True
-        for w in self.watchers.values():
-            self.hub.remove(w)
-        self.watchers.clear()
-        self._out.clear()
+    def _send_control(self, msg: bytes) -> None:
+        self._control.append(msg)
         self._wake.set()
 
-    # -------------------------------------------------------------- hub sink
+    def progress_tick(self) -> None:
+        self._progress_tick = True
+        self._wake.set()
 
-    def send_events(self, w: Watcher, rev: int, events: list[bytes]) -> None:
-        header = self.header.encode(rev)
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.hub.unregister(self.sid)
+        self.watchers.clear()
+        self._wake.set()
+
+    # -------------------------------------------------------------- sender
+
+    async def outgoing(self) -> AsyncIterator[bytes]:
+        hub = self.hub
+        while not self.closed:
+            self._wake.clear()
+            while self._control:
+                yield self._control.popleft()
+            upto = hub.committed_rev
+            behind = [w for w in self.watchers.values() if w.next_rev <= upto]
+            groups: dict[tuple, list[Watcher]] = {}
+            for w in behind:
+                groups.setdefault(w.signature(), []).append(w)
+            caught_up = True
+            for ws in groups.values():
+                got = hub.collect(ws[0], upto, RESPONSE_BYTES)
+                if got is None:
+                    for w in ws:
+                        if self.watchers.pop(w.watch_id, None) is not None:
+                            hub.unwatch(self.sid, w)
+                            yield encode_watch_response(
+                                self.header.encode(upto),
+                                w.watch_id,
+                                [],
+                                canceled=True,
+                                compact_revision=self.sm.compact_rev,
+                            )
+                    continue
+                events, last = got
+                if last < upto:
+                    caught_up = False
+                header = self.header.encode(last)
+                for w in ws:
+                    if self.watchers.get(w.watch_id) is not w:
+                        continue  # canceled while we were sending
+                    w.next_rev = last + 1
+                    if events:
+                        w.quiet = False
+                        for msg in self._responses(header, w, events):
+                            yield msg
+                    while self._control:  # a cancel or create that arrived meanwhile keeps its order
+                        yield self._control.popleft()
+            if not caught_up:
+                continue
+            if self._progress_requested and all(w.next_rev > upto for w in self.watchers.values()):
+                self._progress_requested = False
+                yield encode_watch_response(self.header.encode(upto), -1, [])
+            if self._progress_tick:
+                self._progress_tick = False
+                for w in list(self.watchers.values()):
+                    if w.progress_notify and w.next_rev > upto:
+                        if w.quiet:
+                            yield encode_watch_response(self.header.encode(upto), w.watch_id, [])
+                        w.quiet = True
+            if not self._control and not self._wake.is_set():
+                await self._wake.wait()
+
+    def _responses(self, header: bytes, w: Watcher, events: list[bytes]) -> list[bytes]:
         resp = encode_watch_response(header, w.watch_id, events)
-        if w.fragment and len(events) > 1 and len(resp) >= self.max_request_bytes:
-            self._send_fragments(header, w.watch_id, events)
-        else:
-            self._push(resp)
-
-    def _send_fragments(self, header: bytes, watch_id: int, events: list[bytes]) -> None:
-        """etcd's sendFragments: fill each response up to the request limit; all but the last say fragment."""
-        base = len(encode_watch_response(header, watch_id, [], fragment=True))
+        if not (w.fragment and len(events) > 1 and len(resp) >= self.max_request_bytes):
+            return [resp]
+        # etcd's sendFragments: fill each response up to the request limit; all but the last say fragment.
+        out = []
+        base = len(encode_watch_response(header, w.watch_id, [], fragment=True))
         i = 0
         while i < len(events):
             size = base
@@ -138,66 +208,27 @@ class WatchStream:
                 if j > i and size >= self.max_request_bytes:
                     break
                 j += 1
-            last = j == len(events)
-            self._push(encode_watch_response(header, watch_id, events[i:j], fragment=not last))
+            out.append(encode_watch_response(header, w.watch_id, events[i:j], fragment=j < len(events)))
             i = j
-
-    def send_compacted(self, w: Watcher, compact_rev: int) -> None:
-        self.watchers.pop(w.watch_id, None)
-        self._push(
-            encode_watch_response(
-                self.header.encode(self.hub.committed_rev),
-                w.watch_id,
-                [],
-                canceled=True,
-                compact_revision=compact_rev,
-            )
-        )
-
-    def send_progress(self, w: Watcher | None, rev: int) -> None:
-        self._push(encode_watch_response(self.header.encode(rev), -1 if w is None else w.watch_id, []))
-
-    def on_synced(self) -> None:
-        if self._deferred_progress:
-            self._deferred_progress = False
-            self.send_progress(None, self.hub.committed_rev)
-
-    def congested(self) -> bool:
-        return self._out_bytes > HIGH_WATER
-
-    # -------------------------------------------------------------- outgoing queue
-
-    def _push(self, msg: bytes) -> None:
-        if self.closed:
-            return
-        self._out.append(msg)
-        self._out_bytes += len(msg)
-        if self._out_bytes > HIGH_WATER:
-            self._was_congested = True
-        self._wake.set()
-
-    async def outgoing(self) -> AsyncIterator[bytes]:
-        while not self.closed:
-            if not self._out:
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            msg = self._out.popleft()
-            self._out_bytes -= len(msg)
-            if self._was_congested and self._out_bytes < LOW_WATER:
-                self._was_congested = False
-                self.hub.kick()
-            yield msg
+        return out
 
 
 class WatchService:
     def __init__(
-        self, hub: WatchHub, header: Header, *, max_request_bytes: int, progress_interval: float
+        self,
+        sm: StateMachine,
+        hub: WatchHub,
+        header: Header,
+        *,
+        max_request_bytes: int,
+        progress_interval: float,
     ) -> None:
+        self.sm = sm
         self.hub = hub
         self.header = header
         self.max_request_bytes = max_request_bytes
         self.progress_interval = progress_interval
+        self.streams: set[WatchStream] = set()
         self._ticker: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -215,11 +246,13 @@ class WatchService:
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(self.progress_interval)
-            self.hub.progress_tick()
+            for stream in self.streams:
+                stream.progress_tick()
 
     async def watch(self, requests: AsyncIterator[bytes], send: Callable[[bytes], Awaitable[None]]) -> None:
         """Serve one Watch stream until the client closes it."""
-        stream = WatchStream(self.hub, self.header, self.max_request_bytes)
+        stream = WatchStream(self.hub, self.sm, self.header, self.max_request_bytes)
+        self.streams.add(stream)
 
         async def read() -> None:
             try:
@@ -233,6 +266,7 @@ class WatchService:
             async for msg in stream.outgoing():
                 await send(msg)
         finally:
+            self.streams.discard(stream)
             reader.cancel()
             stream.close()
             try:
