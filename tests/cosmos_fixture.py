@@ -5,9 +5,9 @@ tests/cosmos_server/README.md). `npm ci` runs on first use if node_modules is mi
 in its own session on a kernel-chosen loopback port and is stopped by PID; it also exits by itself when
 the test process that holds its stdin goes away, so a crashed test run leaves nothing behind.
 
-Use in a test module::
+Use in a test module (the fixture is registered under the name `cosmos_server`)::
 
-    from cosmos_fixture import cosmos_server  # noqa: F401  (the pytest fixture)
+    from cosmos_fixture import CosmosServer, cosmos_server_fixture  # noqa: F401
 
     def test_something(cosmos_server):
         client = cosmos_server.client()            # azure.cosmos.CosmosClient
@@ -116,7 +116,9 @@ class CosmosServer:
         with urllib.request.urlopen(req, timeout=10, context=context) as resp:
             return json.load(resp)
 
-    def fault(self, mode: str, *, count: int | None = None, kind: str | list[str] = "all", **params: Any) -> Any:
+    def fault(
+        self, mode: str, *, count: int | None = None, kind: str | list[str] = "all", **params: Any
+    ) -> Any:
         """Replace the fault rules with one rule.
 
         mode: "429" (retry_after_ms), "delay" (ms), "drop" (close the connection without answering,
@@ -231,12 +233,14 @@ def _read_ready_line(proc: subprocess.Popen[bytes], log_path: Path) -> dict[str,
         remaining = deadline - time.monotonic()
         if remaining <= 0 or proc.poll() is not None:
             log = log_path.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"Cosmos test server did not become ready (exit={proc.poll()}):\n{buf!r}\n{log}")
+            raise RuntimeError(
+                f"Cosmos test server did not become ready (exit={proc.poll()}):\n{buf!r}\n{log}"
+            )
         readable, _, _ = select.select([proc.stdout], [], [], min(remaining, 0.2))
         if readable:
             chunk = os.read(proc.stdout.fileno(), 4096)
-            if not chunk and proc.poll() is not None:
-                continue
+            if not chunk:  # stdout closed: the process is exiting; the next round reports it
+                time.sleep(0.05)
             buf += chunk
     ready = json.loads(buf.split(b"\n", 1)[0])
     if not ready.get("ready"):
@@ -244,8 +248,8 @@ def _read_ready_line(proc: subprocess.Popen[bytes], log_path: Path) -> dict[str,
     return ready
 
 
-@pytest.fixture
-def cosmos_server(tmp_path: Path) -> Iterator[CosmosServer]:
+@pytest.fixture(name="cosmos_server")
+def cosmos_server_fixture(tmp_path: Path) -> Iterator[CosmosServer]:
     """A fresh, empty Cosmos test server over plain HTTP, stopped by PID after the test."""
     server = start_cosmos_server(tmp_path)
     try:

@@ -1,8 +1,8 @@
 """The Cosmos DB test server behaves like Azure Cosmos DB for what fastetcd's Cosmos store relies on.
 
-Every test drives the real azure-cosmos SDK against a freshly started tests/cosmos_server/server.js, and
-checks one behaviour the stock @vercel/cosmosdb-server gets wrong or cannot do (see
-/work/shared/COSMOS-TESTING.md): each would fail against the stock server.
+Every test drives the real azure-cosmos SDK against tests/cosmos_server/server.js (one server per module,
+a container per test; the first test uses the public `cosmos_server` fixture) and checks behaviour the
+stock @vercel/cosmosdb-server gets wrong or cannot do: the behaviour tests fail against the stock server.
 """
 
 from __future__ import annotations
@@ -13,12 +13,33 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 from azure.core import MatchConditions
 from azure.core.exceptions import ServiceResponseError
 from azure.cosmos import PartitionKey, exceptions
-from cosmos_fixture import CosmosServer, cosmos_server, start_cosmos_server  # noqa: F401
+from cosmos_fixture import CosmosServer, cosmos_server_fixture, start_cosmos_server  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosServer]:
+    server = start_cosmos_server(tmp_path_factory.mktemp("cosmos"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def cosmos(shared_server: CosmosServer) -> Iterator[CosmosServer]:
+    """The module's server, with no fault rules and zeroed statistics; tests use containers of their own
+    (starting a server per test costs up to seconds on a loaded machine)."""
+    shared_server.clear_faults()
+    shared_server.reset_stats()
+    yield shared_server
+    shared_server.clear_faults()
 
 
 def _container(server: CosmosServer, **kwargs):
@@ -72,22 +93,26 @@ def test_database_container_and_item_round_trip(cosmos_server: CosmosServer) -> 
     assert float(container.client_connection.last_response_headers["x-ms-request-charge"]) > 0
     with pytest.raises(exceptions.CosmosResourceExistsError):
         container.create_item({"id": "k1", "pk": "seg-0"})
+    # no_response=True (Prefer: return=minimal): no body, but the etag still comes back in the headers.
+    assert container.upsert_item({"id": "k2", "pk": "seg-0"}, no_response=True) == {}
+    etag = container.client_connection.last_response_headers["etag"]
+    assert container.read_item("k2", partition_key="seg-0")["_etag"] == etag
     # The same id in another logical partition is another item.
     container.create_item({"id": "k1", "pk": "seg-1", "v": "other"})
     assert container.read_item("k1", partition_key="seg-0")["v"] == "aGVsbG8="
 
 
-def test_keep_alive_one_connection_for_many_requests(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
-    cosmos_server.reset_stats()
+def test_keep_alive_one_connection_for_many_requests(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
+    cosmos.reset_stats()
     for i in range(30):
         container.upsert_item({"id": f"k{i}", "pk": "p"})
         container.read_item(f"k{i}", partition_key="p")
-    stats = cosmos_server.stats()
+    stats = cosmos.stats()
     assert stats["by_kind"] == {"write": 30, "read": 30}
     assert stats["connections_opened"] == 1  # the SDK's pooled connection, counted again after the reset
 
-    conn = http.client.HTTPConnection("127.0.0.1", cosmos_server.port, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", cosmos.port, timeout=5)
     conn.request("GET", "/")
     resp = conn.getresponse()
     resp.read()
@@ -97,11 +122,11 @@ def test_keep_alive_one_connection_for_many_requests(cosmos_server: CosmosServer
     conn.request("GET", "/")
     account = json.loads(conn.getresponse().read())
     conn.close()
-    assert {loc["databaseAccountEndpoint"] for loc in account["writableLocations"]} == {cosmos_server.endpoint}
+    assert {loc["databaseAccountEndpoint"] for loc in account["writableLocations"]} == {cosmos.endpoint}
 
 
-def test_point_read_of_missing_item_is_404(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_point_read_of_missing_item_is_404(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     container.create_item({"id": "present", "pk": "a"})
     with pytest.raises(exceptions.CosmosResourceNotFoundError) as err:
         container.read_item("absent", partition_key="a")
@@ -118,8 +143,8 @@ def test_point_read_of_missing_item_is_404(cosmos_server: CosmosServer) -> None:
 # ---- transactional batch -----------------------------------------------------------------------------
 
 
-def test_batch_every_operation_kind(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_batch_every_operation_kind(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     head = container.create_item({"id": "head", "pk": "seg", "rev": 1})
     container.create_item({"id": "old", "pk": "seg"})
     container.create_item({"id": "counter", "pk": "seg", "n": 1})
@@ -143,8 +168,8 @@ def test_batch_every_operation_kind(cosmos_server: CosmosServer) -> None:
     assert _absent(container, "old", "seg")
 
 
-def test_batch_is_atomic_on_conflict(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_batch_is_atomic_on_conflict(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     container.create_item({"id": "r1", "pk": "seg", "v": "original"})
     _, cont = _feed(container, start_time="Beginning")
     with pytest.raises(exceptions.CosmosBatchOperationError) as err:
@@ -166,15 +191,19 @@ def test_batch_is_atomic_on_conflict(cosmos_server: CosmosServer) -> None:
     assert _feed(container, continuation=cont)[0] == []
 
 
-def test_batch_is_atomic_on_stale_etag(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_batch_is_atomic_on_stale_etag(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     head = container.create_item({"id": "head", "pk": "seg", "rev": 1})
     container.replace_item("head", {"id": "head", "pk": "seg", "rev": 2})  # another writer moved on
     with pytest.raises(exceptions.CosmosBatchOperationError) as err:
         container.execute_item_batch(
             [
                 ("create", ({"id": "rev-2", "pk": "seg"},)),
-                ("replace", ("head", {"id": "head", "pk": "seg", "rev": 3}), {"if_match_etag": head["_etag"]}),
+                (
+                    "replace",
+                    ("head", {"id": "head", "pk": "seg", "rev": 3}),
+                    {"if_match_etag": head["_etag"]},
+                ),
             ],
             partition_key="seg",
         )
@@ -184,8 +213,8 @@ def test_batch_is_atomic_on_stale_etag(cosmos_server: CosmosServer) -> None:
     assert container.read_item("head", partition_key="seg")["rev"] == 2
 
 
-def test_batch_and_item_limits(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_batch_and_item_limits(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     with pytest.raises(exceptions.CosmosHttpResponseError) as err:
         container.execute_item_batch(
             [("create", ({"id": f"r{i}", "pk": "seg"},)) for i in range(101)], partition_key="seg"
@@ -211,8 +240,8 @@ def test_batch_and_item_limits(cosmos_server: CosmosServer) -> None:
     assert _absent(container, "h0", "seg")
 
 
-def test_batch_partition_key_comes_from_the_header(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_batch_partition_key_comes_from_the_header(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     # An item whose partition key differs from the batch's fails the whole batch.
     with pytest.raises(exceptions.CosmosBatchOperationError) as err:
         container.execute_item_batch(
@@ -233,41 +262,61 @@ def test_batch_partition_key_comes_from_the_header(cosmos_server: CosmosServer) 
 # ---- etags -------------------------------------------------------------------------------------------
 
 
-def test_if_match_on_replace_upsert_delete_patch(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_if_match_on_replace_upsert_delete_patch(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     v1 = container.create_item({"id": "leader", "pk": "meta", "owner": "n1"})
     v2 = container.replace_item(
-        "leader", {"id": "leader", "pk": "meta", "owner": "n2"}, etag=v1["_etag"],
+        "leader",
+        {"id": "leader", "pk": "meta", "owner": "n2"},
+        etag=v1["_etag"],
         match_condition=MatchConditions.IfNotModified,
     )
     stale = v1["_etag"]
     cases = [
-        lambda: container.replace_item("leader", {"id": "leader", "pk": "meta", "owner": "n3"}, etag=stale,
-                                       match_condition=MatchConditions.IfNotModified),
-        lambda: container.upsert_item({"id": "leader", "pk": "meta", "owner": "n3"}, etag=stale,
-                                      match_condition=MatchConditions.IfNotModified),
-        lambda: container.delete_item("leader", partition_key="meta", etag=stale,
-                                      match_condition=MatchConditions.IfNotModified),
-        lambda: container.patch_item("leader", "meta", [{"op": "set", "path": "/owner", "value": "n3"}],
-                                     etag=stale, match_condition=MatchConditions.IfNotModified),
+        lambda: container.replace_item(
+            "leader",
+            {"id": "leader", "pk": "meta", "owner": "n3"},
+            etag=stale,
+            match_condition=MatchConditions.IfNotModified,
+        ),
+        lambda: container.upsert_item(
+            {"id": "leader", "pk": "meta", "owner": "n3"},
+            etag=stale,
+            match_condition=MatchConditions.IfNotModified,
+        ),
+        lambda: container.delete_item(
+            "leader", partition_key="meta", etag=stale, match_condition=MatchConditions.IfNotModified
+        ),
+        lambda: container.patch_item(
+            "leader",
+            "meta",
+            [{"op": "set", "path": "/owner", "value": "n3"}],
+            etag=stale,
+            match_condition=MatchConditions.IfNotModified,
+        ),
     ]
     for case in cases:
         with pytest.raises(exceptions.CosmosAccessConditionFailedError) as err:
             case()
         assert err.value.status_code == 412
     assert container.read_item("leader", partition_key="meta")["owner"] == "n2"
-    v3 = container.upsert_item({"id": "leader", "pk": "meta", "owner": "n3"}, etag=v2["_etag"],
-                               match_condition=MatchConditions.IfNotModified)
-    container.delete_item("leader", partition_key="meta", etag=v3["_etag"],
-                          match_condition=MatchConditions.IfNotModified)
+    v3 = container.upsert_item(
+        {"id": "leader", "pk": "meta", "owner": "n3"},
+        etag=v2["_etag"],
+        match_condition=MatchConditions.IfNotModified,
+    )
+    container.delete_item(
+        "leader", partition_key="meta", etag=v3["_etag"], match_condition=MatchConditions.IfNotModified
+    )
     assert _absent(container, "leader", "meta")
 
 
-def test_patch_operations_and_filter_predicate(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_patch_operations_and_filter_predicate(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     container.create_item({"id": "p", "pk": "a", "n": 1, "tags": ["x"], "gone": True})
     out = container.patch_item(
-        "p", "a",
+        "p",
+        "a",
         [
             {"op": "incr", "path": "/n", "value": 2},
             {"op": "set", "path": "/s", "value": "new"},
@@ -277,16 +326,20 @@ def test_patch_operations_and_filter_predicate(cosmos_server: CosmosServer) -> N
     )
     assert out["n"] == 3 and out["s"] == "new" and out["tags"] == ["x", "y"] and "gone" not in out
     with pytest.raises(exceptions.CosmosAccessConditionFailedError):
-        container.patch_item("p", "a", [{"op": "set", "path": "/n", "value": 0}], filter_predicate="from c where c.n = 1")
-    container.patch_item("p", "a", [{"op": "set", "path": "/n", "value": 0}], filter_predicate="from c where c.n = 3")
+        container.patch_item(
+            "p", "a", [{"op": "set", "path": "/n", "value": 0}], filter_predicate="from c where c.n = 1"
+        )
+    container.patch_item(
+        "p", "a", [{"op": "set", "path": "/n", "value": 0}], filter_predicate="from c where c.n = 3"
+    )
     assert container.read_item("p", partition_key="a")["n"] == 0
 
 
 # ---- queries -----------------------------------------------------------------------------------------
 
 
-def test_query_is_scoped_to_the_partition_key_argument(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_query_is_scoped_to_the_partition_key_argument(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     for i in range(7):
         container.create_item({"id": f"r{i}", "pk": "seg-a", "rev": i})
     for i in range(3):
@@ -294,21 +347,30 @@ def test_query_is_scoped_to_the_partition_key_argument(cosmos_server: CosmosServ
     # No `c.pk = @pk` in the WHERE: the partition_key argument alone scopes the query.
     rows = list(container.query_items("SELECT * FROM c ORDER BY c.rev DESC", partition_key="seg-b"))
     assert [r["rev"] for r in rows] == [102, 101, 100]
-    rows = list(container.query_items(
-        "SELECT c.id, c.rev FROM c WHERE c.rev > @after ORDER BY c.rev", partition_key="seg-a",
-        parameters=[{"name": "@after", "value": 3}],
-    ))
+    rows = list(
+        container.query_items(
+            "SELECT c.id, c.rev FROM c WHERE c.rev > @after ORDER BY c.rev",
+            partition_key="seg-a",
+            parameters=[{"name": "@after", "value": 3}],
+        )
+    )
     assert rows == [{"id": "r4", "rev": 4}, {"id": "r5", "rev": 5}, {"id": "r6", "rev": 6}]
     assert list(container.query_items("SELECT VALUE MAX(c.rev) FROM c", partition_key="seg-a")) == [6]
     assert list(container.query_items("SELECT VALUE COUNT(1) FROM c", partition_key="seg-b")) == [3]
     assert list(container.query_items("SELECT VALUE MAX(c.rev) FROM c", partition_key="seg-none")) == []
+    top = container.query_items("SELECT TOP 2 VALUE c.rev FROM c ORDER BY c.rev DESC", partition_key="seg-a")
+    assert list(top) == [6, 5]
     # Across partitions (one physical partition here): complete answers.
-    assert list(container.query_items("SELECT VALUE MAX(c.rev) FROM c", enable_cross_partition_query=True)) == [102]
-    assert list(container.query_items("SELECT VALUE COUNT(1) FROM c", enable_cross_partition_query=True)) == [10]
+    assert list(
+        container.query_items("SELECT VALUE MAX(c.rev) FROM c", enable_cross_partition_query=True)
+    ) == [102]
+    assert list(container.query_items("SELECT VALUE COUNT(1) FROM c", enable_cross_partition_query=True)) == [
+        10
+    ]
 
 
-def test_query_paging_with_continuation(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_query_paging_with_continuation(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     for i in range(10):
         container.create_item({"id": f"r{i}", "pk": "seg", "rev": i})
     container.create_item({"id": "other", "pk": "seg-x", "rev": 5})
@@ -327,8 +389,8 @@ def test_query_paging_with_continuation(cosmos_server: CosmosServer) -> None:
 # ---- change feed -------------------------------------------------------------------------------------
 
 
-def test_change_feed_is_incremental_latest_version_in_modification_order(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_change_feed_is_incremental_latest_version_in_modification_order(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     for i in range(4):
         container.create_item({"id": f"r{i}", "pk": "seg", "v": 0})
     items, cont = _feed(container, start_time="Beginning")
@@ -350,8 +412,8 @@ def test_change_feed_is_incremental_latest_version_in_modification_order(cosmos_
     assert _ids(_feed(container, start_time="Beginning")[0]) == ["r3", "r0", "r1", "r4"]
 
 
-def test_change_feed_by_partition_key_and_range(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_change_feed_by_partition_key_and_range(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     container.create_item({"id": "a1", "pk": "seg-a"})
     container.create_item({"id": "b1", "pk": "seg-b"})
     container.create_item({"id": "a2", "pk": "seg-a"})
@@ -376,20 +438,33 @@ def test_change_feed_by_partition_key_and_range(cosmos_server: CosmosServer) -> 
     assert _ids(_feed(container, continuation=cont_now)[0]) == ["a3"]
 
 
-def test_change_feed_pages_never_split_a_batch(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
-    container.execute_item_batch([("create", ({"id": f"t1-{i}", "pk": "seg"},)) for i in range(5)], partition_key="seg")
-    container.execute_item_batch([("create", ({"id": f"t2-{i}", "pk": "seg"},)) for i in range(5)], partition_key="seg")
+def test_change_feed_from_a_point_in_time(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
+    container.create_item({"id": "before", "pk": "seg"})
+    time.sleep(1.1)  # Cosmos compares start times at the resolution of _ts: seconds
+    start = datetime.now(UTC)
+    container.create_item({"id": "after", "pk": "seg"})
+    assert _ids(_feed(container, start_time=start)[0]) == ["after"]
+
+
+def test_change_feed_pages_never_split_a_batch(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
+    container.execute_item_batch(
+        [("create", ({"id": f"t1-{i}", "pk": "seg"},)) for i in range(5)], partition_key="seg"
+    )
+    container.execute_item_batch(
+        [("create", ({"id": f"t2-{i}", "pk": "seg"},)) for i in range(5)], partition_key="seg"
+    )
     pager = container.query_items_change_feed(start_time="Beginning", max_item_count=3).by_page()
     sizes = [len(list(page)) for page in pager]
     assert sizes[:2] == [5, 5] and sum(sizes) == 10
 
 
-def test_change_feed_async_client(cosmos_server: CosmosServer) -> None:
+def test_change_feed_async_client(cosmos: CosmosServer) -> None:
     async def run() -> None:
-        async with cosmos_server.async_client() as client:
+        async with cosmos.async_client() as client:
             db = await client.create_database_if_not_exists("fastetcd")
-            container = await db.create_container("log", PartitionKey(path="/pk"))
+            container = await db.create_container(f"c-{uuid.uuid4().hex[:8]}", PartitionKey(path="/pk"))
             await container.execute_item_batch(
                 [("create", ({"id": f"r{i}", "pk": "seg"},)) for i in range(3)], partition_key="seg"
             )
@@ -407,10 +482,10 @@ def test_change_feed_async_client(cosmos_server: CosmosServer) -> None:
 # ---- TTL ---------------------------------------------------------------------------------------------
 
 
-def test_ttl_expires_items(cosmos_server: CosmosServer) -> None:
-    with_default = _container(cosmos_server, default_ttl=1)
-    per_item = _container(cosmos_server, default_ttl=-1)
-    ttl_off = _container(cosmos_server)
+def test_ttl_expires_items(cosmos: CosmosServer) -> None:
+    with_default = _container(cosmos, default_ttl=1)
+    per_item = _container(cosmos, default_ttl=-1)
+    ttl_off = _container(cosmos)
     with_default.create_item({"id": "lease", "pk": "meta"})
     with_default.create_item({"id": "forever", "pk": "meta", "ttl": -1})
     per_item.create_item({"id": "lease", "pk": "meta", "ttl": 1})
@@ -427,10 +502,9 @@ def test_ttl_expires_items(cosmos_server: CosmosServer) -> None:
     with_default.create_item({"id": "lease", "pk": "meta"})
 
 
-def test_container_replace_keeps_items_and_can_turn_ttl_on(cosmos_server: CosmosServer) -> None:
-    client = cosmos_server.client()
-    db = client.create_database("fastetcd")
-    container = db.create_container("c", PartitionKey(path="/pk"))
+def test_container_replace_keeps_items_and_can_turn_ttl_on(cosmos: CosmosServer) -> None:
+    db = cosmos.client().create_database_if_not_exists("fastetcd")
+    container = db.create_container(f"c-{uuid.uuid4().hex[:8]}", PartitionKey(path="/pk"))
     container.create_item({"id": "old", "pk": "p"})
     container.create_item({"id": "kept", "pk": "p", "ttl": -1})
     db.replace_container(container, PartitionKey(path="/pk"), default_ttl=1)
@@ -440,13 +514,17 @@ def test_container_replace_keeps_items_and_can_turn_ttl_on(cosmos_server: Cosmos
     assert _absent(container, "old", "p") and not _absent(container, "kept", "p")
 
 
-def test_ttl_renewal_by_replace_extends_life(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server, default_ttl=-1)
+def test_ttl_renewal_by_replace_extends_life(cosmos: CosmosServer) -> None:
+    container = _container(cosmos, default_ttl=-1)
     item = container.create_item({"id": "leader", "pk": "meta", "ttl": 1})
     for _ in range(3):
         time.sleep(0.5)
-        item = container.replace_item("leader", {"id": "leader", "pk": "meta", "ttl": 1}, etag=item["_etag"],
-                                      match_condition=MatchConditions.IfNotModified)
+        item = container.replace_item(
+            "leader",
+            {"id": "leader", "pk": "meta", "ttl": 1},
+            etag=item["_etag"],
+            match_condition=MatchConditions.IfNotModified,
+        )
     time.sleep(0.5)
     assert not _absent(container, "leader", "meta")
     time.sleep(0.8)
@@ -456,38 +534,39 @@ def test_ttl_renewal_by_replace_extends_life(cosmos_server: CosmosServer) -> Non
 # ---- fault injection and statistics ------------------------------------------------------------------
 
 
-def test_429_with_retry_after_is_retried_by_the_sdk(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
-    cosmos_server.reset_stats()
-    cosmos_server.fault("429", count=2, retry_after_ms=200, kind="batch")
+def test_429_with_retry_after_is_retried_by_the_sdk(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
+    cosmos.reset_stats()
+    cosmos.fault("429", count=2, retry_after_ms=200, kind="batch")
     start = time.monotonic()
     container.execute_item_batch([("create", ({"id": "r1", "pk": "seg"},))], partition_key="seg")
     elapsed = time.monotonic() - start
     assert elapsed >= 0.4  # the SDK waited the server's retry-after, twice
-    stats = cosmos_server.stats()
+    stats = cosmos.stats()
     assert stats["by_kind"]["batch"] == 3
     assert stats["by_status"]["429"] == 2 and stats["by_status"]["200"] == 1
-    assert cosmos_server.fault_rules()[0]["remaining"] == 0
+    assert cosmos.fault_rules()[0]["remaining"] == 0
     assert not _absent(container, "r1", "seg")
 
 
-def test_429_beyond_the_retry_budget_raises(cosmos_server: CosmosServer) -> None:
-    client = cosmos_server.client(retry_throttle_total=2)
-    container = client.create_database_if_not_exists("fastetcd").create_container("c", PartitionKey(path="/pk"))
-    cosmos_server.fault("429", retry_after_ms=10, kind="write")
+def test_429_beyond_the_retry_budget_raises(cosmos: CosmosServer) -> None:
+    client = cosmos.client(retry_throttle_total=2)
+    db = client.create_database_if_not_exists("fastetcd")
+    container = db.create_container(f"c-{uuid.uuid4().hex[:8]}", PartitionKey(path="/pk"))
+    cosmos.fault("429", retry_after_ms=10, kind="write")
     with pytest.raises(exceptions.CosmosHttpResponseError) as err:
         container.create_item({"id": "r1", "pk": "seg"})
     assert err.value.status_code == 429
     # Reads were not throttled (the rule is for writes only), and the write did not happen.
     assert _absent(container, "r1", "seg")
-    cosmos_server.clear_faults()
+    cosmos.clear_faults()
     container.create_item({"id": "r1", "pk": "seg"})
 
 
-def test_delay_fault(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_delay_fault(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     container.create_item({"id": "r", "pk": "p"})
-    cosmos_server.fault("delay", ms=400, count=1, kind="read")
+    cosmos.fault("delay", ms=400, count=1, kind="read")
     start = time.monotonic()
     container.read_item("r", partition_key="p")
     assert time.monotonic() - start >= 0.4
@@ -496,57 +575,59 @@ def test_delay_fault(cosmos_server: CosmosServer) -> None:
     assert time.monotonic() - start < 0.3
 
 
-def test_dropped_connection(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
+def test_dropped_connection(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
     container.create_item({"id": "r", "pk": "p", "v": 0})
     # A read is idempotent: the SDK retries it on a new connection.
-    cosmos_server.reset_stats()
-    cosmos_server.fault("drop", count=1, kind="read")
+    cosmos.reset_stats()
+    cosmos.fault("drop", count=1, kind="read")
     assert container.read_item("r", partition_key="p")["v"] == 0
-    assert cosmos_server.stats()["by_kind"]["read"] == 2
+    assert cosmos.stats()["by_kind"]["read"] == 2
     # A write is not retried: the caller sees an error and cannot know the outcome.
-    cosmos_server.fault("drop", count=1, kind="batch")
+    cosmos.fault("drop", count=1, kind="batch")
     with pytest.raises(ServiceResponseError):
         container.execute_item_batch([("upsert", ({"id": "r", "pk": "p", "v": 1},))], partition_key="p")
     assert container.read_item("r", partition_key="p")["v"] == 0  # "drop": not applied
-    cosmos_server.fault("drop_after", count=1, kind="batch")
+    cosmos.fault("drop_after", count=1, kind="batch")
     with pytest.raises(ServiceResponseError):
         container.execute_item_batch([("upsert", ({"id": "r", "pk": "p", "v": 2},))], partition_key="p")
     assert container.read_item("r", partition_key="p")["v"] == 2  # "drop_after": applied, answer lost
 
 
-def test_status_fault_and_probability(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
-    cosmos_server.fault("status", status=500, count=1, kind="write")
+def test_status_fault_and_probability(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
+    cosmos.fault("status", status=500, count=1, kind="write")
     with pytest.raises(exceptions.CosmosHttpResponseError) as err:
         container.create_item({"id": "r", "pk": "p"})
     assert err.value.status_code == 500
     assert _absent(container, "r", "p")
     # The SDK retries a 503 on its own (here on the same, single endpoint).
-    cosmos_server.reset_stats()
-    cosmos_server.fault("status", status=503, count=1, kind="write")
+    cosmos.reset_stats()
+    cosmos.fault("status", status=503, count=1, kind="write")
     container.create_item({"id": "r", "pk": "p"})
-    assert cosmos_server.stats()["by_status"] == {"503": 1, "201": 1}
+    assert cosmos.stats()["by_status"] == {"503": 1, "201": 1}
     container.delete_item("r", partition_key="p")
-    cosmos_server.fault("429", probability=0.0, kind="all")
+    cosmos.fault("429", probability=0.0, kind="all")
     container.create_item({"id": "r", "pk": "p"})
-    assert cosmos_server.fault_rules()[0]["injected"] == 0
+    assert cosmos.fault_rules()[0]["injected"] == 0
 
 
-def test_stats_count_requests_by_kind(cosmos_server: CosmosServer) -> None:
-    container = _container(cosmos_server)
-    cosmos_server.reset_stats()
+def test_stats_count_requests_by_kind(cosmos: CosmosServer) -> None:
+    container = _container(cosmos)
+    cosmos.reset_stats()
     for i in range(3):
         container.create_item({"id": f"r{i}", "pk": "p"})
     container.read_item("r0", partition_key="p")
     container.read_item("r1", partition_key="p")
-    container.execute_item_batch([("create", ({"id": f"b{i}", "pk": "p"},)) for i in range(5)], partition_key="p")
+    container.execute_item_batch(
+        [("create", ({"id": f"b{i}", "pk": "p"},)) for i in range(5)], partition_key="p"
+    )
     list(container.query_items("SELECT * FROM c", partition_key="p"))
-    stats = cosmos_server.stats()
+    stats = cosmos.stats()
     assert stats["by_kind"] == {"write": 3, "read": 2, "batch": 1, "query": 1}
     assert stats["total"] == 7 and stats["batch_operations"] == 5
-    assert cosmos_server.reset_stats()["total"] == 7
-    assert cosmos_server.stats()["total"] == 0
+    assert cosmos.reset_stats()["total"] == 7
+    assert cosmos.stats()["total"] == 0
 
 
 # ---- modes and lifecycle -----------------------------------------------------------------------------
@@ -563,7 +644,9 @@ def test_tls_mode_with_verification_off(tmp_path) -> None:
         for i in range(20):
             container.create_item({"id": f"r{i}", "pk": "p"})
         assert container.read_item("r0", partition_key="p")["id"] == "r0"
-        assert server.stats()["connections_opened"] == 1  # keep-alive: one TLS handshake, not 21
+        # Keep-alive: not one TLS handshake per request (the SDK's background account refresh may take
+        # a second pooled connection).
+        assert server.stats()["connections_opened"] <= 2
     finally:
         server.stop()
 

@@ -21,9 +21,10 @@ log = logging.getLogger(__name__)
 
 # History reads for a watcher behind the ring cover at most this many revisions (etcd's watchBatchMaxRevs).
 CATCH_UP_REVS = 1000
-# The ring keeps at least this many recent revisions, and more while their values fit in RING_BYTES.
+# The ring keeps at least this many recent revisions, and more while they fit in RING_BYTES (counting
+# each event's kv and prev_kv twice, for the two encodings it may get).
 RING_MIN_REVS = 1024
-RING_BYTES = 64 << 20
+RING_BYTES = 32 << 20
 
 
 class Sink(Protocol):
@@ -159,7 +160,7 @@ class WatchHub:
         for rev, record in revisions:
             events = [Event(d, key, kv, prev) for d, key, kv, prev in core.events(rev, record)]
             self._ring.append(events)
-            size = sum(len(e.kv) for e in events)
+            size = 2 * sum(len(e.kv) + len(e.prev or b"") for e in events)
             self._ring_bytes.append(size)
             self._ring_total += size
             self.committed_rev = rev
