@@ -1,8 +1,8 @@
 """The Cosmos DB test server behaves like Azure Cosmos DB for what fastetcd's Cosmos store relies on.
 
 Every test drives the real azure-cosmos SDK against tests/cosmos_server/server.js (one server per module,
-a container per test; the first test uses the public `cosmos_server` fixture) and checks behaviour the
-stock @vercel/cosmosdb-server gets wrong or cannot do: the behaviour tests fail against the stock server.
+a container per test; the first test uses the public `cosmos_server` fixture). All of these but the patch
+test fail against the stock @vercel/cosmosdb-server, which is what server.js corrects.
 """
 
 from __future__ import annotations

@@ -381,10 +381,13 @@ def test_watch_interactive(pair: LeasePair, background: list[BackgroundCtl], tmp
         ("put", "i/old", "after"),
         ("del", "i/p/x"),
         ("put", "i/n", "notified"),
-        ("put", "i/a", "END"),
     ]:
         p.run(*args)
         w.settle()
+    # A WatchProgressRequest: the reply (watch_id -1) goes to every watch of the stream.
+    w.feed("progress")
+    w.settle()
+    p.run("put", "i/a", "END")
     assert w.wait_for(b"END")
     w.stop()  # closing stdin ends etcdctl with an input error, the same on both
     p.check()
