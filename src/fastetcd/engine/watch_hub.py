@@ -200,8 +200,9 @@ class WatchHub:
         no_put, no_delete, prev_kv = w.no_put, w.no_delete, w.prev_kv
         out: list[bytes] = []
         size = 0
+        compact_rev = self.core.compact_rev
         if start < self._ring_start:
-            if start < self.core.compact_rev:
+            if start < compact_rev:
                 return None
             top = min(upto, start + CATCH_UP_REVS - 1, self._ring_start - 1)
             last = top
@@ -214,7 +215,8 @@ class WatchHub:
                     cur = rev
                 if (is_delete and no_delete) or (not is_delete and no_put):
                     continue
-                ev = encode_event(is_delete, kv, prev if prev_kv else None)
+                # etcd reads prev_kv at rev-1 when it sends: below the compaction there is none
+                ev = encode_event(is_delete, kv, prev if prev_kv and rev > compact_rev else None)
                 out.append(ev)
                 size += len(ev)
             return out, last
@@ -225,11 +227,12 @@ class WatchHub:
             if size > max_bytes:
                 last = rev - 1
                 break
+            with_prev = prev_kv and rev > compact_rev
             for ev in ring[rev - base]:
                 if _in_range(ev.key, key, end) and not (
                     (ev.is_delete and no_delete) or (not ev.is_delete and no_put)
                 ):
-                    enc = ev.encoded(prev_kv)
+                    enc = ev.encoded(with_prev)
                     out.append(enc)
                     size += len(enc)
         return out, last

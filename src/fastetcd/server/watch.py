@@ -92,11 +92,7 @@ class WatchStream:
         self._send_control(encode_watch_response(self.header.encode(rev), watch_id, [], created=True))
         if start and start < self.sm.compact_rev:
             # etcd creates the watch, then cancels it: its history is gone
-            self._send_control(
-                encode_watch_response(
-                    self.header.encode(rev), watch_id, [], canceled=True, compact_revision=self.sm.compact_rev
-                )
-            )
+            self._send_control(self._compacted(watch_id))
             return
         w = Watcher(
             watch_id,
@@ -119,6 +115,12 @@ class WatchStream:
         self.hub.unwatch(self.sid, w)
         self._send_control(
             encode_watch_response(self.header.encode(self.hub.committed_rev), watch_id, [], canceled=True)
+        )
+
+    def _compacted(self, watch_id: int) -> bytes:
+        # etcd's compaction notice carries no revision of its own, so its header says revision 0
+        return encode_watch_response(
+            self.header.encode(0), watch_id, [], canceled=True, compact_revision=self.sm.compact_rev
         )
 
     def _send_control(self, msg: bytes) -> None:
@@ -158,13 +160,7 @@ class WatchStream:
                     for w in ws:
                         if self.watchers.pop(w.watch_id, None) is not None:
                             hub.unwatch(self.sid, w)
-                            yield encode_watch_response(
-                                self.header.encode(upto),
-                                w.watch_id,
-                                [],
-                                canceled=True,
-                                compact_revision=self.sm.compact_rev,
-                            )
+                            yield self._compacted(w.watch_id)
                     continue
                 events, last = got
                 if last < upto:
