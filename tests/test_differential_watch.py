@@ -61,7 +61,7 @@ STREAMS = 2  # random watches per server are spread over this many streams (watc
 BARRIER_TIMEOUT_S = 10.0
 # etcd moves a watch that replays history to its live set on a 100 ms tick; until then a compaction past
 # its start revision cancels it, and a watch with nothing to replay gives no sign of having moved.
-SYNC_GRACE_S = 0.5
+SYNC_GRACE_S = 1.0
 # The "all keys" watch: key "\0" with range_end "\0" is every key (the empty key cannot be written).
 ALL_KEYS = rpc_pb2.WatchCreateRequest(key=b"\x00", range_end=b"\x00", prev_kv=True)
 
@@ -355,10 +355,7 @@ class Run:
     def barrier(self, before_compaction: bool = False) -> None:
         """Wait until every watch on both servers has received what the oracle's history says it must."""
         if before_compaction:
-            replaying = [spec.created_at for spec in self.specs if not (spec.error or spec.compacted)
-                         and 0 < spec.req.start_revision <= spec.created_rev]
-            if replaying:
-                time.sleep(max(0.0, max(replaying) + SYNC_GRACE_S - time.monotonic()))
+            self._settle_replays()
         rev = self.model.rev
         for side in self.sides:
             ok = side.all_keys.wait(
@@ -385,6 +382,22 @@ class Run:
                 if not stream.wait(done, BARRIER_TIMEOUT_S):
                     raise BarrierTimeout(f"{side.name}'s watches on stream {s} did not receive the events"
                                          f" etcd's history implies by revision {rev}")
+
+    def _settle_replays(self) -> None:
+        """etcd delivers a replay and moves the watch to its live set in the same tick, so a watch that
+        has received an event is live; one with nothing to replay gets SYNC_GRACE_S after its creation."""
+        unsure = []
+        for spec in self.specs:
+            if spec.error or spec.compacted or not 0 < spec.req.start_revision <= spec.created_rev:
+                continue
+            if time.monotonic() >= spec.created_at + SYNC_GRACE_S:
+                continue
+            logs, _ = attribute(self.oracle.streams[spec.stream].responses())
+            index = [x for x in self.specs if x.stream == spec.stream].index(spec)
+            if index >= len(logs) or not logs[index].events:
+                unsure.append(spec.created_at)
+        if unsure:
+            time.sleep(max(0.0, max(unsure) + SYNC_GRACE_S - time.monotonic()))
 
     # -- ops ---------------------------------------------------------------------------------------
 

@@ -362,16 +362,18 @@ def test_watch_interactive(pair: LeasePair, background: list[BackgroundCtl], tmp
     for line in [
         "watch i/a",
         "watch i/p/ --prefix --prev-kv",
-        "watch --rev=2 i/old",
         "watch --rev=1 i/c",  # below the compaction
         "bogus i/a",
         "watch",
         "",
         "watch i/r1 i/r3",
         "watch --progress-notify i/n",
+        # Last: the client creates watches one after another, so its replay shows all the others exist.
+        "watch --rev=2 i/old",
     ]:
         w.feed(line)
         w.settle()
+    assert w.wait_for(b"before"), "the replaying watch printed nothing"
     for args in [
         ("put", "i/a", "1"),
         ("put", "i/p/x", "1"),
@@ -395,8 +397,8 @@ def test_watch_interactive(pair: LeasePair, background: list[BackgroundCtl], tmp
 
 def test_lease_commands(pair: LeasePair, background: list[BackgroundCtl], tmp_path: Path) -> None:
     p = pair
-    watch = _start(background, p, tmp_path, "lease_keys", "watch", "lk/", "--prefix", "--prev-kv")
-    time.sleep(WATCH_START_S)
+    # From revision 2 (the first write): nothing is missed however long etcdctl takes to start.
+    watch = _start(background, p, tmp_path, "lease_keys", "watch", "--rev=2", "lk/", "--prefix", "--prev-kv")
     p.run("lease", "grant", "600", expect_rc=0)  # <L0>
     p.run("lease", "grant", "900", "-w", "json", expect_rc=0)  # <L1>
     p.run("lease", "grant", "300", expect_rc=0)  # <L2>: expires first, so `lease list` shows it first
@@ -454,8 +456,7 @@ def test_lease_expiry(pair: LeasePair, background: list[BackgroundCtl], tmp_path
     One short lease has keys: etcd revokes leases that expire together in concurrent goroutines, so the
     order of two such revocations would be chance."""
     p = pair
-    watch = _start(background, p, tmp_path, "expiry", "watch", "e/", "--prefix", "--prev-kv", "-w", "json")
-    time.sleep(WATCH_START_S)
+    watch = _start(background, p, tmp_path, "expiry", "watch", "--rev=2", "e/", "--prefix", "--prev-kv")
     p.run("lease", "grant", "600", expect_rc=0)  # <L0> outlives the test
     p.run("lease", "grant", "1", expect_rc=0)  # <L1>: raised to etcd's minimum TTL (2 s here)
     p.run("lease", "grant", "0", expect_rc=0)  # <L2>: likewise, and no keys
@@ -473,7 +474,7 @@ def test_lease_expiry(pair: LeasePair, background: list[BackgroundCtl], tmp_path
     p.run("lease", "list")
     p.run("lease", "keep-alive", "--once", "{L1}")
     p.run("put", "e/end", "END")
-    _stop_all([watch], _b64("END"))
+    _stop_all([watch], b"END")
     p.check()
 
 

@@ -228,9 +228,11 @@ class WatchHub:
                 last = rev - 1
                 break
             with_prev = prev_kv and rev > compact_rev
+            # compaction at C keeps no tombstone at C: etcd's history has none to replay
+            drop_deletes = no_delete or rev <= compact_rev
             for ev in ring[rev - base]:
                 if _in_range(ev.key, key, end) and not (
-                    (ev.is_delete and no_delete) or (not ev.is_delete and no_put)
+                    (ev.is_delete and drop_deletes) or (not ev.is_delete and no_put)
                 ):
                     enc = ev.encoded(with_prev)
                     out.append(enc)
