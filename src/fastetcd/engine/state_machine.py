@@ -27,7 +27,7 @@ from fastetcd.engine import log_entry
 from fastetcd.engine.apply import Applier, RangeResult, range_kvs
 from fastetcd.engine.lessor import Lessor
 from fastetcd.proto import rpc_pb2 as pb
-from fastetcd.store.base import Store, StoreError
+from fastetcd.store.base import Fenced, Store, StoreError, Throttled, Uncertain
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ class StateMachine:
         self._tasks: list[asyncio.Task] = []
         self._writer_task: asyncio.Task | None = None
         self._stopping = False
+        # Set when the store was fenced or left an outcome unknown: memory may no longer match the store,
+        # so this node refuses writes and the server shuts down (a restart recovers from the store).
+        self.halted: str | None = None
+        self.halt = asyncio.Event()
         self._last_snapshot_index = 0
         self._snapshot_task: asyncio.Task | None = None
 
@@ -190,7 +194,21 @@ class StateMachine:
             if lease_id and not self.lessor.exists(lease_id):
                 return lease_id
 
+    def _store_error(self, e: StoreError) -> errors.EtcdError:
+        """What the callers of a failed batch see; a store we can no longer trust halts all writes."""
+        if isinstance(e, Throttled):
+            return errors.TOO_MANY_REQUESTS()
+        if isinstance(e, Fenced | Uncertain):
+            if self.halted is None:
+                self.halted = f"{'fenced' if isinstance(e, Fenced) else 'store outcome unknown'}: {e}"
+                log.critical("stopped writing", extra={"reason": self.halted})
+                self.halt.set()
+            return errors.NOT_LEADER() if isinstance(e, Fenced) else errors.TIMEOUT()
+        return errors.EtcdError("UNAVAILABLE", f"etcdserver: storage failure: {e}")
+
     async def _submit(self, fn: Callable | _Compaction, req: Any) -> Any:
+        if self.halted is not None:
+            raise errors.NOT_LEADER
         if self._stopping:
             raise errors.STOPPED
         if len(self._queue) >= MAX_PENDING:
@@ -268,7 +286,7 @@ class StateMachine:
                 log.error("store append failed", extra={"error": str(e), "entries": len(entries)})
                 core.truncate(self.committed_rev)
                 lessor.rollback(core.leased_keys(core.rev))
-                err = errors.EtcdError("UNAVAILABLE", f"etcdserver: storage failure: {e}")
+                err = self._store_error(e)
                 for fut, _, _ in done:
                     if not fut.done():
                         fut.set_exception(err)
@@ -300,7 +318,7 @@ class StateMachine:
             return
         except StoreError as e:
             if not fut.done():
-                fut.set_exception(errors.EtcdError("UNAVAILABLE", f"etcdserver: storage failure: {e}"))
+                fut.set_exception(self._store_error(e))
             return
         self.core.compact(rev)
         if not fut.done():

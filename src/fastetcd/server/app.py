@@ -26,7 +26,15 @@ def open_store(config: Config) -> Store:
         from fastetcd.store.embedded import EmbeddedStore
 
         return EmbeddedStore(config.data_dir)
-    raise StoreError(f"store {config.store!r} is not available yet")
+    if config.store == "cosmos":
+        try:
+            from fastetcd.store.cosmos import CosmosStore
+        except ImportError as e:
+            raise StoreError(f"--store cosmos needs the cosmos extra (pip install 'fastetcd[cosmos]'): {e}") from e
+        return CosmosStore(
+            config.cosmos_endpoint, config.cosmos_key, config.cosmos_database, config.cosmos_container
+        )
+    raise StoreError(f"unknown store {config.store!r}")
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
@@ -100,7 +108,11 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
                    "revision": sm.committed_rev},
         )
         try:
-            await stop.wait()
+            stopped = asyncio.ensure_future(stop.wait())
+            halted = asyncio.ensure_future(sm.halt.wait())
+            await asyncio.wait([stopped, halted], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            halted.cancel()
         finally:
             log.info("stopping server")
             await server.stop(grace=2)
@@ -110,3 +122,5 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         await sm.stop()
         await store.close()
         log.info("stopped", extra={"revision": sm.committed_rev})
+    if sm.halted is not None:
+        raise StoreError(sm.halted)

@@ -24,6 +24,10 @@ class Fenced(StoreError):
     """Another writer has taken over the store; this node must stop writing."""
 
 
+class Throttled(StoreError):
+    """The store refused the batch for load (Cosmos 429s beyond the retry budget); try again later."""
+
+
 @dataclass
 class Recovered:
     """What ``Store.open`` found on disk: the newest snapshot plus every record after it."""
