@@ -30,7 +30,7 @@ def open_store(config: Config) -> Store:
         try:
             from fastetcd.store.cosmos import CosmosStore
         except ImportError as e:
-            raise StoreError(f"--store cosmos needs the cosmos extra (pip install 'fastetcd[cosmos]'): {e}") from e
+            raise StoreError(f"--store cosmos needs: pip install 'fastetcd[cosmos]' ({e})") from e
         return CosmosStore(
             config.cosmos_endpoint, config.cosmos_key, config.cosmos_database, config.cosmos_container
         )
