@@ -2,6 +2,10 @@
 
 `--subject=etcd` swaps fastetcd for a second real etcd, which validates the harness itself: every
 comparison must then pass.
+
+`--store=cosmos` runs every fastetcd the fixtures start on the Cosmos store: one Cosmos test server
+(tests/cosmos_server) for the whole session, and a fresh container per fastetcd data dir (the same one
+again when a test restarts fastetcd on the same dir).
 """
 
 from __future__ import annotations
@@ -19,7 +23,16 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if importlib.util.find_spec("fastetcd") is None:
     sys.path.insert(0, str(_SRC))
 
-from servers import ServerFactory, ServerPair, ServerProcess, start_etcd, start_server  # noqa: E402
+import servers  # noqa: E402
+from cosmos_fixture import CosmosServer, start_cosmos_server  # noqa: E402
+from servers import (  # noqa: E402
+    CosmosTarget,
+    ServerFactory,
+    ServerPair,
+    ServerProcess,
+    start_etcd,
+    start_server,
+)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -35,6 +48,39 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="operations per watch/lease differential sequence")
     group.addoption("--subject", choices=("fastetcd", "etcd"), default="fastetcd",
                     help="server under test; 'etcd' checks the harness against the oracle itself")
+    group.addoption("--store", choices=("embedded", "cosmos"), default="embedded",
+                    help="fastetcd's store; 'cosmos' uses one Cosmos test server for the session and a "
+                         "fresh container per data dir")
+
+
+@pytest.fixture(scope="session")
+def cosmos_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosServer]:
+    """One Cosmos test server (a node process) for the whole session; tests share it, one container each."""
+    server = start_cosmos_server(tmp_path_factory.mktemp("cosmos-server"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fastetcd_store(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The store every fastetcd started by the fixtures uses ("embedded" or "cosmos")."""
+    store = request.config.getoption("--store")
+    if store == "cosmos":
+        cosmos: CosmosServer = request.getfixturevalue("cosmos_session_server")
+        target = CosmosTarget(cosmos.endpoint, cosmos.key)
+
+        def provider() -> CosmosTarget:
+            if not cosmos.alive():
+                raise RuntimeError(f"the Cosmos test server died; its log:\n{cosmos.log_tail()}")
+            return target
+
+        servers.set_default_cosmos(provider)
+    try:
+        yield store
+    finally:
+        servers.set_default_cosmos(None)
 
 
 @pytest.fixture

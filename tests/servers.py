@@ -6,7 +6,9 @@ process is killed by the fixture that started it, whether the test passed or not
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -44,6 +46,7 @@ class ServerProcess:
     data_dir: Path
     log_path: Path
     _log_file: object = field(repr=False, default=None)
+    cosmos_container: str | None = None  # set when a fastetcd runs on the Cosmos store
 
     @property
     def port(self) -> int:
@@ -144,6 +147,50 @@ def start_etcd(data_dir: Path, extra_args: Sequence[str] = (), fsync: bool = Fal
     return server
 
 
+@dataclass(frozen=True)
+class CosmosTarget:
+    """A Cosmos DB account (the test server) that fastetcd processes store their data in."""
+
+    endpoint: str
+    key: str
+    database: str = "fastetcd-tests"
+
+
+# Set by conftest for `--store cosmos`: called on every fastetcd start that does not choose its store.
+_default_cosmos: Callable[[], CosmosTarget] | None = None
+
+
+def set_default_cosmos(provider: Callable[[], CosmosTarget] | None) -> None:
+    """Make every fastetcd started without an explicit store use this Cosmos account (None: embedded)."""
+    global _default_cosmos
+    _default_cosmos = provider
+
+
+def default_store() -> str:
+    return "embedded" if _default_cosmos is None else "cosmos"
+
+
+def cosmos_container_for(data_dir: Path) -> str:
+    """The container that stands in for a data dir: fresh for every new dir, the same on a restart.
+
+    The readable part helps when reading the Cosmos server's log; the digest makes it unique (pytest's
+    tmp dirs repeat names like "subject" in every test)."""
+    resolved = str(Path(data_dir).resolve())
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "-", f"{Path(resolved).parent.name}-{Path(resolved).name}")
+    return f"{readable[-60:].lstrip('-')}-{digest}"
+
+
+def cosmos_args(target: CosmosTarget, container: str) -> list[str]:
+    """fastetcd flags for a Cosmos container (the key travels in FASTETCD_COSMOS_KEY, not argv)."""
+    return [
+        "--store", "cosmos",
+        "--cosmos-endpoint", target.endpoint,
+        "--cosmos-database", target.database,
+        "--cosmos-container", container,
+    ]  # fmt: skip
+
+
 def fastetcd_env() -> dict[str, str]:
     """The child imports the fastetcd the tests imported (installed, editable, or src/ with a built core)."""
     import fastetcd
@@ -155,19 +202,35 @@ def fastetcd_env() -> dict[str, str]:
     return env
 
 
-def start_fastetcd(data_dir: Path, extra_args: Sequence[str] = (), port: int | None = None) -> ServerProcess:
+def start_fastetcd(data_dir: Path, extra_args: Sequence[str] = (), port: int | None = None, *,
+                   cosmos: CosmosTarget | None = None, container: str | None = None,
+                   wait: bool = True) -> ServerProcess:
+    """A fastetcd on `data_dir`. Its store: `cosmos` if given, else the session default (`--store`),
+    unless extra_args choose one. On Cosmos the container is `container` or the one standing in for
+    `data_dir` (so a restart on the same dir finds its data)."""
     data_dir.mkdir(parents=True, exist_ok=True)
     client = f"127.0.0.1:{port or free_port()}"
+    env = fastetcd_env()
+    store_args: list[str] = []
+    if cosmos is None and _default_cosmos is not None and "--store" not in extra_args:
+        cosmos = _default_cosmos()
+    if cosmos is not None:
+        container = container or cosmos_container_for(data_dir)
+        store_args = cosmos_args(cosmos, container)
+        env["FASTETCD_COSMOS_KEY"] = cosmos.key
     argv = [
         sys.executable, "-m", "fastetcd",
         "--name", "fe",
         "--data-dir", str(data_dir / "fastetcd"),
         "--listen-client-urls", f"http://{client}",
         "--advertise-client-urls", f"http://{client}",
+        *store_args,
         *extra_args,
     ]
-    server = _spawn("fastetcd", argv, client, data_dir, data_dir / "fastetcd.log", env=fastetcd_env())
-    wait_ready(server)
+    server = _spawn("fastetcd", argv, client, data_dir, data_dir / "fastetcd.log", env=env)
+    server.cosmos_container = container if cosmos is not None else None
+    if wait:
+        wait_ready(server)
     return server
 
 

@@ -240,6 +240,17 @@ class WatchGenerator(Generator):
         return super().next_op()
 
 
+class ScriptedOps(WatchGenerator):
+    """Fixed operations through the same machinery (barriers, comparison) as the random ones."""
+
+    def __init__(self, model: Model, script: list[tuple[str, object]]) -> None:
+        super().__init__(random.Random(0), model)
+        self.script = list(script)
+
+    def next_op(self) -> tuple[str, object]:
+        return self.script.pop(0)
+
+
 # -- one server ------------------------------------------------------------------------------------
 
 class Side:
@@ -559,9 +570,11 @@ def _compare_log(spec: WatchSpec, got: WatchLog, want: WatchLog) -> list[str]:
     return problems
 
 
-def run_watch_sequence(seed: int, n_ops: int, subject_ep: str, oracle_ep: str) -> Run:
+def run_watch_sequence(seed: int, n_ops: int, subject_ep: str, oracle_ep: str,
+                       script: list[tuple[str, object]] | None = None) -> Run:
+    """A seeded random sequence, or the given script (then seed only labels the run)."""
     model = Model()
-    gen = WatchGenerator(random.Random(seed), model)
+    gen = WatchGenerator(random.Random(seed), model) if script is None else ScriptedOps(model, script)
     run = Run(seed, Side("fastetcd", subject_ep), Side("etcd", oracle_ep), gen, model)
     try:
         _drive(run, n_ops)
@@ -587,6 +600,7 @@ def _drive(run: Run, n_ops: int) -> None:
                 run.cancel(index, arg)  # type: ignore[arg-type]
                 run.note(index, f"Cancel {arg.ids} {describe('Watch', arg.req)}")  # type: ignore[attr-defined]
             elif op == "CancelUnknown":
+                run.barrier()  # the id may be a compacted watch's, whose notice must come first
                 stream, wid = arg  # type: ignore[misc]
                 for side in run.sides:
                     side.streams[stream].cancel(wid)
@@ -626,6 +640,74 @@ def test_watch_lease_differential(watch_seed: int, request: pytest.FixtureReques
     assert events >= n_ops // 4, f"only {events} events in {n_ops} ops"
     assert run.succeeded >= n_ops // 2, f"only {run.succeeded} of {n_ops} ops succeeded on etcd"
     print(f"seed {watch_seed}: {len(run.specs)} watches, {events} events, {time.monotonic() - started:.1f}s")
+
+
+def _w(stream: int, **fields: object) -> WatchSpec:
+    return WatchSpec(stream, rpc_pb2.WatchCreateRequest(**fields))
+
+
+def _put(key: bytes, value: bytes = b"v", **fields: object) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(key=key, value=value, **fields))
+
+
+def _del(key: bytes, range_end: bytes = b"", **fields: object) -> rpc_pb2.RequestOp:
+    return rpc_pb2.RequestOp(request_delete_range=rpc_pb2.DeleteRangeRequest(key=key, range_end=range_end,
+                                                                              **fields))
+
+
+def edge_case_script() -> list[tuple[str, object]]:
+    """Corners that random sequences reach only now and then."""
+    live_k = _w(0, key=b"k", prev_kv=True)
+    txn = rpc_pb2.TxnRequest
+    return [
+        # Compact(0) before any write: a negative start revision then gets an empty notice (etcd: a
+        # compaction notice for revision 0, which is not a cancel) and nothing after it.
+        ("Compact", rpc_pb2.CompactionRequest(revision=0, physical=True)),
+        ("Watch", _w(0, key=b"k", start_revision=-1)),
+        ("Watch", live_k),
+        ("Watch", _w(1, key=b"k", range_end=b"\x00", prev_kv=True)),
+        ("Watch", _w(1, key=b"k", range_end=b"\x00", filters=[NOPUT])),
+        ("Put", rpc_pb2.PutRequest(key=b"k", value=b"old")),  # 2
+        # One key written twice in one revision (a "\0"-ended delete slips past the duplicate check):
+        # two events, in order; prev_kv is what the key was at the revision before, so none for k2.
+        ("Txn", txn(success=[_put(b"k2", b"new"), _del(b"k", b"\x00", prev_kv=True)])),  # 3
+        ("Txn", txn(success=[_del(b"k", b"\x00"), _put(b"k2", b"again"), _put(b"k", b"back")])),  # 4
+        # Revoking a lease deletes its keys in one revision, in key order.
+        ("LeaseGrant", rpc_pb2.LeaseGrantRequest(ID=7, TTL=600)),
+        ("Put", rpc_pb2.PutRequest(key=b"k3", lease=7)),  # 5
+        ("Put", rpc_pb2.PutRequest(key=b"k1", lease=7)),  # 6
+        ("Put", rpc_pb2.PutRequest(key=b"k4", lease=7)),  # 7
+        ("LeaseRevoke", rpc_pb2.LeaseRevokeRequest(ID=7)),  # 8
+        ("Put", rpc_pb2.PutRequest(key=b"k", value=b"nine")),  # 9
+        ("Put", rpc_pb2.PutRequest(key=b"k", value=b"ten")),  # 10
+        ("Compact", rpc_pb2.CompactionRequest(revision=9, physical=True)),
+        # From the compaction revision: prev_kv of its event would be below it, so etcd sends none.
+        ("Watch", _w(0, key=b"k", range_end=b"\x00", start_revision=9, prev_kv=True)),
+        ("Watch", _w(0, key=b"k", range_end=b"\x00", start_revision=10, prev_kv=True)),
+        # A compacted watch keeps its id until canceled.
+        ("Watch", _w(1, key=b"k", start_revision=8, watch_id=5)),
+        ("Watch", _w(1, key=b"k", watch_id=5)),
+        ("CancelUnknown", (1, 5)),
+        ("Watch", _w(1, key=b"k", watch_id=5)),
+        ("Watch", _w(0, key=b"zz", start_revision=100)),  # in the future
+        ("Progress", 0),
+        ("Put", rpc_pb2.PutRequest(key=b"k", value=b"eleven")),  # 11
+        ("CancelWatch", live_k),
+        ("Put", rpc_pb2.PutRequest(key=b"k", value=b"twelve")),  # 12
+        ("Progress", 1),
+    ]
+
+
+def test_watch_edge_cases(fastetcd_endpoint: str, etcd_endpoint: str) -> None:
+    script = edge_case_script()
+    run = run_watch_sequence(-1, len(script), fastetcd_endpoint, etcd_endpoint, script=script)
+    assert run.model.rev == 12 and len(run.specs) == 10
+    # What the script means to show, as etcd shows it (the comparison did the rest).
+    history = [(e.type, e.kv.key, e.kv.mod_revision, e.HasField("prev_kv")) for e in run.oracle.history()]
+    assert history[1:4] == [(0, b"k2", 3, False), (1, b"k", 3, True), (1, b"k2", 3, False)]
+    assert [key for _, key, rev, _ in history if rev == 8] == [b"k1", b"k3", b"k4"]
+    assert [spec.error for spec in run.specs[6:9]] == [False, True, False]
+
 
 
 # -- the harness's own model, without servers --------------------------------------------------------

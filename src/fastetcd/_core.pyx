@@ -734,8 +734,12 @@ cdef class MVCC:
         """(is_delete, key, kv, prev_kv or None) for version j of a key, as a watcher receives it."""
         cdef Rev* r = &e.revs[j]
         cdef object prev = None
-        if j > 0 and e.revs[j - 1].kv != NULL:
-            prev = <object>e.revs[j - 1].kv
+        cdef int32_t k = j - 1
+        # etcd reads prev_kv at revision - 1: an earlier write to the key in the same revision is not it
+        while k >= 0 and e.revs[k].main == r.main:
+            k -= 1
+        if k >= 0 and e.revs[k].kv != NULL:
+            prev = <object>e.revs[k].kv
         if r.kv == NULL:
             # etcd's DELETE event carries only the key and the deleting revision
             return (True, <object>e.key, _encode_kv(e.kp, e.kl, 0, r.main, 0, NULL, 0, 0, NULL), prev)
@@ -747,7 +751,7 @@ cdef class MVCC:
         cdef list out = []
         cdef uint8_t op
         cdef bytes key
-        cdef int32_t kid, j
+        cdef int32_t kid, j, sub = 0
         cdef KeyEntry* e
         while not rd.done():
             op = <uint8_t>rd.p[0]
@@ -761,11 +765,13 @@ cdef class MVCC:
                 raise ValueError(f"revision {rev}: key {key!r} is not in the index")
             e = &self.ents[kid]
             j = e.n - 1
-            while j >= 0 and e.revs[j].main > rev:
+            # a key can be written twice in one revision (a put, then a range delete): find this op's sub
+            while j >= 0 and (e.revs[j].main > rev or (e.revs[j].main == rev and e.revs[j].sub > sub)):
                 j -= 1
-            if j < 0 or e.revs[j].main != rev:
-                raise ValueError(f"revision {rev}: no version of {key!r} at that revision")
+            if j < 0 or e.revs[j].main != rev or e.revs[j].sub != sub:
+                raise ValueError(f"revision {rev}: no version of {key!r} at sub-revision {sub}")
             out.append(self._event(e, j))
+            sub += 1
         return out
 
     def history(self, bytes key, bytes end, int64_t start_rev, int64_t end_rev):

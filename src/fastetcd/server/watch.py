@@ -41,6 +41,9 @@ class WatchStream:
         self.header = header
         self.max_request_bytes = max_request_bytes
         self.watchers: dict[int, Watcher] = {}
+        # Ids of watches whose history was compacted away: etcd stops them but keeps their ids taken until
+        # the client cancels them.
+        self._dead: set[int] = set()
         self._next_id = 0
         self._control: deque[bytes] = deque()
         self._progress_requested = False
@@ -75,11 +78,11 @@ class WatchStream:
         watch_id = c.watch_id
         if not error:
             if watch_id == 0:  # etcd's AutoWatchID
-                while self._next_id in self.watchers:
+                while self._next_id in self.watchers or self._next_id in self._dead:
                     self._next_id += 1
                 watch_id = self._next_id
                 self._next_id += 1
-            elif watch_id in self.watchers:
+            elif watch_id in self.watchers or watch_id in self._dead:
                 error = ERR_DUPLICATE_ID
         if error:
             self._send_control(
@@ -92,6 +95,7 @@ class WatchStream:
         self._send_control(encode_watch_response(self.header.encode(rev), watch_id, [], created=True))
         if start and start < self.sm.compact_rev:
             # etcd creates the watch, then cancels it: its history is gone
+            self._dead.add(watch_id)
             self._send_control(self._compacted(watch_id))
             return
         w = Watcher(
@@ -111,16 +115,21 @@ class WatchStream:
     def _cancel(self, watch_id: int) -> None:
         w = self.watchers.pop(watch_id, None)
         if w is None:
-            return  # etcd answers nothing for an unknown id
-        self.hub.unwatch(self.sid, w)
+            if watch_id not in self._dead:
+                return  # etcd answers nothing for an unknown id
+            self._dead.discard(watch_id)
+        else:
+            self.hub.unwatch(self.sid, w)
         self._send_control(
             encode_watch_response(self.header.encode(self.hub.committed_rev), watch_id, [], canceled=True)
         )
 
     def _compacted(self, watch_id: int) -> bytes:
-        # etcd's compaction notice carries no revision of its own, so its header says revision 0
+        # etcd's compaction notice carries no revision of its own, so its header says revision 0; it counts
+        # as a cancel only for a real compaction (a negative start after Compact(0) just goes silent)
+        compact_rev = self.sm.compact_rev
         return encode_watch_response(
-            self.header.encode(0), watch_id, [], canceled=True, compact_revision=self.sm.compact_rev
+            self.header.encode(0), watch_id, [], canceled=compact_rev != 0, compact_revision=compact_rev
         )
 
     def _send_control(self, msg: bytes) -> None:
@@ -160,6 +169,7 @@ class WatchStream:
                     for w in ws:
                         if self.watchers.pop(w.watch_id, None) is not None:
                             hub.unwatch(self.sid, w)
+                            self._dead.add(w.watch_id)
                             yield self._compacted(w.watch_id)
                     continue
                 events, last = got
