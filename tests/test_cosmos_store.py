@@ -329,6 +329,33 @@ def test_fencing_holds_across_a_segment_boundary(cosmos: CosmosServer, container
     assert got.records == recs(1, 4, b"a") + recs(5, 10, b"b")
 
 
+def test_writer_that_slept_through_a_cleanup_cannot_recreate_a_segment(
+    cosmos: CosmosServer, container: str
+) -> None:
+    """b takes over, writes on, snapshots, and deletes the segments a would write to next: a's append
+    must not simply create that segment's head again."""
+
+    async def body() -> Recovered:
+        a = make(cosmos, container, writer_id="node-a", segment_size=2)
+        await a.open()
+        await a.append(recs(1, 2, b"a"))  # segment 0; a's next append would open segment 1
+        b = make(cosmos, container, writer_id="node-b", segment_size=2)
+        await b.open()
+        for first in (3, 5, 7):
+            await b.append(recs(first, first + 1, b"b"))
+        await b.save_snapshot(8, [b"state"])  # segments 0..2 are gone now
+        assert not [it for it in items(cosmos, container) if it["pk"] in ("log-0", "log-1")]
+        with pytest.raises(Fenced):
+            await a.append(recs(3, 3, b"a"))
+        await a.close()
+        await b.close()
+        return await reopen(cosmos, container, segment_size=2)
+
+    got = run(body())
+    assert got.snapshot_rev == 8 and got.records == []
+    assert not [it for it in items(cosmos, container) if it["pk"] in ("log-0", "log-1")]
+
+
 def test_takeover_during_appends_never_acknowledges_an_index_twice(
     cosmos: CosmosServer, container: str
 ) -> None:

@@ -51,6 +51,7 @@ cdef class MVCC:
     cdef int32_t _lower_bound(self, const char* k, Py_ssize_t kl) noexcept nogil
     cdef int32_t _key_id(self, bytes key, bint create) except -2
     cdef Rev* _at(self, int32_t kid, int64_t rev) noexcept nogil
+    cdef Rev* _live(self, bytes key, int64_t rev) except? NULL
     cdef void _bounds(self, bytes key, bytes end, int32_t* lo, int32_t* hi)
     cdef Rev* _push(self, int32_t kid) except NULL
     cdef int _rec_op(self, uint8_t op, bytes key, bytes value, int64_t lease, int64_t rev) except -1

@@ -635,39 +635,34 @@ cdef class MVCC:
 
     # ------------------------------------------------------------ reads
 
-    def get(self, bytes key, int64_t rev):
-        """(create_revision, mod_revision, version, lease, value) of ``key`` at ``rev``, or None."""
+    cdef Rev* _live(self, bytes key, int64_t rev) except? NULL:
+        """The version of ``key`` visible at ``rev``, or NULL if the key is absent or deleted there."""
         cdef int32_t kid = self._key_id(key, False)
         cdef Rev* r
         if kid < 0:
-            return None
+            return NULL
         r = self._at(kid, rev)
         if r == NULL or r.kv == NULL:
+            return NULL
+        return r
+
+    def get(self, bytes key, int64_t rev):
+        """(create_revision, mod_revision, version, lease, value) of ``key`` at ``rev``, or None."""
+        cdef Rev* r = self._live(key, rev)
+        if r == NULL:
             return None
         return (r.create, r.main, r.version, r.lease,
                 PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen))
 
     def lease_of(self, bytes key, int64_t rev):
         """The lease of ``key`` at ``rev`` (0 if it has none or is not live)."""
-        cdef int32_t kid = self._key_id(key, False)
-        cdef Rev* r
-        if kid < 0:
-            return 0
-        r = self._at(kid, rev)
-        if r == NULL or r.kv == NULL:
-            return 0
-        return r.lease
+        cdef Rev* r = self._live(key, rev)
+        return 0 if r == NULL else r.lease
 
     def get_kv(self, bytes key, int64_t rev):
         """The encoded KeyValue of ``key`` at ``rev``, or None."""
-        cdef int32_t kid = self._key_id(key, False)
-        cdef Rev* r
-        if kid < 0:
-            return None
-        r = self._at(kid, rev)
-        if r == NULL or r.kv == NULL:
-            return None
-        return <object>r.kv
+        cdef Rev* r = self._live(key, rev)
+        return None if r == NULL else <object>r.kv
 
     def range(self, bytes key, bytes end, int64_t rev, Py_ssize_t limit, bint keys_only):
         """Encoded KeyValues live at ``rev`` in the range (at most ``limit`` if > 0) and the total count."""

@@ -579,7 +579,9 @@ class CosmosStore:
                 self._head_segment, self._head_etag = segment, head["_etag"]
                 return
             raise Throttled(f"{where}: request rate too large (429) after the SDK's retries") from e
-        if status in (409, 412) or (status == 404 and isinstance(e, CosmosBatchOperationError)):
+        if status in (409, 412):
+            raise Fenced("x")
+        if (status == 404 and isinstance(e, CosmosBatchOperationError)):
             await self._settle(pk, segment, creating, first, last, e)
             return
         if status is not None and not _is_ambiguous(e):
