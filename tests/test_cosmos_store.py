@@ -9,8 +9,10 @@ append costs one request. One server per module, one container per test.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
+import sys
 import uuid
 from collections.abc import Coroutine, Iterator
 from typing import Any
@@ -111,9 +113,29 @@ def test_fresh_store_round_trips_and_reopens(cosmos: CosmosServer, container: st
     assert sorted((it["first"], it["last"]) for it in log_items(cosmos, container)) == [(1, 3), (4, 6)]
 
 
-def test_key_never_shown(cosmos: CosmosServer, container: str) -> None:
-    s = make(cosmos, container)
-    assert cosmos.key not in repr(s) and cosmos.key not in str(vars(s).get("endpoint"))
+def test_key_never_shown(cosmos: CosmosServer, container: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # the SDK's own logging included
+
+    async def body() -> None:
+        s = make(cosmos, container)
+        assert cosmos.key not in repr(s) and cosmos.key not in str(s)
+        await s.open()
+        await s.append(recs(1, 1))
+        await s.close()
+
+    run(body())
+    assert "opened Cosmos DB store" in caplog.text
+    assert cosmos.key not in caplog.text
+
+
+def test_empty_key_without_azure_identity_is_a_clear_error(
+    cosmos: CosmosServer, container: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "azure.identity.aio", None)  # as if not installed
+    s = CosmosStore(cosmos.endpoint, "", DB, container)
+    with pytest.raises(StoreError, match="azure-identity"):
+        run(s.open())
+    run(s.close())
 
 
 def test_many_appends_across_segments_reopen_contiguous(cosmos: CosmosServer, container: str) -> None:
@@ -310,6 +332,29 @@ def test_second_writer_fences_the_first(cosmos: CosmosServer, container: str) ->
     assert got.records == recs(1, 3, b"a") + recs(4, 6, b"b")
 
 
+def test_fenced_writers_part_writes_cannot_damage_committed_entries(
+    cosmos: CosmosServer, container: str
+) -> None:
+    """Parts are written before the batch that fences: a writer that does not know yet that it lost
+    writes its parts for an index the new writer has already committed with parts of its own."""
+    big_a, big_b = os.urandom(2_000_000), os.urandom(2_000_000)
+
+    async def body() -> Recovered:
+        a = make(cosmos, container, writer_id="node-a")
+        await a.open()
+        b = make(cosmos, container, writer_id="node-b")
+        await b.open()
+        await b.append([(1, big_b)])
+        with pytest.raises(Fenced):
+            await a.append([(1, big_a)])
+        await a.close()
+        await b.close()
+        return await reopen(cosmos, container)
+
+    got = run(body())
+    assert got.records == [(1, big_b)]
+
+
 def test_fencing_holds_across_a_segment_boundary(cosmos: CosmosServer, container: str) -> None:
     async def body() -> Recovered:
         a = make(cosmos, container, writer_id="node-a", segment_size=4)
@@ -356,9 +401,17 @@ def test_writer_that_slept_through_a_cleanup_cannot_recreate_a_segment(
     assert not [it for it in items(cosmos, container) if it["pk"] in ("log-0", "log-1")]
 
 
+@pytest.mark.parametrize(
+    ("segment_size", "slow_claim"),
+    [(16, False), (100_000, True)],
+    ids=["chasing-segments", "slow-head-writes"],
+)
 def test_takeover_during_appends_never_acknowledges_an_index_twice(
-    cosmos: CosmosServer, container: str
+    cosmos: CosmosServer, container: str, segment_size: int, slow_claim: bool
 ) -> None:
+    """b opens while a appends back to back. chasing-segments: a crosses segment boundaries during
+    b's claim, so b must follow the tail into the next segment. slow-head-writes: b's head writes are
+    held 200 ms (a's batches are not), so a claim under If-Match would always find the head changed."""
     acked: dict[int, bytes] = {}
     fenced: list[Exception] = []
 
@@ -377,14 +430,16 @@ def test_takeover_during_appends_never_acknowledges_an_index_twice(
             await asyncio.sleep(0)
 
     async def body() -> Recovered:
-        a = make(cosmos, container, writer_id="node-a", segment_size=16)
+        a = make(cosmos, container, writer_id="node-a", segment_size=segment_size)
         await a.open()
         stop = asyncio.Event()
         task = asyncio.create_task(writer(a, b"a", 1, stop))
         await asyncio.sleep(0.3)
-        # b reads the log while a keeps appending: its claim must retry until it has the real tail.
-        b = make(cosmos, container, writer_id="node-b", segment_size=16)
-        got = await b.open()
+        if slow_claim:
+            cosmos.fault("delay", ms=200, kind="write")
+        b = make(cosmos, container, writer_id="node-b", segment_size=segment_size)
+        got = await asyncio.wait_for(b.open(), 8)
+        cosmos.clear_faults()
         assert [i for i, _ in got.records] == list(range(1, len(got.records) + 1))
         assert all(acked[i] == d for i, d in got.records if i in acked)
         await asyncio.wait_for(task, 10)  # a must be fenced by its next append
@@ -393,7 +448,7 @@ def test_takeover_during_appends_never_acknowledges_an_index_twice(
         await writer_b(b, last + 1)
         await a.close()
         await b.close()
-        return await reopen(cosmos, container, segment_size=16)
+        return await reopen(cosmos, container, segment_size=segment_size)
 
     async def writer_b(store: CosmosStore, first: int) -> None:
         for i in range(first, first + 10):

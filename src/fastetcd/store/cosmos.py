@@ -18,11 +18,15 @@ etag this writer last saw, or create when the append opens a new segment), then 
 starts at ``L + 1`` therefore always lands in segment ``seg(L + 1)``, which is what open follows to find the
 end of the log, and what a new writer claims.
 
-Fencing. A writer claims the head of ``seg(L + 1)`` after reading the log up to ``L`` (replace under
-``If-Match`` of the etag it read, or create). Any later batch of the previous writer in that segment fails
-its ``If-Match`` (412), and one that opens the next segment fails to create that head (409): both are
-``Fenced``. Before opening a new segment a writer also reads its old head back, so a writer that slept
-through a whole segment (whose head may since have been deleted) cannot recreate it.
+Fencing. On open a writer reads the log up to ``L`` and claims the head of ``seg(L + 1)``: it overwrites
+it (no If-Match, or a writer appending back to back would always win the race), or creates it (409: read on
+and retry). From then on every batch of the previous writer in that segment fails its ``If-Match`` (412) and
+one that opens the next segment fails to create that head (409): both are ``Fenced``. The claimer then reads
+what landed before its claim; if that moved the tail into another segment it claims that one too, and it
+finally sets the head's ``last`` under ``If-Match``. Before opening a new segment a writer reads its old
+head back, so a writer that slept through a cleanup (which deletes old segments, heads included) cannot
+recreate a deleted segment. Snapshot pointer and compaction revision are written under ``If-Match`` and
+only ever move forward, whoever writes them.
 
 Unknown outcomes. azure.cosmos.aio resends a write whose connection dropped, so a batch that landed can come
 back as 412/409 from its own retry, and a lost answer as a connection error. Both are settled by reading the
@@ -32,8 +36,11 @@ in flight can never land later (the failure is then certain: ``StoreError``); an
 ``Fenced``. Only when the head cannot be read at all is the outcome ``Uncertain`` (and the store refuses
 further appends until reopened).
 
+Throttling: the SDK waits out 429s with the server's retry-after (``retry_throttle_total`` /
+``retry_throttle_backoff_max`` in ``client_kwargs``); when it gives up the store raises ``Throttled``.
+
 Request budget: an append is one batch request (plus one write per extra 1.35 MB part); open, snapshots and
-compaction are rare. ``size()`` is an in-memory estimate.
+compaction are rare. ``size()`` is an in-memory estimate (snapshot plus log payload bytes after it).
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         f"the Cosmos DB store needs azure-cosmos and aiohttp (pip install 'fastetcd[cosmos]'): {e}"
     ) from e
 
-from fastetcd.store.base import Fenced, Recovered, StoreError, Uncertain
+from fastetcd.store.base import Fenced, Recovered, StoreError, Throttled, Uncertain
 
 _log = logging.getLogger(__name__)
 
@@ -91,13 +98,6 @@ _CAS_ATTEMPTS = 8
 _RETRY_DELAY = 0.05
 # Failures after which the request may or may not have been carried out.
 _AMBIGUOUS_STATUS = frozenset({408, 449, 500, 502, 503, 504})
-
-
-class Throttled(StoreError):
-    """Cosmos DB kept answering 429 (request rate too large) beyond the SDK's retries; nothing was written.
-
-    The engine answers it like etcd's "too many requests" instead of a storage failure.
-    """
 
 
 class _Inconsistent(StoreError):
@@ -304,7 +304,7 @@ class CosmosStore:
             if _status(e) == 403:
                 raise StoreError(f"{where}: not allowed ({e.reason}); create it beforehand") from e
             raise StoreError(f"{where}: {self._describe(e)}") from e
-        except AzureError as e:
+        except (AzureError, OSError, aiohttp.ClientError) as e:
             raise StoreError(f"{where}: {self._describe(e)}") from e
         paths = props.get("partitionKey", {}).get("paths")
         if paths != ["/pk"]:
@@ -428,8 +428,13 @@ class CosmosStore:
         segment = out.segment
         while True:
             pk = _log_pk(segment)
+            # Parts of the first live item may have x <= the snapshot index; once past it, only parts of
+            # items after the cursor are new (which keeps the re-read after a claim from fetching again).
             items = await self._query(
-                pk, "SELECT * FROM c WHERE c.pk = @pk AND (c.last > @i OR IS_DEFINED(c.x))", i=out.last
+                pk,
+                "SELECT * FROM c WHERE c.pk = @pk AND (c.last > @i OR c.x > @j)",
+                i=out.last,
+                j=out.last if out.started else -1,
             )
             parts = out.parts.setdefault(pk, {})
             parts.update((it["id"], it) for it in items if "x" in it)
@@ -579,9 +584,7 @@ class CosmosStore:
                 self._head_segment, self._head_etag = segment, head["_etag"]
                 return
             raise Throttled(f"{where}: request rate too large (429) after the SDK's retries") from e
-        if status in (409, 412):
-            raise Fenced("x")
-        if (status == 404 and isinstance(e, CosmosBatchOperationError)):
+        if status in (409, 412) or (status == 404 and isinstance(e, CosmosBatchOperationError)):
             await self._settle(pk, segment, creating, first, last, e)
             return
         if status is not None and not _is_ambiguous(e):
