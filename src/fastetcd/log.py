@@ -84,4 +84,7 @@ def setup_logging(level: str = "info", stream: TextIO | None = None) -> None:
     handler._fastetcd = True  # type: ignore[attr-defined]  # marks it ours, so setup can be repeated
     root.addHandler(handler)
     root.setLevel(LEVELS[level])
+    # The Azure SDK logs every HTTP request and response at info: a line per Cosmos call, and CPU that the
+    # writer needs. Its warnings still come through; --log-level debug shows everything.
+    logging.getLogger("azure").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     logging.captureWarnings(True)

@@ -37,6 +37,8 @@ MAX_BATCH = 1024
 # applied index falls too far behind the committed one.
 MAX_PENDING = 20000
 SNAPSHOT_CHUNK = 4 << 20
+# etcd answers "request timed out" after 5 s plus two election timeouts (7 s with its defaults).
+REQUEST_TIMEOUT = 7.0
 # etcd checks for expired leases every 500 ms and checkpoints remaining TTLs every 5 minutes.
 LEASE_EXPIRY_TICK = 0.5
 LEASE_CHECKPOINT_INTERVAL = 300.0
@@ -216,7 +218,11 @@ class StateMachine:
         fut = asyncio.get_running_loop().create_future()
         self._queue.append(((fn, req), fut))
         self._wake.set()
-        return await fut
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), REQUEST_TIMEOUT)
+        except TimeoutError:
+            # The request may still commit, exactly as with etcd's own timeout.
+            raise errors.TIMEOUT from None
 
     def _over_quota(self) -> bool:
         return bool(self.quota_bytes) and self.store.size() > self.quota_bytes

@@ -270,11 +270,14 @@ class WatchService:
         self.streams.add(stream)
 
         async def read() -> None:
+            # A client that half-closes keeps receiving, as with etcd: only its cancel (or a broken
+            # request) ends the stream.
             try:
                 async for raw in requests:
                     stream.on_request(raw)
-            finally:
+            except BaseException:
                 stream.close()
+                raise
 
         reader = asyncio.create_task(read())
         try:
