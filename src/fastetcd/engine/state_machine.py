@@ -71,6 +71,13 @@ class StateMachine:
         self.core = MVCC()
         self.lessor = Lessor()
         self.applier = Applier(self.core, self.lessor)
+        # Under the quota alarm etcd still takes deletes and revokes (and reads); growing writes are refused.
+        self._allowed_over_quota = {
+            self.applier.delete_range,
+            self.applier.lease_revoke,
+            self.applier.lease_checkpoint,
+            self._revoke_expired,
+        }
         self.committed_rev = 1
         self.applied_index = 0
         self.snapshot_count = snapshot_count
@@ -262,7 +269,7 @@ class StateMachine:
                 continue
             before = core.rev
             try:
-                if no_space and not _frees_space(req):
+                if no_space and fn not in self._allowed_over_quota:
                     raise errors.NO_SPACE
                 res = fn(req)
             except errors.EtcdError as e:
@@ -397,8 +404,3 @@ class StateMachine:
             log.info("saved snapshot", extra={"index": index, "bytes": sum(map(len, chunks))})
         except StoreError as e:
             log.error("snapshot failed", extra={"index": index, "error": str(e)})
-
-
-def _frees_space(req: Any) -> bool:
-    """Under the quota alarm etcd still takes deletes and revokes (and reads); growing writes are refused."""
-    return isinstance(req, pb.DeleteRangeRequest | pb.LeaseRevokeRequest) or isinstance(req, int | list)
