@@ -309,26 +309,24 @@ class Applier:
         return resp, used
 
 
+# Compare target -> (index in a range_items tuple, its target_union field, the value of an absent key)
+_COMPARE_TARGET = {
+    pb.Compare.VALUE: (5, "value", b""),
+    pb.Compare.CREATE: (1, "create_revision", 0),
+    pb.Compare.MOD: (2, "mod_revision", 0),
+    pb.Compare.VERSION: (3, "version", 0),
+    pb.Compare.LEASE: (4, "lease", 0),
+}
+
+
 def _compare_kv(c: pb.Compare, item: tuple | None) -> bool:
-    target = c.target
-    which = c.WhichOneof("target_union")
-    if target == pb.Compare.VALUE:
-        mine = item[5] if item else b""
-        theirs = c.value if which == "value" else b""
-    elif target == pb.Compare.CREATE:
-        mine = item[1] if item else 0
-        theirs = c.create_revision if which == "create_revision" else 0
-    elif target == pb.Compare.MOD:
-        mine = item[2] if item else 0
-        theirs = c.mod_revision if which == "mod_revision" else 0
-    elif target == pb.Compare.VERSION:
-        mine = item[3] if item else 0
-        theirs = c.version if which == "version" else 0
-    elif target == pb.Compare.LEASE:
-        mine = item[4] if item else 0
-        theirs = c.lease if which == "lease" else 0
-    else:
+    spec = _COMPARE_TARGET.get(c.target)
+    if spec is None:
         return True
+    index, field, zero = spec
+    mine = item[index] if item else zero
+    # a target_union naming another field compares against zero, as etcd's type switch does
+    theirs = getattr(c, field) if c.WhichOneof("target_union") == field else zero
     result = c.result
     if result == pb.Compare.EQUAL:
         return mine == theirs
