@@ -39,6 +39,10 @@ class Recovered:
 
 
 class Store(Protocol):
+    # Seconds the engine may wait to gather more requests into a batch under concurrency: worth it when
+    # an append is a network round trip (Cosmos), not for a local fsync. Optional; 0 if absent.
+    gather_window: float
+
     async def open(self) -> Recovered:
         """Open (creating if needed) and return the recovered state."""
 

@@ -74,6 +74,7 @@ from fastetcd.store.base import Fenced, Recovered, StoreError, Throttled, Uncert
 _log = logging.getLogger(__name__)
 
 SEGMENT_SIZE = 100_000
+GATHER_WINDOW = 0.004
 # Raw bytes per item part: base64 makes 1.8 MB of it, under Cosmos's 2 MB item and batch-request limits
 # with room for the head operation and the JSON around it.
 PART_BYTES = 1_350_000
@@ -164,6 +165,9 @@ class _Loaded:
 class CosmosStore:
     """``store.base.Store`` on an Azure Cosmos DB container (see the module docstring for the layout).
 
+    ``gather_window``: a batch is a Cosmos round trip (a few ms on a real account), so the engine may wait
+    this long for more requests to join one when several are in flight (T9: requests per write).
+
     ``key`` is the account key; empty means Entra ID via ``azure.identity.aio.DefaultAzureCredential``.
     ``writer_id`` names this writer in the head items (default: host, pid and a random suffix).
     ``client_kwargs`` go to ``azure.cosmos.aio.CosmosClient`` (timeouts, retry settings, proxies...).
@@ -180,9 +184,11 @@ class CosmosStore:
         writer_id: str | None = None,
         client_kwargs: dict[str, Any] | None = None,
         segment_size: int = SEGMENT_SIZE,
+        gather_window: float = GATHER_WINDOW,
     ) -> None:
         if segment_size < 1:
             raise ValueError("segment_size must be positive")
+        self.gather_window = gather_window
         self.endpoint = endpoint
         self.database = database
         self.container_name = container
