@@ -273,8 +273,6 @@ class StateMachine:
             if isinstance(fn, _Compaction):
                 break
             queue.popleft()
-            if fut.cancelled():
-                continue
             before = core.rev
             try:
                 if no_space and fn not in self._allowed_over_quota:

@@ -154,6 +154,8 @@ class WatchStream:
         hub = self.hub
         while not self.closed:
             self._wake.clear()
+            # Answers to creates and cancels go first, and only here: their header revisions were taken
+            # when they arrived, so sending them mid-cycle could put them ahead of this cycle's `upto`.
             while self._control:
                 yield self._control.popleft()
             upto = hub.committed_rev
@@ -163,6 +165,9 @@ class WatchStream:
                 groups.setdefault(w.signature(), []).append(w)
             caught_up = True
             sent = 0
+            # Every response of this cycle says revision `upto`, as etcd's history replay does: a watcher
+            # still catching up must not make the stream's header revision go backwards.
+            header = self.header.encode(upto)
             for ws in groups.values():
                 got = hub.collect(ws[0], upto, RESPONSE_BYTES)
                 if got is None:
@@ -175,7 +180,6 @@ class WatchStream:
                 events, last = got
                 if last < upto:
                     caught_up = False
-                header = self.header.encode(last)
                 for w in ws:
                     if self.watchers.get(w.watch_id) is not w:
                         continue  # canceled while we were sending
@@ -185,8 +189,6 @@ class WatchStream:
                         for msg in self._responses(header, w, events):
                             sent += 1
                             yield msg
-                    while self._control:  # a cancel or create that arrived meanwhile keeps its order
-                        yield self._control.popleft()
             if sent:
                 # Each gRPC message costs tens of microseconds in grpcio, whatever it carries. A stream that
                 # just sent many gathers events a little longer, so its next responses carry more revisions
