@@ -44,6 +44,7 @@ cdef class MVCC:
     cdef list free_kids
     cdef Buf rec              # the log record of the revision being applied
     cdef int64_t rec_rev
+    cdef readonly bint bulk
     cdef readonly int64_t rev
     cdef readonly int64_t compact_rev
     cdef readonly Py_ssize_t n_revs
@@ -52,7 +53,7 @@ cdef class MVCC:
     cdef int32_t _key_id(self, bytes key, bint create) except -2
     cdef Rev* _at(self, int32_t kid, int64_t rev) noexcept nogil
     cdef Rev* _live(self, bytes key, int64_t rev) except? NULL
-    cdef void _bounds(self, bytes key, bytes end, int32_t* lo, int32_t* hi)
+    cdef int _bounds(self, bytes key, bytes end, int32_t* lo, int32_t* hi) except -1
     cdef Rev* _push(self, int32_t kid) except NULL
     cdef int _rec_op(self, uint8_t op, bytes key, bytes value, int64_t lease, int64_t rev) except -1
     cdef void _drop_key(self, int32_t kid)

@@ -104,6 +104,7 @@ class StateMachine:
     async def start(self) -> None:
         t0 = time.monotonic()
         rec = await self.store.open()
+        self.core.begin_bulk()
         if rec.snapshot is not None:
             self._load_snapshot(rec.snapshot)
         for index, data in rec.records:
@@ -113,6 +114,7 @@ class StateMachine:
             if e.lease_ops:
                 self.lessor.replay(e.lease_ops)
             self.applied_index = index
+        self.core.end_bulk()
         if rec.compact_rev > self.core.compact_rev:
             self.core.compact(rec.compact_rev)
         self.lessor.reattach(self.core.leased_keys(self.core.rev))
