@@ -514,6 +514,18 @@ def print_markdown(
 # ----------------------------------------------------------------------------------------------------
 
 
+def make_servers(names: Sequence[str], tmp: Path, tag: str, python: str) -> list[Server]:
+    """One server per name ("etcd" or "fastetcd"), each with its own work dir under ``tmp``."""
+    out: list[Server] = []
+    for n in names:
+        if n not in ("etcd", "fastetcd"):
+            sys.exit(f"unknown server {n!r}")
+        wd = tmp / (f"{tag}-{n}" if tag else n)
+        wd.mkdir()
+        out.append(EtcdServer(n, wd) if n == "etcd" else FastetcdServer(n, wd, python=python))
+    return out
+
+
 def default_conns(clients: int) -> int:
     # Several streams per HTTP/2 connection like real clients, but enough connections that one TCP socket
     # is not the bottleneck: 16 clients → 4 conns, 64 → 8.
@@ -580,16 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     notes = machine_notes()
     with tempfile.TemporaryDirectory(prefix="fastetcd-bench-") as tmp:
-        servers: list[Server] = []
-        for n in names:
-            wd = Path(tmp) / n
-            wd.mkdir()
-            if n == "etcd":
-                servers.append(EtcdServer(n, wd))
-            elif n == "fastetcd":
-                servers.append(FastetcdServer(n, wd, python=args.python))
-            else:
-                sys.exit(f"unknown server {n!r}")
+        servers = make_servers(names, Path(tmp), "", args.python)
         with running(servers) as start_errors:
             results = compare(servers, workloads, args.repeat, args.seconds, bench)
     elapsed = time.monotonic() - started

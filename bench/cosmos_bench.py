@@ -47,6 +47,7 @@ from compare import (
     kv_put,
     log,
     machine_notes,
+    print_markdown,
     run_tool,
     tree_cpu_seconds,
 )
@@ -265,19 +266,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "samples": [{**asdict(s), "per_write": s.per_write} for s in r.samples]} for r in rows],
         }, indent=1))
     if args.markdown:
-        print(f"### {notes['date']} — commit {notes['commit']}\n")
-        print(f"- command: `{command.strip()}`")
-        for k, v in notes.items():
-            if k not in ("date", "commit"):
-                print(f"- {k}: {v}")
-        print()
-        print("| " + " | ".join(head) + " |")
-        print("|" + "|".join("---" for _ in head) + "|")
-        for r in body:
-            print("| " + " | ".join(r) + " |")
+        print_markdown(head, body, notes, command.strip(), failed)
         print(f"\n{verdict}")
-        for f in failed:
-            print(f"- not measured: {f}")
     else:
         widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(head)]
         print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)))

@@ -39,8 +39,6 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (  # noqa: E402  (bench/ is not a package; compare.py sits beside this file)
-    EtcdServer,
-    FastetcdServer,
     Server,
     Workload,
     _field_bytes,
@@ -50,6 +48,7 @@ from compare import (  # noqa: E402  (bench/ is not a package; compare.py sits b
     log,
     machine_busy_seconds,
     machine_notes,
+    make_servers,
     running,
     table_rows,
 )
@@ -261,15 +260,6 @@ class Results:
     t8: dict[str, Sample] = field(default_factory=dict)
     loads: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
-
-
-def make_servers(names: Sequence[str], tmp: Path, tag: str, python: str) -> list[Server]:
-    out: list[Server] = []
-    for n in names:
-        wd = tmp / f"{tag}-{n}"
-        wd.mkdir()
-        out.append(EtcdServer(n, wd) if n == "etcd" else FastetcdServer(n, wd, python=python))
-    return out
 
 
 def phase_list(servers: Sequence[Server], args: argparse.Namespace, res: Results, ops: set[str]) -> None:

@@ -38,13 +38,13 @@ from pathlib import Path
 
 from compare import (
     REPO,
-    EtcdServer,
-    FastetcdServer,
     Server,
     children_cpu_seconds,
     log,
     machine_busy_seconds,
     machine_notes,
+    make_servers,
+    print_markdown,
     running,
 )
 
@@ -259,19 +259,6 @@ def print_text(head: list[str], rows: list[list[str]]) -> None:
             print(f"  {h:28s} {c}")
 
 
-def print_markdown(head: list[str], rows: list[list[str]], notes: dict[str, str], command: str) -> None:
-    print(f"### {notes['date']} — commit {notes['commit']}\n")
-    print(f"- command: `{command}`")
-    for k, v in notes.items():
-        if k not in ("date", "commit"):
-            print(f"- {k}: {v}")
-    print()
-    print("| " + " | ".join(head) + " |")
-    print("|" + "|".join("---" for _ in head) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(DEFAULT_WORKLOADS),
@@ -312,16 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     go = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True).stdout.strip() or "go ?"
     notes["load generator"] = f"bench/loadgen (Go: etcd api/v3 v3.5.21 protos over grpc-go 1.59), {go}"
     with tempfile.TemporaryDirectory(prefix="fastetcd-watchbench-") as tmp:
-        servers: list[Server] = []
-        for n in names:
-            wd = Path(tmp) / n
-            wd.mkdir()
-            if n == "etcd":
-                servers.append(EtcdServer(n, wd))
-            elif n == "fastetcd":
-                servers.append(FastetcdServer(n, wd, python=args.python))
-            else:
-                sys.exit(f"unknown server {n!r}")
+        servers = make_servers(names, Path(tmp), "", args.python)
         with running(servers) as start_errors:
             results = compare_servers(servers, ops, settings, args.repeat, tool, warmup=not args.quick)
     elapsed = time.monotonic() - started
@@ -349,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     failed = [f"{op} on {n}" for op, cells in results.items() for n, runs in cells.items() if not runs]
     failed += [f"{n}: {e}" for n, e in start_errors.items()]
     if args.markdown:
-        print_markdown(head, rows, notes, command.strip())
+        print_markdown(head, rows, notes, command.strip(), [])
     else:
         print_text(head, rows)
         log(f"done in {elapsed:.0f} s")
