@@ -22,8 +22,10 @@ cdef struct KeyEntry:
     const char* kp        # points into key's buffer (stable while key is alive)
     Py_ssize_t kl
     Rev* revs             # ascending by (main, sub)
+    int64_t head_main     # revs[n-1].main (0 if n == 0), kept here so count() need not touch revs
     int32_t n
     int32_t cap
+    bint head_live        # revs[n-1] is a put
 
 
 cdef struct Buf:

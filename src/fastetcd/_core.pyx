@@ -304,6 +304,16 @@ cdef inline int _cmp(const char* a, Py_ssize_t al, const char* b, Py_ssize_t bl)
     return (al > bl) - (al < bl)
 
 
+cdef inline void _refresh_head(KeyEntry* e) noexcept nogil:
+    """Mirror the newest version's revision and liveness into the entry (after any change to revs)."""
+    if e.n:
+        e.head_main = e.revs[e.n - 1].main
+        e.head_live = e.revs[e.n - 1].kv != NULL
+    else:
+        e.head_main = 0
+        e.head_live = False
+
+
 @cython.final
 cdef class MVCC:
     """etcd's MVCC key space: versions of every key, readable at any revision >= ``compact_rev``.
@@ -380,6 +390,7 @@ cdef class MVCC:
         e.kl = PyBytes_GET_SIZE(key)
         e.revs = NULL
         e.n = e.cap = 0
+        _refresh_head(e)
         if self.n_order == self.cap_order:
             self.cap_order = self.cap_order * 2 if self.cap_order else 1024
             self.order = <int32_t*>realloc(self.order, self.cap_order * sizeof(int32_t))
@@ -521,6 +532,7 @@ cdef class MVCC:
         r.kv = <PyObject*>kv
         r.voff = voff
         r.vlen = <int32_t>PyBytes_GET_SIZE(value)
+        _refresh_head(&self.ents[kid])
         self._set_rev(rev)
         self._rec_op(OP_PUT, key, value, lease, rev)
 
@@ -536,6 +548,7 @@ cdef class MVCC:
         r.lease = 0
         r.kv = NULL
         r.voff = r.vlen = 0
+        _refresh_head(e)
         self._set_rev(rev)
         self._rec_op(OP_DELETE, key, None, 0, rev)
         return True
@@ -615,6 +628,7 @@ cdef class MVCC:
                 e.n -= 1
                 self.n_revs -= 1
                 Py_XDECREF(e.revs[e.n].kv)
+            _refresh_head(e)
             if e.n == 0:
                 self._drop_key(kid)
                 dropped = True
@@ -651,6 +665,7 @@ cdef class MVCC:
             memmove(e.revs, &e.revs[cut], (e.n - cut) * sizeof(Rev))
             e.n -= cut
             self.n_revs -= cut
+            _refresh_head(e)
             if e.n == 0:
                 self._drop_key(kid)
                 dropped = True
@@ -737,12 +752,17 @@ cdef class MVCC:
         cdef int32_t lo, hi, i
         cdef Py_ssize_t count = 0
         cdef Rev* r
+        cdef KeyEntry* e
         self._bounds(key, end, &lo, &hi)
         with nogil:
             for i in range(lo, hi):
-                r = self._at(self.order[i], rev)
-                if r != NULL and r.kv != NULL:
-                    count += 1
+                e = &self.ents[self.order[i]]
+                if e.head_main <= rev:
+                    count += e.head_live  # the common case, answered without touching the versions
+                else:
+                    r = self._at(self.order[i], rev)
+                    if r != NULL and r.kv != NULL:
+                        count += 1
         return count
 
     def __len__(self):
@@ -903,6 +923,7 @@ cdef class MVCC:
                     r.kv = <PyObject*>kv
                     r.voff = voff
                     r.vlen = <int32_t>PyBytes_GET_SIZE(value)
+            _refresh_head(&self.ents[kid])
         self.rev = rev if rev > 1 else 1
         self.compact_rev = compact_rev
 
