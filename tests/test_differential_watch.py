@@ -41,6 +41,7 @@ from test_differential import (
     Model,
     Outcome,
     TxnScope,
+    _outcome,
     covers,
     describe,
     prefix_end,
@@ -290,15 +291,6 @@ class Side:
         for s in [self.all_keys, *self.streams]:
             s.close()
         self.channel.close()
-
-
-def _outcome(future: grpc.Future) -> Outcome:
-    try:
-        resp = future.result()
-    except grpc.RpcError as e:
-        return Outcome(code=e.code().name, details=e.details() or "")
-    zero_header_ids(resp)
-    return Outcome(ok=resp)
 
 
 def normalize_lease(method: str, got: Outcome, want: Outcome) -> str:
