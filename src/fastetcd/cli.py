@@ -270,7 +270,7 @@ def run(config: Config) -> int:
         # stream; what it reports (a failed bind, say) reaches us as exceptions anyway. An explicit
         # GRPC_VERBOSITY still wins. Must happen before grpc is first imported.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from fastetcd.server.app import serve  # late: --help and flag errors must not need the server built
+    from fastetcd.app import serve  # late: --help and flag errors must not need the server built
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

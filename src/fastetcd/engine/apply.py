@@ -92,10 +92,11 @@ def range_kvs(core: MVCC, r: pb.RangeRequest, cur_rev: int) -> RangeResult:
     return RangeResult(kvs, more, count, cur_rev)
 
 
-class Writer:
+class WriteTxn:
     """One write request being applied at revision ``core.rev + 1`` (etcd's storeTxnWrite).
 
-    It also keeps lease attachments in step with the keys it writes and deletes.
+    It also keeps lease attachments in step with the keys it writes and deletes. (Not to be confused with
+    the single writer task in state_machine.py, which runs many of these per batch.)
     """
 
     __slots__ = ("core", "lessor", "begin", "rev", "sub")
@@ -107,16 +108,16 @@ class Writer:
         self.rev = self.begin + 1
         self.sub = 0
 
-    @property
-    def changed(self) -> bool:
-        return self.sub > 0
+    def current_rev(self) -> int:
+        """etcd's storeTxnWrite.Rev(): ``rev`` once this write changed a key, else the revision before it.
 
-    def read_rev(self) -> int:
-        """Reads inside a write see its own earlier changes."""
+        Reads inside the write see its own earlier changes at this revision, and it is the header revision
+        the response reports (a delete that matched nothing reports the unchanged revision).
+        """
         return self.rev if self.sub else self.begin
 
     def put(self, key: bytes, value: bytes, lease: int) -> int:
-        old = self.core.lease_of(key, self.read_rev())
+        old = self.core.lease_of(key, self.current_rev())
         self.core.put(key, value, lease, self.rev, self.sub)
         self.sub += 1
         if old != lease:
@@ -133,10 +134,7 @@ class Writer:
         self.sub += n
         for k, lease in leased:
             self.lessor.detach(lease, k)
-        return n, (self.rev if self.sub else self.begin)
-
-    def end_rev(self) -> int:
-        return self.rev if self.sub else self.begin
+        return n, self.current_rev()
 
 
 def _header(rev: int) -> pb.ResponseHeader:
@@ -148,21 +146,21 @@ class Applier:
 
     def __init__(self, core: MVCC, lessor: Lessor) -> None:
         self.core = core
-        self.leases = lessor
+        self.lessor = lessor
 
     # -------------------------------------------------------------- writes
 
     def put(self, p: pb.PutRequest) -> pb.PutResponse:
-        if p.lease and not self.leases.exists(p.lease):
+        if p.lease and not self.lessor.exists(p.lease):
             raise errors.LEASE_NOT_FOUND
-        return self._put(Writer(self.core, self.leases), p)
+        return self._put(WriteTxn(self.core, self.lessor), p)
 
-    def _put(self, w: Writer, p: pb.PutRequest) -> pb.PutResponse:
+    def _put(self, w: WriteTxn, p: pb.PutRequest) -> pb.PutResponse:
         resp = pb.PutResponse(header=pb.ResponseHeader())
         value, lease = p.value, p.lease
         prev = None
         if p.ignore_value or p.ignore_lease or p.prev_kv:
-            prev = self.core.get(p.key, w.read_rev())
+            prev = self.core.get(p.key, w.current_rev())
         if p.ignore_value or p.ignore_lease:
             if prev is None:
                 raise errors.KEY_NOT_FOUND
@@ -171,17 +169,17 @@ class Applier:
             if p.ignore_lease:
                 lease = prev[3]
         if p.prev_kv and prev is not None:
-            resp.prev_kv.MergeFromString(self.core.get_kv(p.key, w.read_rev()))
+            resp.prev_kv.MergeFromString(self.core.get_kv(p.key, w.current_rev()))
         resp.header.revision = w.put(p.key, value, lease)
         return resp
 
     def delete_range(self, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        return self._delete_range(Writer(self.core, self.leases), d)
+        return self._delete_range(WriteTxn(self.core, self.lessor), d)
 
-    def _delete_range(self, w: Writer, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+    def _delete_range(self, w: WriteTxn, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
         resp = pb.DeleteRangeResponse(header=pb.ResponseHeader())
         if d.prev_kv:
-            kvs, _ = self.core.range(d.key, d.range_end, w.read_rev(), 0, False)
+            kvs, _ = self.core.range(d.key, d.range_end, w.current_rev(), 0, False)
             for kv in kvs:
                 resp.prev_kvs.add().MergeFromString(kv)
         resp.deleted, resp.header.revision = w.delete_range(d.key, d.range_end)
@@ -190,28 +188,28 @@ class Applier:
     # -------------------------------------------------------------- leases
 
     def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
-        lease = self.leases.grant(r.ID, r.TTL)
+        lease = self.lessor.grant(r.ID, r.TTL)
         return pb.LeaseGrantResponse(header=_header(self.core.rev), ID=lease.id, TTL=lease.ttl)
 
     def lease_revoke(
         self, r: pb.LeaseRevokeRequest, *, only_if_expired: bool = False
     ) -> pb.LeaseRevokeResponse:
         """Delete the lease's keys (sorted, in one revision) and the lease itself."""
-        lease = self.leases.get(r.ID)
+        lease = self.lessor.get(r.ID)
         if lease is None:
             raise errors.LEASE_NOT_FOUND
-        if only_if_expired and lease.remaining(self.leases.clock()) > 0:
+        if only_if_expired and lease.remaining(self.lessor.clock()) > 0:
             return pb.LeaseRevokeResponse(header=_header(self.core.rev))  # renewed while queued
-        w = Writer(self.core, self.leases)
+        w = WriteTxn(self.core, self.lessor)
         for key in sorted(lease.keys):
             self.core.delete(key, w.rev, w.sub)
             w.sub += 1
-        self.leases.revoke(r.ID)
-        return pb.LeaseRevokeResponse(header=_header(w.end_rev()))
+        self.lessor.revoke(r.ID)
+        return pb.LeaseRevokeResponse(header=_header(w.current_rev()))
 
     def lease_checkpoint(self, checkpoints: list[tuple[int, int]]) -> None:
         for lease_id, remaining in checkpoints:
-            self.leases.set_checkpoint(lease_id, remaining)
+            self.lessor.set_checkpoint(lease_id, remaining)
 
     # -------------------------------------------------------------- txn
 
@@ -225,9 +223,9 @@ class Applier:
             self._check_requests(t, path, 0, self._check_put, view)
         self._check_requests(t, path, 0, self._check_range, view)
         if write:
-            w = Writer(core, self.leases)
+            w = WriteTxn(core, self.lessor)
             resp, _ = self._apply_txn(w, t, path, 0, view)
-            resp.header.revision = w.end_rev()
+            resp.header.revision = w.current_rev()
         else:
             resp, _ = self._apply_txn(None, t, path, 0, view)
             resp.header.revision = view
@@ -266,7 +264,7 @@ class Applier:
         p = op.request_put
         if (p.ignore_value or p.ignore_lease) and self.core.get(p.key, view) is None:
             raise errors.KEY_NOT_FOUND
-        if p.lease and not self.leases.exists(p.lease):
+        if p.lease and not self.lessor.exists(p.lease):
             raise errors.LEASE_NOT_FOUND
 
     def _check_range(self, op: pb.RequestOp, view: int) -> None:
@@ -281,7 +279,7 @@ class Applier:
             raise errors.COMPACTED
 
     def _apply_txn(
-        self, w: Writer | None, t: pb.TxnRequest, path: list[bool], i: int, view: int
+        self, w: WriteTxn | None, t: pb.TxnRequest, path: list[bool], i: int, view: int
     ) -> tuple[pb.TxnResponse, int]:
         ok = path[i]
         used = 1
@@ -290,7 +288,7 @@ class Applier:
             kind = op.WhichOneof("request")
             out = resp.responses.add()
             if kind == "request_range":
-                cur = w.read_rev() if w is not None else view
+                cur = w.current_rev() if w is not None else view
                 rr = range_kvs(self.core, op.request_range, cur)
                 rresp = out.response_range
                 rresp.header.revision = rr.rev

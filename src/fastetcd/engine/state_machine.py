@@ -25,7 +25,8 @@ from fastetcd import errors
 from fastetcd._core import MVCC
 from fastetcd.engine import log_entry
 from fastetcd.engine.apply import Applier, RangeResult, range_kvs
-from fastetcd.engine.lessor import Lessor
+from fastetcd.engine.lessor import LeaseStatus, Lessor
+from fastetcd.engine.watch_hub import WatchHub
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.store.base import Fenced, Store, StoreError, Throttled, Uncertain
 
@@ -56,6 +57,17 @@ class _Compaction:
         self.rev = rev
 
 
+class _Batch:
+    """One group commit being built: its callers' outcomes, log entries, and committed KV revisions."""
+
+    __slots__ = ("done", "entries", "revisions")
+
+    def __init__(self) -> None:
+        self.done: list[tuple[asyncio.Future, Any, BaseException | None]] = []
+        self.entries: list[tuple[int, bytes]] = []  # (log index, entry)
+        self.revisions: list[tuple[int, bytes]] = []  # (revision, KV record): what watchers get
+
+
 class StateMachine:
     """etcd's KV and lease state machine over an MVCC core and a durable Store."""
 
@@ -84,6 +96,7 @@ class StateMachine:
         self.quota_bytes = quota_bytes
         self.checkpoint_interval = checkpoint_interval
         self.listeners: list[CommitListener] = []
+        self.watch_hub: WatchHub  # set by start(), once the recovered revision is known
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -107,7 +120,7 @@ class StateMachine:
         self.core.begin_bulk()
         if rec.snapshot is not None:
             self._load_snapshot(rec.snapshot)
-        for index, data in rec.records:
+        for index, data in rec.entries:
             e = log_entry.decode(data)
             if e.rev:
                 self.core.apply_record(e.rev, e.kv)
@@ -119,16 +132,18 @@ class StateMachine:
             self.core.compact(rec.compact_rev)
         self.lessor.reattach(self.core.leased_keys(self.core.rev))
         self.committed_rev = self.core.rev
-        self.applied_index = max(self.applied_index, rec.snapshot_rev)
-        self._last_snapshot_index = rec.snapshot_rev
+        self.watch_hub = WatchHub(self.core, self.committed_rev)
+        self.listeners.append(self.watch_hub.publish)
+        self.applied_index = max(self.applied_index, rec.snapshot_index)
+        self._last_snapshot_index = rec.snapshot_index
         log.info(
             "recovered state",
             extra={
                 "revision": self.committed_rev,
                 "compact-revision": self.core.compact_rev,
                 "log-index": self.applied_index,
-                "snapshot-index": rec.snapshot_rev,
-                "replayed-entries": len(rec.records),
+                "snapshot-index": rec.snapshot_index,
+                "replayed-entries": len(rec.entries),
                 "leases": len(self.lessor.leases),
                 "took": f"{time.monotonic() - t0:.3f}s",
             },
@@ -166,6 +181,17 @@ class StateMachine:
     @property
     def compact_rev(self) -> int:
         return self.core.compact_rev
+
+    def db_size(self) -> int:
+        """Bytes the store occupies (etcd's dbSize)."""
+        return self.store.size()
+
+    def lease_status(self, lease_id: int) -> LeaseStatus | None:
+        return self.lessor.status(lease_id)
+
+    def lease_ids(self) -> list[int]:
+        """Every live lease, soonest to expire first."""
+        return [lease.id for lease in self.lessor.by_expiry()]
 
     # -------------------------------------------------------------- writes (through the writer)
 
@@ -262,70 +288,85 @@ class StateMachine:
 
     async def _commit_batch(self) -> int:
         """Apply and make durable what is queued (up to MAX_BATCH requests); returns how many it took."""
-        queue = self._queue
-        core = self.core
-        lessor = self.lessor
-        done: list[tuple[asyncio.Future, Any, BaseException | None]] = []
-        entries: list[tuple[int, bytes]] = []
-        revisions: list[tuple[int, bytes]] = []
-        index = self.applied_index
-        no_space = self._over_quota()
-        while queue and len(done) < MAX_BATCH:
-            (fn, req), fut = queue[0]
-            if isinstance(fn, _Compaction):
-                break
-            queue.popleft()
-            before = core.rev
+        batch = self._apply_queued()
+        if batch.entries:
             try:
-                if no_space and fn not in self._allowed_over_quota:
-                    raise errors.NO_SPACE
-                res = fn(req)
-            except errors.EtcdError as e:
-                lessor.ops.clear()
-                done.append((fut, None, e))
-                continue
-            except Exception as e:  # a bug must not leave a half-applied request behind
-                log.exception("apply failed")
-                core.truncate(before)
-                lessor.ops.clear()
-                lessor.reattach(core.leased_keys(core.rev))
-                done.append((fut, None, e))
-                continue
-            rev = core.rev if core.rev != before else 0
-            ops = lessor.take_ops()
-            if rev or ops:
-                kv = core.take_record() if rev else b""
-                index += 1
-                entries.append((index, log_entry.encode(log_entry.Entry(rev, kv, ops))))
-                if rev:
-                    revisions.append((rev, kv))
-            done.append((fut, res, None))
-        if entries:
-            try:
-                await self.store.append(entries)
+                await self.store.append(batch.entries)
             except StoreError as e:
-                log.error("store append failed", extra={"error": str(e), "entries": len(entries)})
-                core.truncate(self.committed_rev)
-                lessor.rollback(core.leased_keys(core.rev))
-                err = self._store_error(e)
-                for fut, _, _ in done:
-                    if not fut.done():
-                        fut.set_exception(err)
-                return len(done)
-            lessor.commit()
-            self.applied_index = index
-            self.committed_rev = core.rev
-            if revisions:
+                self._fail_batch(batch, e)
+                return len(batch.done)
+            self.lessor.commit()
+            self.applied_index = batch.entries[-1][0]
+            self.committed_rev = self.core.rev
+            if batch.revisions:
                 for listener in self.listeners:
-                    listener(revisions)
-        for fut, res, exc in done:
+                    listener(batch.revisions)
+        for fut, res, exc in batch.done:
             if fut.done():
                 continue
             if exc is not None:
                 fut.set_exception(exc)
             else:
                 fut.set_result(res)
-        return len(done)
+        return len(batch.done)
+
+    def _apply_queued(self) -> _Batch:
+        """Apply queued requests to the core and lessor, above ``committed_rev``; nothing is durable yet."""
+        queue = self._queue
+        core = self.core
+        batch = _Batch()
+        index = self.applied_index
+        no_space = self._over_quota()
+        while queue and len(batch.done) < MAX_BATCH:
+            (fn, req), fut = queue[0]
+            if isinstance(fn, _Compaction):
+                break
+            queue.popleft()
+            before = core.rev
+            try:
+                res = self._apply_one(fn, req, no_space)
+            except Exception as e:
+                batch.done.append((fut, None, e))
+                continue
+            rev = core.rev if core.rev != before else 0
+            ops = self.lessor.take_ops()
+            if rev or ops:
+                kv = core.take_record() if rev else b""
+                index += 1
+                batch.entries.append((index, log_entry.encode(log_entry.Entry(rev, kv, ops))))
+                if rev:
+                    batch.revisions.append((rev, kv))
+            batch.done.append((fut, res, None))
+        return batch
+
+    def _apply_one(self, fn: Callable, req: Any, no_space: bool) -> Any:
+        """Apply one request whole or not at all (raising what its caller should see)."""
+        core = self.core
+        lessor = self.lessor
+        before = core.rev
+        try:
+            if no_space and fn not in self._allowed_over_quota:
+                raise errors.NO_SPACE
+            return fn(req)
+        except errors.EtcdError:
+            lessor.ops.clear()  # etcd's checks run before the first mutation: only lease ops to drop
+            raise
+        except Exception:  # a bug must not leave a half-applied request behind
+            log.exception("apply failed")
+            core.truncate(before)
+            lessor.ops.clear()
+            lessor.reattach(core.leased_keys(core.rev))
+            raise
+
+    def _fail_batch(self, batch: _Batch, e: StoreError) -> None:
+        """The append failed: roll memory back to ``committed_rev`` and fail every request of the batch."""
+        log.error("store append failed", extra={"error": str(e), "entries": len(batch.entries)})
+        self.core.truncate(self.committed_rev)
+        self.lessor.rollback(self.core.leased_keys(self.core.rev))
+        err = self._store_error(e)
+        for fut, _, _ in batch.done:
+            if not fut.done():
+                fut.set_exception(err)
 
     async def _compact(self, rev: int, fut: asyncio.Future) -> None:
         try:

@@ -15,7 +15,7 @@ class MaintenanceService:
 
     async def status(self, raw: bytes) -> bytes:
         pb.StatusRequest.FromString(raw)
-        size = self.sm.store.size()
+        size = self.sm.db_size()
         resp = pb.StatusResponse(
             version=ETCD_COMPAT_VERSION,
             dbSize=size,

@@ -1,4 +1,10 @@
-"""Assemble a running server: store → state machine → services → transports."""
+"""Startup wiring, as etcd's ``embed`` package: store → state machine → services → transports.
+
+Nothing here serves a request. It opens the store the config names, recovers the state machine from it,
+builds the transport-neutral services over the engine, routes gRPC method paths to them, and runs a
+transport until told to stop; then it drains in the reverse order, so that whatever was acknowledged is
+durable before the process exits.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +14,13 @@ import logging
 from fastetcd import __version__
 from fastetcd.config import Config
 from fastetcd.engine.state_machine import StateMachine
-from fastetcd.engine.watch_hub import WatchHub
 from fastetcd.server import grpc_transport
 from fastetcd.server.cluster import ClusterService
 from fastetcd.server.header import Header, member_id_for
 from fastetcd.server.kv import KVService
 from fastetcd.server.lease import LeaseService
 from fastetcd.server.maintenance import MaintenanceService
+from fastetcd.server.routes import BIDI, UNARY, Routes
 from fastetcd.server.watch import WatchService
 from fastetcd.store.base import Store, StoreError
 
@@ -37,6 +43,28 @@ def open_store(config: Config) -> Store:
     raise StoreError(f"unknown store {config.store!r}")
 
 
+def etcd_routes(
+    kv: KVService, watch: WatchService, lease: LeaseService, maintenance: MaintenanceService,
+    cluster: ClusterService,
+) -> Routes:
+    """etcd's gRPC method paths → the services' raw-bytes handlers, for any transport."""
+    return {
+        "/etcdserverpb.KV/Range": (UNARY, kv.range),
+        "/etcdserverpb.KV/Put": (UNARY, kv.put),
+        "/etcdserverpb.KV/DeleteRange": (UNARY, kv.delete_range),
+        "/etcdserverpb.KV/Txn": (UNARY, kv.txn),
+        "/etcdserverpb.KV/Compact": (UNARY, kv.compact),
+        "/etcdserverpb.Watch/Watch": (BIDI, watch.watch),
+        "/etcdserverpb.Lease/LeaseGrant": (UNARY, lease.grant),
+        "/etcdserverpb.Lease/LeaseRevoke": (UNARY, lease.revoke),
+        "/etcdserverpb.Lease/LeaseKeepAlive": (BIDI, lease.keep_alive),
+        "/etcdserverpb.Lease/LeaseTimeToLive": (UNARY, lease.time_to_live),
+        "/etcdserverpb.Lease/LeaseLeases": (UNARY, lease.leases),
+        "/etcdserverpb.Maintenance/Status": (UNARY, maintenance.status),
+        "/etcdserverpb.Cluster/MemberList": (UNARY, cluster.member_list),
+    }
+
+
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then drain and flush. Raises StoreError/OSError if it cannot start."""
     store = open_store(config)
@@ -46,8 +74,6 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         quota_bytes=max(config.quota_backend_bytes, 0),
     )
     await sm.start()
-    hub = WatchHub(sm.core, sm.committed_rev)
-    sm.listeners.append(hub.publish)
     watch = None
     try:
         member_id = member_id_for(config.name, config.advertise_client_urls)
@@ -57,43 +83,19 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         )
         watch = WatchService(
             sm,
-            hub,
             header,
             max_request_bytes=config.max_request_bytes,
             progress_interval=config.experimental_watch_progress_notify_interval,
         )
         watch.start()
-        lease = LeaseService(sm, header)
-        maintenance = MaintenanceService(sm, header)
-        cluster = ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls)
-        server = grpc_transport.build_server(
-            [
-                grpc_transport.service_handler(
-                    "etcdserverpb.KV",
-                    {
-                        "Range": kv.range,
-                        "Put": kv.put,
-                        "DeleteRange": kv.delete_range,
-                        "Txn": kv.txn,
-                        "Compact": kv.compact,
-                    },
-                ),
-                grpc_transport.service_handler("etcdserverpb.Watch", {}, {"Watch": watch.watch}),
-                grpc_transport.service_handler(
-                    "etcdserverpb.Lease",
-                    {
-                        "LeaseGrant": lease.grant,
-                        "LeaseRevoke": lease.revoke,
-                        "LeaseTimeToLive": lease.time_to_live,
-                        "LeaseLeases": lease.leases,
-                    },
-                    {"LeaseKeepAlive": lease.keep_alive},
-                ),
-                grpc_transport.service_handler("etcdserverpb.Maintenance", {"Status": maintenance.status}),
-                grpc_transport.service_handler("etcdserverpb.Cluster", {"MemberList": cluster.member_list}),
-            ],
-            max_request_bytes=config.max_request_bytes,
+        routes = etcd_routes(
+            kv,
+            watch,
+            LeaseService(sm, header),
+            MaintenanceService(sm, header),
+            ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls),
         )
+        server = grpc_transport.build_server(routes, max_request_bytes=config.max_request_bytes)
         for url in config.client_urls:
             try:
                 bound = server.add_insecure_port(url.address)
