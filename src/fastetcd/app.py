@@ -20,7 +20,7 @@ from fastetcd.server.header import Header, member_id_for
 from fastetcd.server.kv import KVService
 from fastetcd.server.lease import LeaseService
 from fastetcd.server.maintenance import MaintenanceService
-from fastetcd.server.routes import BIDI, UNARY, Routes
+from fastetcd.server.routes import BIDI, UNARY, Bidi, Routes, Unary
 from fastetcd.server.watch import WatchService
 from fastetcd.store.base import Store, StoreError
 
@@ -48,20 +48,20 @@ def etcd_routes(
     cluster: ClusterService,
 ) -> Routes:
     """etcd's gRPC method paths → the services' raw-bytes handlers, for any transport."""
+    methods: dict[str, dict[str, Unary | Bidi]] = {
+        "KV": {"Range": kv.range, "Put": kv.put, "DeleteRange": kv.delete_range, "Txn": kv.txn,
+               "Compact": kv.compact},
+        "Watch": {"Watch": watch.watch},
+        "Lease": {"LeaseGrant": lease.grant, "LeaseRevoke": lease.revoke, "LeaseKeepAlive": lease.keep_alive,
+                  "LeaseTimeToLive": lease.time_to_live, "LeaseLeases": lease.leases},
+        "Maintenance": {"Status": maintenance.status},
+        "Cluster": {"MemberList": cluster.member_list},
+    }
+    streams = {"Watch", "LeaseKeepAlive"}
     return {
-        "/etcdserverpb.KV/Range": (UNARY, kv.range),
-        "/etcdserverpb.KV/Put": (UNARY, kv.put),
-        "/etcdserverpb.KV/DeleteRange": (UNARY, kv.delete_range),
-        "/etcdserverpb.KV/Txn": (UNARY, kv.txn),
-        "/etcdserverpb.KV/Compact": (UNARY, kv.compact),
-        "/etcdserverpb.Watch/Watch": (BIDI, watch.watch),
-        "/etcdserverpb.Lease/LeaseGrant": (UNARY, lease.grant),
-        "/etcdserverpb.Lease/LeaseRevoke": (UNARY, lease.revoke),
-        "/etcdserverpb.Lease/LeaseKeepAlive": (BIDI, lease.keep_alive),
-        "/etcdserverpb.Lease/LeaseTimeToLive": (UNARY, lease.time_to_live),
-        "/etcdserverpb.Lease/LeaseLeases": (UNARY, lease.leases),
-        "/etcdserverpb.Maintenance/Status": (UNARY, maintenance.status),
-        "/etcdserverpb.Cluster/MemberList": (UNARY, cluster.member_list),
+        f"/etcdserverpb.{service}/{method}": (BIDI if method in streams else UNARY, fn)
+        for service, handlers in methods.items()
+        for method, fn in handlers.items()
     }
 
 

@@ -45,18 +45,17 @@ class KVService:
         return encode_range_response(self.header.encode(rr.rev), rr.kvs, rr.more, rr.count)
 
     async def put(self, raw: bytes) -> bytes:
-        r = pb.PutRequest.FromString(raw)
-        check_put(r)
-        self._check_size(raw)
-        resp = await self.sm.put(r)
-        self.header.fill(resp.header)
-        return resp.SerializeToString()
+        return await self._write(raw, pb.PutRequest.FromString(raw), check_put, self.sm.put)
 
     async def delete_range(self, raw: bytes) -> bytes:
         r = pb.DeleteRangeRequest.FromString(raw)
-        check_delete(r)
+        return await self._write(raw, r, check_delete, self.sm.delete_range)
+
+    async def _write(self, raw: bytes, r, check, submit) -> bytes:
+        """etcd's order for a write: request checks, then the size limit, then the state machine."""
+        check(r)
         self._check_size(raw)
-        resp = await self.sm.delete_range(r)
+        resp = await submit(r)
         self.header.fill(resp.header)
         return resp.SerializeToString()
 

@@ -15,8 +15,9 @@ import fcntl
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TypeVar
 
 from fastetcd.store.base import Recovered, StoreError, Uncertain, check_append
@@ -287,32 +288,37 @@ class EmbeddedStore:
             except sqlite3.Error as e:
                 self._broken = f"rollback failed: {e}"
 
-    def _compact(self, rev: int) -> None:
+    @contextmanager
+    def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
+        """One write transaction; any SQLite error rolls it back and becomes ``StoreError(what failed)``."""
         conn = self._check_usable()
         try:
             conn.execute("BEGIN IMMEDIATE")
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException as e:
+            self._rollback(conn)
+            if not isinstance(e, sqlite3.Error):
+                raise
+            raise StoreError(f"{what} failed: {e}") from e
+
+    def _compact(self, rev: int) -> None:
+        with self._transaction(f"persisting compaction at revision {rev}") as conn:
             # max() keeps compact_rev monotonic even if a stale request arrives late.
             conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('compact_rev', ?)"
                 " ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
                 (rev,),
             )
-            conn.execute("COMMIT")
-        except BaseException as e:
-            self._rollback(conn)
-            if not isinstance(e, sqlite3.Error):
-                raise
-            raise StoreError(f"persisting compaction at revision {rev} failed: {e}") from e
 
     def _save_snapshot(self, index: int, chunks: list[bytes]) -> None:
-        conn = self._check_usable()
+        self._check_usable()
         last = self._last_index or 0
         if index > last:
             raise StoreError(f"snapshot at index {index} is ahead of the stored log ({last})")
         if index < self._snapshot_index:
             raise StoreError(f"snapshot at index {index} is older than the stored ({self._snapshot_index})")
-        try:
-            conn.execute("BEGIN IMMEDIATE")
+        with self._transaction(f"saving snapshot at index {index}") as conn:
             conn.execute("DELETE FROM snapshot WHERE idx = ?", (index,))
             conn.executemany(
                 "INSERT INTO snapshot (idx, chunk, data) VALUES (?, ?, ?)",
@@ -325,12 +331,6 @@ class EmbeddedStore:
             )
             conn.execute("DELETE FROM snapshot WHERE idx < ?", (index,))
             conn.execute("DELETE FROM log WHERE idx <= ?", (index,))
-            conn.execute("COMMIT")
-        except BaseException as e:
-            self._rollback(conn)
-            if not isinstance(e, sqlite3.Error):
-                raise
-            raise StoreError(f"saving snapshot at index {index} failed: {e}") from e
         self._snapshot_index = index
 
     def _close(self) -> None:
