@@ -77,12 +77,18 @@ class FaultyStore:
         self.compacts.append(rev)
         self.events.append(("compact", rev))
 
-    async def save_snapshot(self, rev: int, chunks: Iterable[bytes]) -> None:
-        await self.inner.save_snapshot(rev, chunks)
-        self.snapshots.append(rev)
+    async def save_snapshot(self, index: int, chunks: Iterable[bytes]) -> None:
+        await self.inner.save_snapshot(index, chunks)
+        self.snapshots.append(index)
 
     def size(self) -> int:
         return self.inner.size()
+
+    def size_in_use(self) -> int:
+        return self.inner.size_in_use()
+
+    async def defragment(self) -> None:
+        await self.inner.defragment()
 
     async def close(self) -> None:
         await self.inner.close()

@@ -838,6 +838,23 @@ cdef class MVCC:
         found.sort(key=_rev_sub)
         return [(f[0],) + f[2] for f in found]
 
+    def versions_upto(self, int64_t rev):
+        """(main, sub, key, kv or None for a tombstone) of every retained version with main <= rev, in
+        (main, sub) order: the order etcd's backend keeps its key bucket in, which HashKV walks."""
+        cdef int32_t i, j
+        cdef KeyEntry* e
+        cdef Rev* r
+        cdef list found = []
+        for i in range(self.n_order):
+            e = &self.ents[self.order[i]]
+            for j in range(e.n):
+                r = &e.revs[j]
+                if r.main > rev:
+                    break
+                found.append((r.main, r.sub, <object>e.key, <object>r.kv if r.kv != NULL else None))
+        found.sort(key=_rev_sub)
+        return found
+
     def leased_keys(self, int64_t rev):
         """(key, lease) of every key live at ``rev`` that has a lease: rebuilds lease attachments."""
         cdef int32_t i

@@ -13,6 +13,7 @@ import logging
 
 from fastetcd import __version__
 from fastetcd.config import Config
+from fastetcd.engine.compactor import Compactor
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.server import grpc_transport
 from fastetcd.server.cluster import ClusterService
@@ -54,10 +55,14 @@ def etcd_routes(
         "Watch": {"Watch": watch.watch},
         "Lease": {"LeaseGrant": lease.grant, "LeaseRevoke": lease.revoke, "LeaseKeepAlive": lease.keep_alive,
                   "LeaseTimeToLive": lease.time_to_live, "LeaseLeases": lease.leases},
-        "Maintenance": {"Status": maintenance.status},
+        "Maintenance": {"Status": maintenance.status, "Alarm": maintenance.alarm,
+                        "Defragment": maintenance.defragment, "Hash": maintenance.hash,
+                        "HashKV": maintenance.hash_kv, "Snapshot": maintenance.snapshot,
+                        "MoveLeader": maintenance.move_leader},
         "Cluster": {"MemberList": cluster.member_list},
     }
-    streams = {"Watch", "LeaseKeepAlive"}
+    # Snapshot streams only responses; served as a bidi stream, it looks the same on the wire.
+    streams = {"Watch", "LeaseKeepAlive", "Snapshot"}
     return {
         f"/etcdserverpb.{service}/{method}": (BIDI if method in streams else UNARY, fn)
         for service, handlers in methods.items()
@@ -68,15 +73,23 @@ def etcd_routes(
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then drain and flush. Raises StoreError/OSError if it cannot start."""
     store = open_store(config)
+    member_id = member_id_for(config.name, config.advertise_client_urls)
     sm = StateMachine(
         store,
         snapshot_count=config.snapshot_count,
         quota_bytes=max(config.quota_backend_bytes, 0),
+        member_id=member_id,
     )
     await sm.start()
+    compactor = Compactor(
+        sm,
+        period=config.auto_compaction_period,
+        revisions=config.auto_compaction_revisions,
+        revision_interval=config.auto_compaction_revision_interval,
+    )
+    compactor.start()
     watch = None
     try:
-        member_id = member_id_for(config.name, config.advertise_client_urls)
         header = Header(cluster_id=member_id ^ 0x5A5A5A5A5A5A5A5A, member_id=member_id)
         kv = KVService(
             sm, header, max_request_bytes=config.max_request_bytes, max_txn_ops=config.max_txn_ops
@@ -119,6 +132,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             log.info("stopping server")
             await server.stop(grace=2)
     finally:
+        await compactor.stop()
         if watch is not None:
             await watch.stop()
         await sm.stop()

@@ -18,12 +18,16 @@ import random
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
+
+import crc32c
 
 from fastetcd import errors
 from fastetcd._core import MVCC
-from fastetcd.engine import log_entry
+from fastetcd.engine import alarms as alarm_types
+from fastetcd.engine import kv_hash, log_entry, quota
+from fastetcd.engine.alarms import Alarms
 from fastetcd.engine.apply import Applier, RangeResult, range_kvs
 from fastetcd.engine.lessor import LeaseStatus, Lessor
 from fastetcd.engine.watch_hub import WatchHub
@@ -48,13 +52,19 @@ LEASE_CHECKPOINT_INTERVAL = 300.0
 CommitListener = Callable[[list[tuple[int, bytes]]], None]
 
 
-class _Compaction:
-    """A queued Compact: runs alone, after everything queued before it is durable."""
+# A snapshot begins with this, then the lengths of the core's and the lessor's parts; the alarms follow.
+# (Snapshots written before alarms existed begin with the core's length, which is never this large.)
+SNAPSHOT_MAGIC = b"FESNAP02"
 
-    __slots__ = ("rev",)
 
-    def __init__(self, rev: int) -> None:
-        self.rev = rev
+class _Exclusive:
+    """A queued operation that runs alone (compaction, defragmentation), after everything queued before
+    it is durable and before anything queued after it is applied."""
+
+    __slots__ = ("run",)
+
+    def __init__(self, run: Callable[[], Awaitable[Any]]) -> None:
+        self.run = run
 
 
 class _Batch:
@@ -78,18 +88,14 @@ class StateMachine:
         snapshot_count: int = 100_000,
         quota_bytes: int = 0,
         checkpoint_interval: float = LEASE_CHECKPOINT_INTERVAL,
+        member_id: int = 0,
     ) -> None:
         self.store = store
         self.core = MVCC()
         self.lessor = Lessor()
+        self.alarms = Alarms()
         self.applier = Applier(self.core, self.lessor)
-        # Under the quota alarm etcd still takes deletes and revokes (and reads); growing writes are refused.
-        self._allowed_over_quota = {
-            self.applier.delete_range,
-            self.applier.lease_revoke,
-            self.applier.lease_checkpoint,
-            self._revoke_expired,
-        }
+        self.member_id = member_id  # whose alarms this node raises
         self.committed_rev = 1
         self.applied_index = 0
         self.snapshot_count = snapshot_count
@@ -111,6 +117,7 @@ class StateMachine:
         # How long the writer lets requests gather before a batch, when the last one had company.
         self._gather_window: float = getattr(store, "gather_window", 0.0)
         self._last_batch = 0
+        self._db_size = 0  # the store's size after the last durable step: what the quota is checked against
 
     # -------------------------------------------------------------- life cycle
 
@@ -124,14 +131,16 @@ class StateMachine:
             e = log_entry.decode(data)
             if e.rev:
                 self.core.apply_record(e.rev, e.kv)
-            if e.lease_ops:
-                self.lessor.replay(e.lease_ops)
+            if e.ops:
+                self.lessor.replay(e.ops)
+                self.alarms.replay(e.ops)
             self.applied_index = index
         self.core.end_bulk()
         if rec.compact_rev > self.core.compact_rev:
             self.core.compact(rec.compact_rev)
         self.lessor.reattach(self.core.leased_keys(self.core.rev))
         self.committed_rev = self.core.rev
+        self._db_size = self.store.size()
         self.watch_hub = WatchHub(self.core, self.committed_rev)
         self.listeners.append(self.watch_hub.publish)
         self.applied_index = max(self.applied_index, rec.snapshot_index)
@@ -145,6 +154,7 @@ class StateMachine:
                 "snapshot-index": rec.snapshot_index,
                 "replayed-entries": len(rec.entries),
                 "leases": len(self.lessor.leases),
+                "alarms": [alarm_types.NAMES[a] for _, a in self.alarms.get()],
                 "took": f"{time.monotonic() - t0:.3f}s",
             },
         )
@@ -186,6 +196,29 @@ class StateMachine:
         """Bytes the store occupies (etcd's dbSize)."""
         return self.store.size()
 
+    def active_alarms(self) -> list[tuple[int, int]]:
+        """(member id, alarm type) of every raised alarm."""
+        return self.alarms.get()
+
+    def hash_kv(self, rev: int) -> tuple[int, int, int]:
+        """etcd's HashByRev: (hash of the key space at ``rev``, current revision, compact revision)."""
+        compact = self.core.compact_rev
+        if 0 < rev <= compact:  # etcd 3.5.1 refuses the compaction revision itself too
+            raise errors.COMPACTED
+        if rev > self.committed_rev:
+            raise errors.FUTURE_REV
+        return kv_hash.hash_kv(self.core, rev or self.committed_rev), self.committed_rev, compact
+
+    def hash_all(self) -> int:
+        """A hash of the whole state (keys, leases, alarms), for etcd's Hash RPC: equal on two servers
+        that applied the same history, stable across restarts."""
+        h = kv_hash.hash_kv(self.core, self.committed_rev)
+        return crc32c.crc32c(self.lessor.dump() + self.alarms.dump(), value=h)
+
+    def db_size_in_use(self) -> int:
+        """Bytes of the store that hold data (etcd's dbSizeInUse); the rest a defragment gives back."""
+        return self.store.size_in_use()
+
     def lease_status(self, lease_id: int) -> LeaseStatus | None:
         return self.lessor.status(lease_id)
 
@@ -196,19 +229,65 @@ class StateMachine:
     # -------------------------------------------------------------- writes (through the writer)
 
     async def put(self, r: pb.PutRequest) -> pb.PutResponse:
+        await self._check_quota(quota.put_cost(r))
         return await self._submit(self.applier.put, r)
 
     async def delete_range(self, r: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
         return await self._submit(self.applier.delete_range, r)
 
     async def txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
+        await self._check_quota(quota.txn_cost(r))
         return await self._submit(self.applier.txn, r)
 
     async def compact(self, rev: int) -> int:
         """Compact at ``rev``; returns the current revision for the response header."""
-        return await self._submit(_Compaction(rev), None)
+        return await self._submit(_Exclusive(lambda: self._compact(rev)), None)
+
+    async def defragment(self) -> None:
+        """Give the space of compacted history back to the file system (etcd's defrag).
+
+        Everything up to now goes into a snapshot, so the log behind it can be dropped, then the store
+        rewrites itself compactly. Runs alone in the writer: nothing is pending while the snapshot is cut.
+        """
+        await self._submit(_Exclusive(self._defragment), None)
+
+    async def alarm(self, action: int, member_id: int, alarm: int) -> list[tuple[int, int]]:
+        """etcd's Alarm apply: GET lists; ACTIVATE / DEACTIVATE change it (logged). Returns what to report."""
+        if action == pb.AlarmRequest.GET:
+            return self.alarms.get(alarm)
+        if action == pb.AlarmRequest.ACTIVATE:
+            if alarm == alarm_types.NONE:
+                return []
+            await self._submit(self._activate_alarm, (member_id, alarm))
+            return [(member_id, alarm)]
+        if action == pb.AlarmRequest.DEACTIVATE:
+            return await self._submit(self._deactivate_alarm, (member_id, alarm))
+        return []
+
+    def _activate_alarm(self, req: tuple[int, int]) -> None:
+        self.alarms.activate(*req)
+
+    def _deactivate_alarm(self, req: tuple[int, int]) -> list[tuple[int, int]]:
+        return [req] if self.alarms.deactivate(*req) else []
+
+    async def _check_quota(self, cost: int) -> None:
+        """etcd's quota check before a write is proposed: if it would not fit, raise NOSPACE and refuse."""
+        if quota.fits(self._db_size, cost, self.quota_bytes):
+            return
+        try:
+            await self._submit(self._activate_alarm, (self.member_id, alarm_types.NOSPACE))
+        except errors.EtcdError:
+            pass  # the request is refused either way
+        raise errors.NO_SPACE
+
+    def _capped(self, fn: Callable, req: Any) -> bool:
+        """etcd's applierV3Capped: while NOSPACE is raised, writes that would grow the store fail."""
+        if fn == self.applier.put or fn == self.applier.lease_grant:
+            return True
+        return fn == self.applier.txn and quota.txn_cost(req) > 0
 
     async def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
+        await self._check_quota(quota.LEASE_OVERHEAD)
         if r.ID == 0:
             r = pb.LeaseGrantRequest(ID=self._new_lease_id(), TTL=r.TTL)
         return await self._submit(self.applier.lease_grant, r)
@@ -246,7 +325,7 @@ class StateMachine:
             return errors.NOT_LEADER() if isinstance(e, Fenced) else errors.TIMEOUT()
         return errors.EtcdError("UNAVAILABLE", f"etcdserver: storage failure: {e}")
 
-    async def _submit(self, fn: Callable | _Compaction, req: Any) -> Any:
+    async def _submit(self, fn: Callable | _Exclusive, req: Any) -> Any:
         if self.halted is not None:
             raise errors.NOT_LEADER
         if self._stopping:
@@ -262,9 +341,6 @@ class StateMachine:
             # The request may still commit, exactly as with etcd's own timeout.
             raise errors.TIMEOUT from None
 
-    def _over_quota(self) -> bool:
-        return bool(self.quota_bytes) and self.store.size() > self.quota_bytes
-
     async def _writer(self) -> None:
         queue = self._queue
         while True:
@@ -275,9 +351,9 @@ class StateMachine:
                 await self._wake.wait()
                 continue
             (fn, req), fut = queue[0]
-            if isinstance(fn, _Compaction):
+            if isinstance(fn, _Exclusive):
                 queue.popleft()
-                await self._compact(fn.rev, fut)
+                await self._run_exclusive(fn, fut)
                 continue
             if self._gather_window and self._last_batch > 1:
                 # Under concurrency, a remote store's round trip costs more than the wait: let more
@@ -296,6 +372,8 @@ class StateMachine:
                 self._fail_batch(batch, e)
                 return len(batch.done)
             self.lessor.commit()
+            self.alarms.commit()
+            self._db_size = self.store.size()
             self.applied_index = batch.entries[-1][0]
             self.committed_rev = self.core.rev
             if batch.revisions:
@@ -316,20 +394,19 @@ class StateMachine:
         core = self.core
         batch = _Batch()
         index = self.applied_index
-        no_space = self._over_quota()
         while queue and len(batch.done) < MAX_BATCH:
             (fn, req), fut = queue[0]
-            if isinstance(fn, _Compaction):
+            if isinstance(fn, _Exclusive):
                 break
             queue.popleft()
             before = core.rev
             try:
-                res = self._apply_one(fn, req, no_space)
+                res = self._apply_one(fn, req)
             except Exception as e:
                 batch.done.append((fut, None, e))
                 continue
             rev = core.rev if core.rev != before else 0
-            ops = self.lessor.take_ops()
+            ops = self.lessor.take_ops() + self.alarms.take_ops()
             if rev or ops:
                 kv = core.take_record() if rev else b""
                 index += 1
@@ -339,13 +416,13 @@ class StateMachine:
             batch.done.append((fut, res, None))
         return batch
 
-    def _apply_one(self, fn: Callable, req: Any, no_space: bool) -> Any:
+    def _apply_one(self, fn: Callable, req: Any) -> Any:
         """Apply one request whole or not at all (raising what its caller should see)."""
         core = self.core
         lessor = self.lessor
         before = core.rev
         try:
-            if no_space and fn not in self._allowed_over_quota:
+            if self.alarms.has(alarm_types.NOSPACE) and self._capped(fn, req):
                 raise errors.NO_SPACE
             return fn(req)
         except errors.EtcdError:
@@ -363,18 +440,15 @@ class StateMachine:
         log.error("store append failed", extra={"error": str(e), "entries": len(batch.entries)})
         self.core.truncate(self.committed_rev)
         self.lessor.rollback(self.core.leased_keys(self.core.rev))
+        self.alarms.rollback()
         err = self._store_error(e)
         for fut, _, _ in batch.done:
             if not fut.done():
                 fut.set_exception(err)
 
-    async def _compact(self, rev: int, fut: asyncio.Future) -> None:
+    async def _run_exclusive(self, op: _Exclusive, fut: asyncio.Future) -> None:
         try:
-            if rev <= self.core.compact_rev:
-                raise errors.COMPACTED
-            if rev > self.core.rev:
-                raise errors.FUTURE_REV
-            await self.store.compact(rev)
+            res = await op.run()
         except errors.EtcdError as e:
             if not fut.done():
                 fut.set_exception(e)
@@ -383,9 +457,34 @@ class StateMachine:
             if not fut.done():
                 fut.set_exception(self._store_error(e))
             return
-        self.core.compact(rev)
         if not fut.done():
-            fut.set_result(self.committed_rev)
+            fut.set_result(res)
+
+    async def _compact(self, rev: int) -> int:
+        if rev <= self.core.compact_rev:
+            raise errors.COMPACTED
+        if rev > self.core.rev:
+            raise errors.FUTURE_REV
+        await self.store.compact(rev)
+        self.core.compact(rev)
+        return self.committed_rev
+
+    async def _defragment(self) -> None:
+        t0 = time.monotonic()
+        before = self.store.size()
+        if self.applied_index:
+            # Even with no entry since the last snapshot: that one may still hold history compacted since.
+            if self._snapshot_task is not None:
+                await self._snapshot_task
+            self._last_snapshot_index = self.applied_index
+            await self.store.save_snapshot(self.applied_index, self._snapshot_chunks())
+        await self.store.defragment()
+        self._db_size = self.store.size()
+        log.info(
+            "finished defragmenting",
+            extra={"current-db-size-bytes": before, "new-db-size-bytes": self._db_size,
+                   "took": f"{time.monotonic() - t0:.3f}s"},
+        )
 
     # -------------------------------------------------------------- lease timers
 
@@ -437,16 +536,31 @@ class StateMachine:
         if self._snapshot_task is not None and not self._snapshot_task.done():
             return
         index = self.applied_index
-        core_dump = self.core.dump(self.committed_rev)
-        data = struct.pack("<Q", len(core_dump)) + core_dump + self.lessor.dump()
         self._last_snapshot_index = index
-        chunks = [data[i : i + SNAPSHOT_CHUNK] for i in range(0, len(data), SNAPSHOT_CHUNK)]
-        self._snapshot_task = asyncio.create_task(self._save_snapshot(index, chunks))
+        self._snapshot_task = asyncio.create_task(self._save_snapshot(index, self._snapshot_chunks()))
+
+    def snapshot_bytes(self) -> bytes:
+        """The whole state at ``committed_rev``, as ``_load_snapshot`` reads it back."""
+        core, leases = self.core.dump(self.committed_rev), self.lessor.dump()
+        lengths = struct.pack("<QQ", len(core), len(leases))
+        return SNAPSHOT_MAGIC + lengths + core + leases + self.alarms.dump()
+
+    def _snapshot_chunks(self) -> list[bytes]:
+        data = self.snapshot_bytes()
+        return [data[i : i + SNAPSHOT_CHUNK] for i in range(0, len(data), SNAPSHOT_CHUNK)]
 
     def _load_snapshot(self, data: bytes) -> None:
-        (n,) = struct.unpack_from("<Q", data)
-        self.core.load(data[8 : 8 + n])
-        self.lessor.load(data[8 + n :])
+        if not data.startswith(SNAPSHOT_MAGIC):  # written before alarms were state
+            (n,) = struct.unpack_from("<Q", data)
+            self.core.load(data[8 : 8 + n])
+            self.lessor.load(data[8 + n :])
+            return
+        pos = len(SNAPSHOT_MAGIC)
+        n_core, n_leases = struct.unpack_from("<QQ", data, pos)
+        pos += 16
+        self.core.load(data[pos : pos + n_core])
+        self.lessor.load(data[pos + n_core : pos + n_core + n_leases])
+        self.alarms.load(data[pos + n_core + n_leases :])
 
     async def _save_snapshot(self, index: int, chunks: list[bytes]) -> None:
         try:

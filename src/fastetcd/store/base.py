@@ -61,6 +61,12 @@ class Store(Protocol):
     def size(self) -> int:
         """Bytes the store occupies (etcd's db size)."""
 
+    def size_in_use(self) -> int:
+        """Bytes of ``size`` that hold live data (etcd's dbSizeInUse)."""
+
+    async def defragment(self) -> None:
+        """Give the space that dropped log entries and snapshots left behind back to the file system."""
+
     async def close(self) -> None:
         """Flush and release everything."""
 

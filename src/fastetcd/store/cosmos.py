@@ -859,6 +859,12 @@ class CosmosStore:
     def size(self) -> int:
         return self._snapshot_bytes + self._log_bytes
 
+    def size_in_use(self) -> int:
+        return self.size()  # dropped items free their space in Cosmos at once: nothing to give back
+
+    async def defragment(self) -> None:
+        """Nothing to do: Cosmos reclaims deleted items' space itself."""
+
     async def _query(self, pk: str, sql: str, **params: Any) -> list[dict[str, Any]]:
         # `c.pk = @pk` in every WHERE: harmless for Cosmos, required by some emulators.
         parameters = [{"name": "@pk", "value": pk}] + [

@@ -59,6 +59,7 @@ class EmbeddedStore:
         self._snapshot_index = 0
         # Set once a COMMIT failed in a way that leaves its outcome unknown; see _append.
         self._broken: str | None = None
+        self._free_bytes = 0  # free pages inside the database file, counted after each write transaction
         self._recovered = False  # open() got as far as a usable database
 
     # ----------------------------------------------------------------- async API (event loop side)
@@ -86,6 +87,10 @@ class EmbeddedStore:
         chunk_list = list(chunks)
         await self._run(self._save_snapshot, index, chunk_list)
 
+    async def install_snapshot(self, index: int, state: bytes, compact_rev: int) -> None:
+        """Make an empty store start from ``state`` at log index ``index`` (a restore)."""
+        await self._run(self._install_snapshot, index, state, compact_rev)
+
     def size(self) -> int:
         total = 0
         for path in (self.db_path, self.db_path + "-wal"):
@@ -94,6 +99,13 @@ class EmbeddedStore:
             except FileNotFoundError:
                 pass
         return total
+
+    def size_in_use(self) -> int:
+        # SQLite keeps freed pages in the file for reuse; they are what VACUUM gives back.
+        return max(self.size() - self._free_bytes, 0)
+
+    async def defragment(self) -> None:
+        await self._run(self._defragment)
 
     async def close(self) -> None:
         if self._executor is not None:
@@ -236,6 +248,7 @@ class EmbeddedStore:
 
         self._last_index = entries[-1][0] if entries else (snapshot_index or None)
         self._snapshot_index = snapshot_index
+        self._count_free_pages(conn)
         self._recovered = True
         _log.info(
             "opened embedded store",
@@ -280,6 +293,7 @@ class EmbeddedStore:
                 raise Uncertain(f"append of log indexes {first}..{last} has unknown outcome: {e}") from e
             raise StoreError(f"append of log indexes {first}..{last} failed: {e}") from e
         self._last_index = last
+        self._count_free_pages(conn)
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
@@ -332,6 +346,31 @@ class EmbeddedStore:
             conn.execute("DELETE FROM snapshot WHERE idx < ?", (index,))
             conn.execute("DELETE FROM log WHERE idx <= ?", (index,))
         self._snapshot_index = index
+        self._count_free_pages(self._check_usable())
+
+    def _defragment(self) -> None:
+        conn = self._check_usable()
+        try:
+            conn.execute("VACUUM")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as e:
+            raise StoreError(f"defragmenting {DB_FILE} failed: {e}") from e
+        self._count_free_pages(conn)
+
+    def _count_free_pages(self, conn: sqlite3.Connection) -> None:
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        self._free_bytes = free * conn.execute("PRAGMA page_size").fetchone()[0]
+
+    def _install_snapshot(self, index: int, state: bytes, compact_rev: int) -> None:
+        if self._last_index is not None:
+            raise StoreError(f"data dir {self.data_dir} is not empty")
+        with self._transaction(f"installing a snapshot at index {index}") as conn:
+            conn.execute("INSERT INTO snapshot (idx, chunk, data) VALUES (?, 0, ?)", (index, state))
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("snapshot_index", index), ("compact_rev", compact_rev)],
+            )
+        self._last_index = self._snapshot_index = index
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
