@@ -11,13 +11,19 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from prometheus_client import REGISTRY
+
 from fastetcd import __version__
 from fastetcd.config import Config
 from fastetcd.engine.compactor import Compactor
 from fastetcd.engine.state_machine import StateMachine
+from fastetcd.engine.state_metrics import StateCollector
 from fastetcd.server import grpc_transport
 from fastetcd.server.cluster import ClusterService
 from fastetcd.server.header import Header, member_id_for
+from fastetcd.server.health import HealthService
+from fastetcd.server.http_endpoints import HttpEndpoints
+from fastetcd.server.http_listener import HttpListener
 from fastetcd.server.kv import KVService
 from fastetcd.server.lease import LeaseService
 from fastetcd.server.maintenance import MaintenanceService
@@ -61,13 +67,17 @@ def etcd_routes(
                         "MoveLeader": maintenance.move_leader},
         "Cluster": {"MemberList": cluster.member_list},
     }
-    # Snapshot streams only responses; served as a bidi stream, it looks the same on the wire.
+    health = HealthService()
+    # Snapshot and health Watch stream only responses; served as bidi streams, they look the same on the wire.
     streams = {"Watch", "LeaseKeepAlive", "Snapshot"}
-    return {
+    routes: Routes = {
         f"/etcdserverpb.{service}/{method}": (BIDI if method in streams else UNARY, fn)
         for service, handlers in methods.items()
         for method, fn in handlers.items()
     }
+    routes["/grpc.health.v1.Health/Check"] = (UNARY, health.check)
+    routes["/grpc.health.v1.Health/Watch"] = (BIDI, health.watch)
+    return routes
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
@@ -88,6 +98,9 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         revision_interval=config.auto_compaction_revision_interval,
     )
     compactor.start()
+    state_metrics = StateCollector(sm)
+    REGISTRY.register(state_metrics)
+    http = HttpListener(HttpEndpoints(sm))
     watch = None
     try:
         header = Header(cluster_id=member_id ^ 0x5A5A5A5A5A5A5A5A, member_id=member_id)
@@ -122,6 +135,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             extra={"address": ",".join(config.listen_client_urls), "version": __version__,
                    "revision": sm.committed_rev},
         )
+        for url in config.metrics_urls:
+            await http.listen(url.host, url.port)
+        if config.metrics_urls:
+            log.info("serving metrics and health", extra={"address": ",".join(config.listen_metrics_urls)})
         try:
             stopped = asyncio.ensure_future(stop.wait())
             halted = asyncio.ensure_future(sm.halt.wait())
@@ -130,8 +147,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             halted.cancel()
         finally:
             log.info("stopping server")
+            await http.stop()
             await server.stop(grace=2)
     finally:
+        REGISTRY.unregister(state_metrics)
         await compactor.stop()
         if watch is not None:
             await watch.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastetcd import errors
+from fastetcd import errors, metrics
 from fastetcd._core import MVCC, encode_kv
 from fastetcd.engine.go_sort import go_sort
 from fastetcd.engine.lessor import Lessor
@@ -120,6 +120,7 @@ class WriteTxn:
         old = self.core.lease_of(key, self.current_rev())
         self.core.put(key, value, lease, self.rev, self.sub)
         self.sub += 1
+        metrics.MVCC_PUT.inc()
         if old != lease:
             if old:
                 self.lessor.detach(old, key)

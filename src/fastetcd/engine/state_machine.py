@@ -23,7 +23,7 @@ from typing import Any
 
 import crc32c
 
-from fastetcd import errors
+from fastetcd import errors, metrics
 from fastetcd._core import MVCC
 from fastetcd.engine import alarms as alarm_types
 from fastetcd.engine import kv_hash, log_entry, quota
@@ -196,9 +196,16 @@ class StateMachine:
         """Bytes the store occupies (etcd's dbSize)."""
         return self.store.size()
 
+    def key_count(self) -> int:
+        """Keys with any retained version (etcd's keys gauge)."""
+        return len(self.core)
+
     def active_alarms(self) -> list[tuple[int, int]]:
         """(member id, alarm type) of every raised alarm."""
         return self.alarms.get()
+
+    def has_alarm(self, alarm: int) -> bool:
+        return self.alarms.has(alarm)
 
     def hash_kv(self, rev: int) -> tuple[int, int, int]:
         """etcd's HashByRev: (hash of the key space at ``rev``, current revision, compact revision)."""
@@ -316,6 +323,7 @@ class StateMachine:
     def _store_error(self, e: StoreError) -> errors.EtcdError:
         """What the callers of a failed batch see; a store we can no longer trust halts all writes."""
         if isinstance(e, Throttled):
+            metrics.STORE_THROTTLED.inc()
             return errors.TOO_MANY_REQUESTS()
         if isinstance(e, Fenced | Uncertain):
             if self.halted is None:
@@ -366,11 +374,14 @@ class StateMachine:
         """Apply and make durable what is queued (up to MAX_BATCH requests); returns how many it took."""
         batch = self._apply_queued()
         if batch.entries:
+            t0 = time.perf_counter()
             try:
                 await self.store.append(batch.entries)
             except StoreError as e:
                 self._fail_batch(batch, e)
                 return len(batch.done)
+            metrics.STORE_APPEND.observe(time.perf_counter() - t0)
+            metrics.BATCH_SIZE.observe(len(batch.done))
             self.lessor.commit()
             self.alarms.commit()
             self._db_size = self.store.size()

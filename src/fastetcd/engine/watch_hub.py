@@ -120,6 +120,12 @@ class WatchHub:
         self._ring_bytes: list[int] = []
         self._ring_total = 0
 
+    def watcher_count(self) -> int:
+        return sum(self._refs.values())
+
+    def ring_bytes(self) -> int:
+        return self._ring_total
+
     # -------------------------------------------------------------- streams and watchers
 
     def register(self, sink: Sink) -> int:

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf.message import DecodeError
 
-from fastetcd import errors
+from fastetcd import errors, metrics
+from fastetcd.metrics import RpcMetrics
 from fastetcd.server.routes import UNARY, Bidi, Routes, Unary
 
 log = logging.getLogger(__name__)
@@ -23,27 +24,52 @@ log = logging.getLogger(__name__)
 GRPC_OVERHEAD_BYTES = 512 * 1024
 
 
-def _unary(fn: Unary) -> grpc.RpcMethodHandler:
+def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        rpc.started.inc()
+        metrics.GRPC_RECEIVED_BYTES.inc(len(request))
         try:
-            return await fn(request)
+            response = await fn(request)
         except errors.EtcdError as e:
+            rpc.handled(e.code)
             await context.abort(grpc.StatusCode[e.code], e.message)
         except DecodeError as e:
+            rpc.handled("INTERNAL")
             await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {e}")
+        else:
+            rpc.handled("OK")
+            metrics.GRPC_SENT_BYTES.inc(len(response))
+            return response
         raise AssertionError("unreachable")  # context.abort raises
 
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def _bidi(fn: Bidi) -> grpc.RpcMethodHandler:
+def _bidi(fn: Bidi, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        rpc.started.inc()
+
+        async def counted() -> AsyncIterator[bytes]:
+            async for request in requests:
+                metrics.GRPC_RECEIVED_BYTES.inc(len(request))
+                yield request
+
+        async def send(response: bytes) -> None:
+            metrics.GRPC_SENT_BYTES.inc(len(response))
+            await context.write(response)
+
+        code = "CANCELLED"  # unless the handler finishes one way or another below
         try:
-            await fn(requests, context.write)
+            await fn(counted(), send)
+            code = "OK"
         except errors.EtcdError as e:
+            code = e.code
             await context.abort(grpc.StatusCode[e.code], e.message)
         except DecodeError as e:
+            code = "INTERNAL"
             await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {e}")
+        finally:
+            rpc.handled(code)
 
     return grpc.stream_stream_rpc_method_handler(handler)
 
@@ -53,7 +79,10 @@ def _generic_handlers(routes: Routes) -> list[grpc.GenericRpcHandler]:
     services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
     for path, (kind, fn) in routes.items():
         service, method = path.lstrip("/").split("/")
-        handler = _unary(fn) if kind == UNARY else _bidi(fn)  # type: ignore[arg-type]
+        if kind == UNARY:
+            handler = _unary(fn, RpcMetrics("unary", path))  # type: ignore[arg-type]
+        else:
+            handler = _bidi(fn, RpcMetrics("bidi_stream", path))  # type: ignore[arg-type]
         services.setdefault(service, {})[method] = handler
     return [grpc.method_handlers_generic_handler(name, methods) for name, methods in services.items()]
 

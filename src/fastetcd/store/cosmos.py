@@ -52,6 +52,7 @@ import os
 import secrets
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         f"the Cosmos DB store needs azure-cosmos and aiohttp (pip install 'fastetcd[cosmos]'): {e}"
     ) from e
 
+from fastetcd import metrics
 from fastetcd.store.base import Fenced, Recovered, StoreError, Throttled, Uncertain, check_append
 
 _log = logging.getLogger(__name__)
@@ -524,6 +526,7 @@ class CosmosStore:
         head_op: tuple[Any, ...] = (
             ("create", (head,)) if creating else ("replace", (HEAD, head), {"if_match_etag": self._head_etag})
         )
+        t0 = time.perf_counter()
         try:
             results = await self._container.execute_item_batch(
                 [head_op, ("create", (item,))], partition_key=pk
@@ -536,6 +539,8 @@ class CosmosStore:
         else:
             self._head_etag = results[0]["eTag"]
             self._head_segment = segment
+            metrics.BACKEND_COMMIT.observe(time.perf_counter() - t0)
+            self._count_request_units()
         self._last = last
         self._segment_starts.setdefault(segment, first)
         self._batch_sizes.append((last, len(payload)))
@@ -886,6 +891,13 @@ class CosmosStore:
             raise self._error(f"reading {item_id} in {pk}", e) from e
         except (AzureError, OSError, aiohttp.ClientError) as e:
             raise self._error(f"reading {item_id} in {pk}", e) from e
+
+    def _count_request_units(self) -> None:
+        headers = getattr(getattr(self._container, "client_connection", None), "last_response_headers", None)
+        try:
+            metrics.COSMOS_REQUEST_UNITS.inc(float((headers or {}).get("x-ms-request-charge", 0)))
+        except (TypeError, ValueError):
+            pass  # a header we cannot read costs us a sample, not an append
 
     def _error(self, what: str, e: BaseException) -> StoreError:
         if _status(e) == 429:
