@@ -64,7 +64,7 @@ def etcd_routes(
         "Maintenance": {"Status": maintenance.status, "Alarm": maintenance.alarm,
                         "Defragment": maintenance.defragment, "Hash": maintenance.hash,
                         "HashKV": maintenance.hash_kv, "Snapshot": maintenance.snapshot,
-                        "MoveLeader": maintenance.move_leader},
+                        "MoveLeader": maintenance.move_leader, "Downgrade": maintenance.downgrade},
         "Cluster": {"MemberList": cluster.member_list},
     }
     health = HealthService()

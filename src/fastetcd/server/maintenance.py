@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from fastetcd import ETCD_COMPAT_VERSION, errors
+from fastetcd import ETCD_CLUSTER_VERSION, ETCD_COMPAT_VERSION, errors
 from fastetcd.engine import alarms as alarm_types
 from fastetcd.engine.snapshot_file import SnapshotFile
 from fastetcd.engine.state_machine import StateMachine
@@ -15,6 +16,27 @@ from fastetcd.server.header import Header
 SNAPSHOT_PIECE = 32 * 1024
 
 BAD_LEADER_TRANSFEREE = errors.EtcdError("FAILED_PRECONDITION", "etcdserver: bad leader transferee")
+WRONG_DOWNGRADE_FORMAT = errors.EtcdError(
+    "INVALID_ARGUMENT", "etcdserver: wrong downgrade target version format"
+)
+INVALID_DOWNGRADE_TARGET = errors.EtcdError(
+    "INVALID_ARGUMENT", "etcdserver: invalid downgrade target version"
+)
+DOWNGRADE_IN_PROGRESS = errors.EtcdError(
+    "FAILED_PRECONDITION", "etcdserver: cluster has a downgrade job in progress"
+)
+NO_INFLIGHT_DOWNGRADE = errors.EtcdError("FAILED_PRECONDITION", "etcdserver: no inflight downgrade job")
+UNKNOWN_METHOD = errors.EtcdError("UNKNOWN", "etcdserver: unknown method")
+# coreos/go-semver's grammar, which etcd parses a downgrade target with (after trying VERSION + ".0")
+_SEMVER = re.compile(r"^(\d+)\.(\d+)\.\d+(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
+
+
+def downgrade_target(version: str) -> tuple[int, int]:
+    """etcd's convertToClusterVersion: "3.4" and "3.4.2" both mean cluster version 3.4."""
+    m = _SEMVER.match(version) or _SEMVER.match(version + ".0")
+    if m is None:
+        raise WRONG_DOWNGRADE_FORMAT
+    return int(m.group(1)), int(m.group(2))
 
 
 def alarm_text(member_id: int, alarm: int) -> str:
@@ -26,6 +48,9 @@ class MaintenanceService:
     def __init__(self, sm: StateMachine, header: Header) -> None:
         self.sm = sm
         self.header = header
+        # etcd's downgrade job: enabling one only marks the cluster as allowed to run the previous minor
+        # version's binaries; fastetcd has none, so the mark changes nothing but the answers below.
+        self._downgrading = False
 
     def _fill(self, resp) -> bytes:
         resp.header.SetInParent()
@@ -73,6 +98,23 @@ class MaintenanceService:
         if r.targetID != self.header.member_id:
             raise BAD_LEADER_TRANSFEREE
         return self._fill(pb.MoveLeaderResponse())
+
+    async def downgrade(self, raw: bytes) -> bytes:
+        r = pb.DowngradeRequest.FromString(raw)
+        cluster = tuple(int(p) for p in ETCD_CLUSTER_VERSION.split(".")[:2])
+        if r.action == pb.DowngradeRequest.CANCEL:
+            if not self._downgrading:
+                raise NO_INFLIGHT_DOWNGRADE
+            self._downgrading = False
+            return self._fill(pb.DowngradeResponse(version=ETCD_CLUSTER_VERSION))
+        if r.action not in (pb.DowngradeRequest.VALIDATE, pb.DowngradeRequest.ENABLE):
+            raise UNKNOWN_METHOD
+        if downgrade_target(r.version) != (cluster[0], cluster[1] - 1):
+            raise INVALID_DOWNGRADE_TARGET
+        if self._downgrading:
+            raise DOWNGRADE_IN_PROGRESS
+        self._downgrading = r.action == pb.DowngradeRequest.ENABLE
+        return self._fill(pb.DowngradeResponse(version=ETCD_CLUSTER_VERSION))
 
     async def snapshot(
         self, requests: AsyncIterator[bytes], send: Callable[[bytes], Awaitable[None]]
