@@ -312,3 +312,22 @@ def test_downgrade_job_enable_and_cancel(server_factory: ServerFactory) -> None:
     in_progress = ("FAILED_PRECONDITION", "etcdserver: cluster has a downgrade job in progress")
     assert got == [("OK", "3.5.0"), in_progress, in_progress, ("OK", "3.5.0"),
                    ("FAILED_PRECONDITION", "etcdserver: no inflight downgrade job")]
+
+
+def test_credentialed_clients_connect_while_auth_is_off(server_factory: ServerFactory) -> None:
+    """etcdctl --user calls Authenticate first; etcd's 'authentication is not enabled' lets it carry on."""
+    answers = []
+    for kind in ("fastetcd", "etcd"):
+        s = server_factory(kind, kind)
+        ctl(s, "put", "k", "v")
+        got = [ctl(s, "--user", "root:pw", "get", "k", "--print-value-only"), ctl(s, "auth", "status")]
+        with grpc.insecure_channel(s.endpoint) as ch:
+            auth = rpc_pb2_grpc.AuthStub(ch)
+            try:
+                auth.Authenticate(rpc_pb2.AuthenticateRequest(name="root", password="pw"), timeout=10)
+            except grpc.RpcError as e:
+                got.append((e.code(), e.details()))
+            got.append(len(auth.UserList(rpc_pb2.AuthUserListRequest(), timeout=10).users))
+        answers.append(got)
+    assert answers[0] == answers[1]
+    assert answers[0][0] == "v\n"

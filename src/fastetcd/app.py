@@ -19,6 +19,7 @@ from fastetcd.engine.compactor import Compactor
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.engine.state_metrics import StateCollector
 from fastetcd.server import grpc_transport
+from fastetcd.server.auth import AuthService
 from fastetcd.server.cluster import ClusterService
 from fastetcd.server.header import Header, member_id_for
 from fastetcd.server.health import HealthService
@@ -52,7 +53,7 @@ def open_store(config: Config) -> Store:
 
 def etcd_routes(
     kv: KVService, watch: WatchService, lease: LeaseService, maintenance: MaintenanceService,
-    cluster: ClusterService,
+    cluster: ClusterService, auth: AuthService,
 ) -> Routes:
     """etcd's gRPC method paths → the services' raw-bytes handlers, for any transport."""
     methods: dict[str, dict[str, Unary | Bidi]] = {
@@ -66,6 +67,8 @@ def etcd_routes(
                         "HashKV": maintenance.hash_kv, "Snapshot": maintenance.snapshot,
                         "MoveLeader": maintenance.move_leader, "Downgrade": maintenance.downgrade},
         "Cluster": {"MemberList": cluster.member_list},
+        "Auth": {"Authenticate": auth.authenticate, "AuthStatus": auth.auth_status,
+                 "UserList": auth.user_list, "RoleList": auth.role_list},
     }
     health = HealthService()
     # Snapshot and health Watch stream only responses; served as bidi streams, they look the same on the wire.
@@ -120,6 +123,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             LeaseService(sm, header),
             MaintenanceService(sm, header),
             ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls),
+            AuthService(sm, header),
         )
         server = grpc_transport.build_server(routes, max_request_bytes=config.max_request_bytes)
         for url in config.client_urls:
