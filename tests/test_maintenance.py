@@ -331,3 +331,13 @@ def test_credentialed_clients_connect_while_auth_is_off(server_factory: ServerFa
         answers.append(got)
     assert answers[0] == answers[1]
     assert answers[0][0] == "v\n"
+
+
+@pytest.mark.slow
+def test_etcdctl_check_perf_small_load_passes(server_factory: ServerFactory) -> None:
+    """etcd's own acceptance check for a member: 60 s at 150 writes/s, slowest request under 0.5 s."""
+    fe = server_factory("fastetcd", "fe")
+    code, out, err = run_etcdctl(fe.endpoint, ["check", "perf", "--load=s"], timeout=180)
+    lines = (out + err).replace("\r", "\n").splitlines()
+    verdicts = [line for line in lines if line.startswith(("PASS", "FAIL"))]
+    assert code == 0 and verdicts[-1] == "PASS", verdicts
