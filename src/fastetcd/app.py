@@ -21,12 +21,14 @@ from fastetcd.engine.state_metrics import StateCollector
 from fastetcd.server import grpc_transport
 from fastetcd.server.auth import AuthService
 from fastetcd.server.cluster import ClusterService
+from fastetcd.server.election import ElectionService
 from fastetcd.server.header import Header, member_id_for
 from fastetcd.server.health import HealthService
 from fastetcd.server.http_endpoints import HttpEndpoints
 from fastetcd.server.http_listener import HttpListener
 from fastetcd.server.kv import KVService
 from fastetcd.server.lease import LeaseService
+from fastetcd.server.lock import LockService
 from fastetcd.server.maintenance import MaintenanceService
 from fastetcd.server.routes import BIDI, UNARY, Bidi, Routes, Unary
 from fastetcd.server.watch import WatchService
@@ -53,7 +55,7 @@ def open_store(config: Config) -> Store:
 
 def etcd_routes(
     kv: KVService, watch: WatchService, lease: LeaseService, maintenance: MaintenanceService,
-    cluster: ClusterService, auth: AuthService,
+    cluster: ClusterService, auth: AuthService, lock: LockService, election: ElectionService,
 ) -> Routes:
     """etcd's gRPC method paths → the services' raw-bytes handlers, for any transport."""
     methods: dict[str, dict[str, Unary | Bidi]] = {
@@ -80,6 +82,13 @@ def etcd_routes(
     }
     routes["/grpc.health.v1.Health/Check"] = (UNARY, health.check)
     routes["/grpc.health.v1.Health/Watch"] = (BIDI, health.watch)
+    # etcd's server-side concurrency recipes (server/etcdserver/api/v3lock, v3election)
+    routes["/v3lockpb.Lock/Lock"] = (UNARY, lock.lock)
+    routes["/v3lockpb.Lock/Unlock"] = (UNARY, lock.unlock)
+    for method, fn in (("Campaign", election.campaign), ("Proclaim", election.proclaim),
+                       ("Leader", election.leader), ("Resign", election.resign)):
+        routes[f"/v3electionpb.Election/{method}"] = (UNARY, fn)
+    routes["/v3electionpb.Election/Observe"] = (BIDI, election.observe)  # a server stream, as Snapshot
     return routes
 
 
@@ -124,6 +133,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             MaintenanceService(sm, header),
             ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls),
             AuthService(sm, header),
+            LockService(sm, header, max_request_bytes=config.max_request_bytes),
+            ElectionService(sm, header, max_request_bytes=config.max_request_bytes),
         )
         server = grpc_transport.build_server(routes, max_request_bytes=config.max_request_bytes)
         for url in config.client_urls:
