@@ -9,6 +9,7 @@ are checked against fastetcd the same way.
 
 from __future__ import annotations
 
+import asyncio
 import difflib
 import os
 import queue
@@ -16,17 +17,23 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 from servers import ServerPair
 
+from fastetcd.engine.state_machine import StateMachine
+from fastetcd.proto import kv_pb2, rpc_pb2_grpc, v3election_pb2_grpc, v3lock_pb2_grpc
 from fastetcd.proto import rpc_pb2 as pb
-from fastetcd.proto import rpc_pb2_grpc, v3election_pb2_grpc, v3lock_pb2_grpc
 from fastetcd.proto import v3election_pb2 as epb
 from fastetcd.proto import v3lock_pb2 as lpb
+from fastetcd.server.election import ElectionService
+from fastetcd.server.header import Header
+from fastetcd.server.lock import LockService
+from fastetcd.store.embedded import EmbeddedStore
 
 WAIT_S = 15.0  # a lease of 2 s expires within about 2.5 s on both servers; leave room on a busy machine
 
@@ -469,3 +476,65 @@ def test_etcdctl_lock_and_elect(server_pair: ServerPair, etcdctl: Callable[..., 
         "ctl-elect/<lease>", "first", "ctl-elect/<lease>", "first",
         "second campaigner waiting: True", "ctl-elect/<lease>", "second", "ctl-elect/<lease>", "second",
     ]
+
+
+# ------------------------------------------------------------------------------------------------ in process
+
+
+def test_canceled_waits_leave_nothing_behind(tmp_path: Path) -> None:
+    """A Lock, a Campaign and an Observe that wait hold one hub registration each and no task; canceling them
+    (what a transport does when the client goes away) drops the registrations, and the cleanup etcd does
+    (delete the waiter's key, resign) runs while other writes carry on."""
+
+    async def main() -> None:
+        store = EmbeddedStore(str(tmp_path / "data"))
+        sm = StateMachine(store)
+        await sm.start()
+        try:
+            header = Header(cluster_id=1, member_id=2)
+            locks = LockService(sm, header, max_request_bytes=1 << 20)
+            elections = ElectionService(sm, header, max_request_bytes=1 << 20)
+            l1 = (await sm.lease_grant(pb.LeaseGrantRequest(TTL=60))).ID
+            l2 = (await sm.lease_grant(pb.LeaseGrantRequest(TTL=60))).ID
+            await locks.lock(lpb.LockRequest(name=b"n", lease=l1).SerializeToString())
+            await elections.campaign(epb.CampaignRequest(name=b"e", lease=l1).SerializeToString())
+            hub = sm.watch_hub
+            before = len(hub._sinks)
+            sent: list[bytes] = []
+
+            async def send(msg: bytes) -> None:
+                sent.append(msg)
+
+            async def one(request: epb.LeaderRequest) -> AsyncIterator[bytes]:
+                yield request.SerializeToString()
+                await asyncio.Event().wait()  # a client that keeps its side open
+
+            waits = [
+                asyncio.create_task(locks.lock(lpb.LockRequest(name=b"n", lease=l2).SerializeToString())),
+                asyncio.create_task(elections.campaign(
+                    epb.CampaignRequest(name=b"e", lease=l2).SerializeToString())),
+                asyncio.create_task(elections.observe(one(epb.LeaderRequest(name=b"e")), send)),
+            ]
+            while len(hub._sinks) < before + 3:
+                await asyncio.sleep(0.01)
+            # the writer is free while they wait
+            await sm.put(pb.PutRequest(key=b"other", value=b"v"))
+            assert not any(t.done() for t in waits) and len(sent) == 1
+            for t in waits:
+                t.cancel()
+            for t in waits:
+                with pytest.raises(asyncio.CancelledError):
+                    await t
+            assert len(hub._sinks) == before
+            for _ in range(100):  # the cleanups run on their own
+                keys = [kv_pb2.KeyValue.FromString(kv).key for kv in sm.range(pb.RangeRequest(
+                    key=b"\0", range_end=b"\0")).kvs]
+                if keys == [b"e/%x" % l1, b"n/%x" % l1, b"other"]:
+                    break
+                await asyncio.sleep(0.01)
+            assert keys == [b"e/%x" % l1, b"n/%x" % l1, b"other"]
+        finally:
+            await sm.stop()
+            await store.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
