@@ -33,8 +33,9 @@ class LockService:
         key = prefix + lease_hex(lease)
         # Mutex.tryAcquire: enqueue myKey unless this lease already did; read the owner in the same txn.
         owner = pb.RequestOp(request_range=first_create(prefix))
+        unqueued = pb.Compare(key=key, target=pb.Compare.CREATE, result=pb.Compare.EQUAL, create_revision=0)
         resp = await c.txn(pb.TxnRequest(
-            compare=[pb.Compare(key=key, target=pb.Compare.CREATE, result=pb.Compare.EQUAL)],
+            compare=[unqueued],
             success=[pb.RequestOp(request_put=pb.PutRequest(key=key, lease=lease)), owner],
             failure=[pb.RequestOp(request_range=pb.RangeRequest(key=key)), owner],
         ))
