@@ -184,6 +184,34 @@ def test_lock_mutual_exclusion(server_pair: ServerPair) -> None:
     assert [e[0] for e in log if e[0] in ("a locks", "b locks")] == ["a locks", "b locks"]
 
 
+def scenario_lock_counter(c: Client) -> None:
+    """Six clients each increment a counter five times with a plain read and a plain put, under the lock:
+    without mutual exclusion increments get lost."""
+    workers, rounds = 6, 5
+    c.kv.Put(pb.PutRequest(key=b"counter", value=b"0"))
+
+    def work() -> None:
+        lease = c.grant(60)
+        for _ in range(rounds):
+            held = c.lock.Lock(lpb.LockRequest(name=b"ctr", lease=lease), timeout=60)
+            value = int(c.kv.Range(pb.RangeRequest(key=b"counter")).kvs[0].value)
+            time.sleep(0.002)  # widen the window a lost update needs
+            c.kv.Put(pb.PutRequest(key=b"counter", value=b"%d" % (value + 1)))
+            c.lock.Unlock(lpb.UnlockRequest(key=held.key))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for f in [pool.submit(work) for _ in range(workers)]:
+            f.result()
+    got = c.kv.Range(pb.RangeRequest(key=b"counter"))
+    # every round writes three revisions (lock, put, unlock) after the counter's own put at revision 2
+    c.record("counter", got.kvs[0].value, got.header.revision, c.keys(b"ctr/"))
+
+
+def test_lock_serializes_read_modify_write(server_pair: ServerPair) -> None:
+    log = differential(server_pair, scenario_lock_counter)
+    assert log == [("counter", b"30", 2 + 30 * 3, [])]
+
+
 def scenario_lock_lease_expiry(c: Client) -> None:
     short, long_ = c.grant(2), c.grant(60)
     c.record("a locks", *lock_key(c, c.lock.Lock(lpb.LockRequest(name=b"exp", lease=short))))
