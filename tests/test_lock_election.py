@@ -266,6 +266,7 @@ def test_lock_waiter_whose_lease_expired(server_pair: ServerPair) -> None:
 def scenario_lock_edges(c: Client) -> None:
     c.call("unknown lease", lambda: c.lock.Lock(lpb.LockRequest(name=b"e", lease=0x1234)))
     c.call("unlock no key", lambda: c.lock.Unlock(lpb.UnlockRequest()))
+    c.call("negative lease", lambda: c.lock.Lock(lpb.LockRequest(name=b"e", lease=-5)))
     c.record("unlock missing", c.lock.Unlock(lpb.UnlockRequest(key=b"e/none")).header.revision)
     # lease 0: the server grants a session lease of etcd's default 60 s for the lock
     got = c.lock.Lock(lpb.LockRequest(name=b"e", lease=0))
@@ -387,6 +388,9 @@ def scenario_election_edges(c: Client) -> None:
     c.record("queue", c.keys(b"ed/"))
     c.call("proclaim without leader", lambda: c.election.Proclaim(epb.ProclaimRequest(value=b"x")))
     c.call("resign without leader", lambda: c.election.Resign(epb.ResignRequest()))
+    no_key = epb.LeaderKey(name=b"ed", rev=a.leader.rev, lease=la)
+    c.call("proclaim empty key", lambda: c.election.Proclaim(epb.ProclaimRequest(leader=no_key, value=b"x")))
+    c.call("resign empty key", lambda: c.election.Resign(epb.ResignRequest(leader=no_key)))
     c.call("campaign unknown lease", lambda: c.election.Campaign(
         epb.CampaignRequest(name=b"ed", lease=0x77, value=b"x")))
     wrong_rev = epb.LeaderKey(name=a.leader.name, key=a.leader.key, rev=a.leader.rev + 1, lease=la)
@@ -407,6 +411,7 @@ def test_election_errors_and_defaults(server_pair: ServerPair) -> None:
     assert ("proclaim without leader", *missing) in log and ("resign without leader", *missing) in log
     assert ("value", b"v2") in log and ("granted", 60) in log
     assert ("leader after", "error", "UNKNOWN", "election: no leader") in log
+    assert ("resign empty key", "error", "UNKNOWN", "etcdserver: key is not provided") in log
 
 
 # ------------------------------------------------------------------------------------------------ etcdctl
