@@ -11,7 +11,7 @@ import itertools
 import os
 
 import pytest
-from fastetcd._core import MVCC
+from fastetcd._core import MVCC, KeyVersion
 
 VAL_256 = os.urandom(256)
 VAL_1K = os.urandom(1024)
@@ -91,11 +91,11 @@ def test_point_get(benchmark, kube: MVCC) -> None:
     rev = kube.rev
     keys = itertools.cycle([PREFIX + b"pod-%06d" % i for i in range(0, N_PREFIX, 7)])
 
-    def get() -> tuple:
+    def get() -> KeyVersion:
         return kube.get(next(keys), rev)
 
     got = benchmark(get)
-    assert got[1] <= rev and got[4] == VAL_1K
+    assert got.mod_revision <= rev and got.value == VAL_1K and VAL_1K in got.kv
 
 
 def test_range_items_500(benchmark, kube: MVCC) -> None:
@@ -105,7 +105,7 @@ def test_range_items_500(benchmark, kube: MVCC) -> None:
 
     items, count = benchmark(kube.range_items, start, end, rev, 0)
     assert count == len(items) == 500
-    assert items[0][0] == start and items[-1][5] == VAL_1K and VAL_1K in items[-1][6]
+    assert items[0].key == start and items[-1].value == VAL_1K and VAL_1K in items[-1].kv
 
 
 @pytest.mark.parametrize("keys_only", [False, True], ids=["values", "keys_only"])

@@ -35,6 +35,17 @@ cdef struct Buf:
 
 
 @cython.final
+cdef class KeyVersion:
+    cdef readonly bytes key
+    cdef readonly int64_t create_revision
+    cdef readonly int64_t mod_revision
+    cdef readonly int64_t version
+    cdef readonly int64_t lease
+    cdef readonly bytes value
+    cdef readonly bytes kv        # the encoded mvccpb.KeyValue, shared with the core (not a copy)
+
+
+@cython.final
 cdef class MVCC:
     cdef KeyEntry* ents       # by key id
     cdef int32_t n_ents

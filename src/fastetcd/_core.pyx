@@ -315,6 +315,31 @@ cdef inline void _refresh_head(KeyEntry* e) noexcept nogil:
 
 
 @cython.final
+@cython.no_gc  # its fields are bytes and ints, which cannot form a cycle: skip the collector's bookkeeping
+@cython.freelist(16)
+cdef class KeyVersion:
+    """One live version of one key as a read returns it: mvccpb.KeyValue's fields under the same names, and
+    the encoded KeyValue the core already holds (what a Range or a prev_kv serves, without re-encoding)."""
+
+    def __repr__(self):
+        return (f"KeyVersion(key={self.key!r}, create_revision={self.create_revision}, "
+                f"mod_revision={self.mod_revision}, version={self.version}, lease={self.lease}, "
+                f"value={self.value!r})")
+
+
+cdef KeyVersion _key_version(bytes key, Rev* r):
+    cdef KeyVersion kv = KeyVersion.__new__(KeyVersion)
+    kv.key = key
+    kv.create_revision = r.create
+    kv.mod_revision = r.main
+    kv.version = r.version
+    kv.lease = r.lease
+    kv.value = PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen)
+    kv.kv = <bytes>r.kv
+    return kv
+
+
+@cython.final
 cdef class MVCC:
     """etcd's MVCC key space: versions of every key, readable at any revision >= ``compact_rev``.
 
@@ -688,12 +713,9 @@ cdef class MVCC:
         return r
 
     def get(self, bytes key, int64_t rev):
-        """(create_revision, mod_revision, version, lease, value) of ``key`` at ``rev``, or None."""
+        """The ``KeyVersion`` of ``key`` live at ``rev``, or None."""
         cdef Rev* r = self._live(key, rev)
-        if r == NULL:
-            return None
-        return (r.create, r.main, r.version, r.lease,
-                PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen))
+        return None if r == NULL else _key_version(key, r)
 
     def lease_of(self, bytes key, int64_t rev):
         """The lease of ``key`` at ``rev`` (0 if it has none or is not live)."""
@@ -727,12 +749,11 @@ cdef class MVCC:
         return out, count
 
     def range_items(self, bytes key, bytes end, int64_t rev, Py_ssize_t limit):
-        """Like ``range`` but tuples (key, create, mod, version, lease, value, encoded), for sorts and filters."""
+        """Like ``range`` but ``KeyVersion`` records, for sorts, filters and Txn compares."""
         cdef int32_t lo, hi, i
         cdef Py_ssize_t count = 0
         cdef list out = []
         cdef Rev* r
-        cdef KeyEntry* e
         self._bounds(key, end, &lo, &hi)
         for i in range(lo, hi):
             r = self._at(self.order[i], rev)
@@ -741,10 +762,7 @@ cdef class MVCC:
             count += 1
             if limit > 0 and count > limit:
                 continue
-            e = &self.ents[self.order[i]]
-            out.append((<object>e.key, r.create, r.main, r.version, r.lease,
-                        PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen),
-                        <object>r.kv))
+            out.append(_key_version(<bytes>self.ents[self.order[i]].key, r))
         return out, count
 
     def count(self, bytes key, bytes end, int64_t rev):
