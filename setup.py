@@ -1,10 +1,10 @@
-"""Build the Cython modules (MVCC core, wire encoders); the rest is in pyproject.toml."""
+"""Build the Cython modules (MVCC core, watch matcher, wire encoders); the rest is in pyproject.toml."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
     Extension(name, [f"src/{name.replace('.', '/')}.pyx"], extra_compile_args=["-O3"])
-    for name in ("fastetcd._core", "fastetcd.server._wire")
+    for name in ("fastetcd._core", "fastetcd._watch_index", "fastetcd.server._wire")
 ]
 
 setup(

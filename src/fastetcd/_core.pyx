@@ -12,7 +12,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy, memmove
 
@@ -818,81 +818,3 @@ cdef class MVCC:
             _refresh_head(&self.ents[kid])
         self.rev = rev if rev > 1 else 1
         self.compact_rev = compact_rev
-
-
-# ---------------------------------------------------------------- watch matching
-
-cdef class WatchIndex:
-    """Which watchers want an event on a key: exact keys by hash, ranges by their distinct bounds.
-
-    Watchers with identical bounds share one pyroaring set, so a thousand watchers on one prefix cost one
-    comparison per event, not a thousand.
-    """
-
-    cdef dict exact       # key -> BitMap of watcher ids
-    cdef dict ranges      # (start, end) -> BitMap; end b"" = unbounded
-    cdef list flat        # [(start, end, BitMap)] mirror of ranges for a tight loop
-    cdef object BitMap
-
-    def __cinit__(self):
-        from pyroaring import BitMap
-        self.BitMap = BitMap
-        self.exact = {}
-        self.ranges = {}
-        self.flat = []
-
-    def add(self, uint32_t wid, bytes key, bytes end):
-        """Register watcher ``wid`` for ``key`` (end b"") or [key, end) (end b"\\0" = every key >= key)."""
-        cdef object ids
-        if not end:
-            ids = self.exact.get(key)
-            if ids is None:
-                ids = self.exact[key] = self.BitMap()
-            ids.add(wid)
-            return
-        if end == b"\x00":
-            end = b""
-        ids = self.ranges.get((key, end))
-        if ids is None:
-            ids = self.ranges[(key, end)] = self.BitMap()
-            self.flat.append((key, end, ids))
-        ids.add(wid)
-
-    def remove(self, uint32_t wid, bytes key, bytes end):
-        cdef object ids
-        if not end:
-            ids = self.exact.get(key)
-            if ids is not None:
-                ids.discard(wid)
-                if not ids:
-                    del self.exact[key]
-            return
-        if end == b"\x00":
-            end = b""
-        ids = self.ranges.get((key, end))
-        if ids is not None:
-            ids.discard(wid)
-            if not ids:
-                del self.ranges[(key, end)]
-                self.flat = [t for t in self.flat if t[2] is not ids]
-
-    def match(self, bytes key):
-        """The ids of the watchers interested in ``key`` (a new BitMap, or None when there are none)."""
-        cdef object found = None
-        cdef object ids = self.exact.get(key)
-        cdef tuple t
-        cdef bytes start, end
-        if ids is not None:
-            found = self.BitMap(ids)
-        for t in self.flat:
-            start = <bytes>t[0]
-            end = <bytes>t[1]
-            if key >= start and (not end or key < end):
-                if found is None:
-                    found = self.BitMap(<object>t[2])
-                else:
-                    found |= <object>t[2]
-        return found
-
-    def __len__(self):
-        return sum(len(v) for v in self.exact.values()) + sum(len(v) for v in self.ranges.values())
