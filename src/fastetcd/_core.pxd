@@ -1,6 +1,8 @@
 cimport cython
-# Declarations of the MVCC core, so that other Cython modules (the watch matcher, a compiled transport)
-# can reach its C-level structures without going through Python.
+# The C-level side of _core.pyx: its structures, KeyVersion's fields and MVCC's attributes and methods.
+# Cython reads it to compile _core.pyx; no other module cimports it today (server/_wire.pyx shares only
+# _pb.pxd's helpers with the core, _watch_index.pyx nothing). A compiled module that wants to walk the
+# index without going through Python would cimport it.
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t
 

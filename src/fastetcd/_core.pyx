@@ -1,11 +1,16 @@
 # cython: language_level=3
-"""The MVCC core: etcd's key index and revision store in C structures.
+"""The MVCC core: etcd's key index and revision store in C structures, and the records reads return.
 
 Every key has an id; ``order`` keeps the ids sorted by key bytes so that a range is two binary searches and a
 walk over a C array. Each key's versions (puts and tombstones) sit in one ascending C array; a version owns the
 encoded ``mvccpb.KeyValue`` bytes it will be served as, so a Range answer is a list of existing bytes objects.
 The head revision may run ahead of what the engine has made durable: readers always pass the revision they
 read at, which hides pending versions without copying anything.
+
+Besides ``MVCC`` it holds ``KeyVersion`` (one version as the engine reads it, for sorts, filters and Txn
+compares) and the encoders of what the core stores and emits: ``encode_kv`` and ``encode_event``, which the
+engine's watch hub also uses. Response encoders belong to the server (server/_wire.pyx), watch matching to
+_watch_index.pyx; the protobuf helpers the core and the server's encoders share are in _pb.pxd.
 """
 
 cimport cython
