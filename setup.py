@@ -1,13 +1,10 @@
-"""Build the Cython MVCC core; everything else is declared in pyproject.toml."""
+"""Build the Cython modules (MVCC core, watch matcher, wire encoders); the rest is in pyproject.toml."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
-    Extension(
-        "fastetcd._core",
-        ["src/fastetcd/_core.pyx"],
-        extra_compile_args=["-O3"],
-    )
+    Extension(name, [f"src/{name.replace('.', '/')}.pyx"], extra_compile_args=["-O3"])
+    for name in ("fastetcd._core", "fastetcd._watch_index", "fastetcd.server._wire")
 ]
 
 setup(

@@ -186,7 +186,7 @@ def test_reads_never_see_pending_writes(tmp_path):
             await asyncio.sleep(0.02)
             # The premise: the pending versions really are in the core, above committed_rev.
             assert store.appends[-1] == [4, 5, 6]
-            assert sm.core.rev == 6 and sm.core.get(b"a", 6)[4] == b"new"
+            assert sm.core.rev == 6 and sm.core.get(b"a", 6).value == b"new"
             assert sm.committed_rev == 3
             assert not any(f.done() for f in pending)
 

@@ -8,9 +8,10 @@ mutation, as in etcd, so a request either applies whole or not at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 from fastetcd import errors, metrics
-from fastetcd._core import MVCC, encode_kv
+from fastetcd._core import MVCC, KeyVersion, encode_kv
 from fastetcd.engine.go_sort import go_sort
 from fastetcd.engine.lessor import Lessor
 from fastetcd.proto import rpc_pb2 as pb
@@ -19,13 +20,13 @@ _NONE = pb.RangeRequest.NONE
 _ASCEND = pb.RangeRequest.ASCEND
 _KEY = pb.RangeRequest.KEY
 
-# Indexes into the tuples of MVCC.range_items: (key, create, mod, version, lease, value, encoded)
+# Sort target -> the KeyVersion field it sorts by
 _SORT_FIELD = {
-    pb.RangeRequest.KEY: 0,
-    pb.RangeRequest.CREATE: 1,
-    pb.RangeRequest.MOD: 2,
-    pb.RangeRequest.VERSION: 3,
-    pb.RangeRequest.VALUE: 5,
+    pb.RangeRequest.KEY: attrgetter("key"),
+    pb.RangeRequest.CREATE: attrgetter("create_revision"),
+    pb.RangeRequest.MOD: attrgetter("mod_revision"),
+    pb.RangeRequest.VERSION: attrgetter("version"),
+    pb.RangeRequest.VALUE: attrgetter("value"),
 }
 
 
@@ -46,49 +47,59 @@ def range_kvs(core: MVCC, r: pb.RangeRequest, cur_rev: int) -> RangeResult:
         rev = cur_rev
     if rev < core.compact_rev:
         raise errors.COMPACTED
-    key, end = r.key, r.range_end
     if r.count_only:
-        return RangeResult([], False, core.count(key, end, rev), cur_rev)
-
+        return RangeResult([], False, core.count(r.key, r.range_end, rev), cur_rev)
     filtered = r.min_mod_revision or r.max_mod_revision or r.min_create_revision or r.max_create_revision
+    if r.sort_order == _NONE and r.sort_target == _KEY and not filtered:
+        return _range_in_key_order(core, r, rev, cur_rev)
+    return _range_sorted(core, r, rev, cur_rev, bool(filtered))
+
+
+def _range_in_key_order(core: MVCC, r: pb.RangeRequest, rev: int, cur_rev: int) -> RangeResult:
+    """The common Range: the core's encoded KeyValues as they are, in key order."""
+    limit = r.limit
+    # one more than the limit tells whether there is `more`
+    kvs, count = core.range(r.key, r.range_end, rev, limit + 1 if limit > 0 else 0, r.keys_only)
+    more = 0 < limit < len(kvs)
+    if more:
+        del kvs[limit:]
+    return RangeResult(kvs, more, count, cur_rev)
+
+
+def _range_sorted(core: MVCC, r: pb.RangeRequest, rev: int, cur_rev: int, filtered: bool) -> RangeResult:
+    """A Range that sorts or filters: on KeyVersion records, encoded only at the end."""
     sort_order = r.sort_order
     limit = r.limit
-    # etcd fetches everything when it must sort or filter, else one more than the limit to learn `more`.
+    # etcd fetches everything to sort or filter; a non-key target with order NONE (below) is etcd's quirk:
+    # it fetches one more than the limit in key order and sorts only those.
     fetch = 0 if (sort_order != _NONE or filtered) else (limit + 1 if limit > 0 else 0)
-    if sort_order == _NONE and r.sort_target == _KEY and not filtered:
-        kvs, count = core.range(key, end, rev, fetch, r.keys_only)
-        more = False
-        if 0 < limit < len(kvs):
-            del kvs[limit:]
-            more = True
-        return RangeResult(kvs, more, count, cur_rev)
-
-    items, count = core.range_items(key, end, rev, fetch)
+    items, count = core.range_items(r.key, r.range_end, rev, fetch)
     if filtered:
         items = [
             it
             for it in items
-            if not (r.max_mod_revision and it[2] > r.max_mod_revision)
-            and not (r.min_mod_revision and it[2] < r.min_mod_revision)
-            and not (r.max_create_revision and it[1] > r.max_create_revision)
-            and not (r.min_create_revision and it[1] < r.min_create_revision)
+            if not (r.max_mod_revision and it.mod_revision > r.max_mod_revision)
+            and not (r.min_mod_revision and it.mod_revision < r.min_mod_revision)
+            and not (r.max_create_revision and it.create_revision > r.max_create_revision)
+            and not (r.min_create_revision and it.create_revision < r.min_create_revision)
         ]
     if r.sort_target != _KEY and sort_order == _NONE:
         sort_order = _ASCEND  # etcd's quirk: a non-key target sorts ascending even with order NONE
     if sort_order != _NONE:
         f = _SORT_FIELD[r.sort_target]
         if sort_order == _ASCEND:
-            go_sort(items, lambda a, b: a[f] < b[f])
+            go_sort(items, lambda a, b: f(a) < f(b))
         else:
-            go_sort(items, lambda a, b: b[f] < a[f])
-    more = False
-    if 0 < limit < len(items):
+            go_sort(items, lambda a, b: f(b) < f(a))
+    more = 0 < limit < len(items)
+    if more:
         del items[limit:]
-        more = True
     if r.keys_only:
-        kvs = [encode_kv(it[0], it[1], it[2], it[3], b"", it[4]) for it in items]
+        kvs = [
+            encode_kv(it.key, it.create_revision, it.mod_revision, it.version, b"", it.lease) for it in items
+        ]
     else:
-        kvs = [it[6] for it in items]
+        kvs = [it.kv for it in items]
     return RangeResult(kvs, more, count, cur_rev)
 
 
@@ -166,11 +177,11 @@ class Applier:
             if prev is None:
                 raise errors.KEY_NOT_FOUND
             if p.ignore_value:
-                value = prev[4]
+                value = prev.value
             if p.ignore_lease:
-                lease = prev[3]
+                lease = prev.lease
         if p.prev_kv and prev is not None:
-            resp.prev_kv.MergeFromString(self.core.get_kv(p.key, w.current_rev()))
+            resp.prev_kv.MergeFromString(prev.kv)
         resp.header.revision = w.put(p.key, value, lease)
         return resp
 
@@ -308,22 +319,22 @@ class Applier:
         return resp, used
 
 
-# Compare target -> (index in a range_items tuple, its target_union field, the value of an absent key)
+# Compare target -> its field, named alike in KeyVersion and in target_union, and the value of an absent key
 _COMPARE_TARGET = {
-    pb.Compare.VALUE: (5, "value", b""),
-    pb.Compare.CREATE: (1, "create_revision", 0),
-    pb.Compare.MOD: (2, "mod_revision", 0),
-    pb.Compare.VERSION: (3, "version", 0),
-    pb.Compare.LEASE: (4, "lease", 0),
+    pb.Compare.VALUE: ("value", b""),
+    pb.Compare.CREATE: ("create_revision", 0),
+    pb.Compare.MOD: ("mod_revision", 0),
+    pb.Compare.VERSION: ("version", 0),
+    pb.Compare.LEASE: ("lease", 0),
 }
 
 
-def _compare_kv(c: pb.Compare, item: tuple | None) -> bool:
+def _compare_kv(c: pb.Compare, item: KeyVersion | None) -> bool:
     spec = _COMPARE_TARGET.get(c.target)
     if spec is None:
         return True
-    index, field, zero = spec
-    mine = item[index] if item else zero
+    field, zero = spec
+    mine = getattr(item, field) if item else zero
     # a target_union naming another field compares against zero, as etcd's type switch does
     theirs = getattr(c, field) if c.WhichOneof("target_union") == field else zero
     result = c.result

@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from fastetcd._core import MVCC, WatchIndex, encode_event
+from fastetcd._core import MVCC, encode_event
+from fastetcd._watch_index import WatchIndex
 
 log = logging.getLogger(__name__)
 

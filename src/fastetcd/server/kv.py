@@ -7,10 +7,10 @@ the apply rules live in engine/apply.py.
 from __future__ import annotations
 
 from fastetcd import errors
-from fastetcd._core import encode_range_response
 from fastetcd.engine.apply import is_txn_readonly
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server._wire import encode_range_response
 from fastetcd.server.header import Header
 
 _SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())

@@ -15,10 +15,10 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
-from fastetcd._core import encode_watch_response
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.engine.watch_hub import Watcher, WatchHub
 from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server._wire import encode_watch_response
 from fastetcd.server.header import Header
 
 log = logging.getLogger(__name__)
