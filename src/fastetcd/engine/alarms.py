@@ -17,6 +17,7 @@ NONE = 0
 NOSPACE = 1
 CORRUPT = 2
 NAMES = {NONE: "NONE", NOSPACE: "NOSPACE", CORRUPT: "CORRUPT"}
+_U64 = (1 << 64) - 1
 
 
 class Alarms:
@@ -69,6 +70,8 @@ class Alarms:
 
     def replay(self, ops: list[tuple[int, int, int]]) -> None:
         for op, member, alarm in ops:
+            # The log reads every varint back as int64; a member id is a uint64 (half of them >= 2**63).
+            member &= _U64
             if op == ALARM_ACTIVATE:
                 self.active.add((member, alarm))
             elif op == ALARM_DEACTIVATE:
