@@ -19,9 +19,14 @@ class RestoreError(Exception):
     """The restore did not happen; the message is one line for the operator."""
 
 
-def restore(snapshot_path: str, data_dir: str) -> SnapshotFile:
-    if os.path.exists(data_dir) and os.listdir(data_dir):
+def check_new_data_dir(data_dir: str) -> None:
+    """A restore (or an import) only creates a data dir: ``data_dir`` must not exist, or be empty."""
+    if os.path.exists(data_dir) and (not os.path.isdir(data_dir) or os.listdir(data_dir)):
         raise RestoreError(f"data-dir {data_dir!r} exists")  # etcd refuses to overwrite one too
+
+
+def restore(snapshot_path: str, data_dir: str) -> SnapshotFile:
+    check_new_data_dir(data_dir)
     try:
         with open(snapshot_path, "rb") as f:
             snap = SnapshotFile.decode(f.read())
@@ -29,17 +34,22 @@ def restore(snapshot_path: str, data_dir: str) -> SnapshotFile:
         raise RestoreError(f"cannot read {snapshot_path}: {e.strerror or e}") from None
     except SnapshotFileError as e:
         raise RestoreError(f"{snapshot_path}: {e}") from None
-    try:
-        asyncio.run(_install(data_dir, snap))
-    except StoreError as e:
-        raise RestoreError(str(e)) from None
+    install(data_dir, snap.index, snap.state, snap.compact_rev)
     return snap
 
 
-async def _install(data_dir: str, snap: SnapshotFile) -> None:
+def install(data_dir: str, index: int, state: bytes, compact_rev: int) -> None:
+    """Create the embedded store at ``data_dir`` holding ``state`` as its snapshot at log index ``index``."""
+    try:
+        asyncio.run(_install(data_dir, index, state, compact_rev))
+    except StoreError as e:
+        raise RestoreError(str(e)) from None
+
+
+async def _install(data_dir: str, index: int, state: bytes, compact_rev: int) -> None:
     store = EmbeddedStore(data_dir)
     await store.open()
     try:
-        await store.install_snapshot(snap.index, snap.state, snap.compact_rev)
+        await store.install_snapshot(index, state, compact_rev)
     finally:
         await store.close()
