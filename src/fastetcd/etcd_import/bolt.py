@@ -119,9 +119,7 @@ class BoltDB:
 
     def __init__(self, data: bytes | bytearray | memoryview | mmap.mmap, size: int | None = None) -> None:
         self._mapped: mmap.mmap | None = None
-        whole = memoryview(data)
-        self._data = whole[:size] if size is not None else whole
-        whole.release()
+        self._data = memoryview(data) if size is None else memoryview(data)[:size]
         self.size = len(self._data)
         try:
             self.meta = self._pick_meta()
