@@ -23,6 +23,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -175,6 +176,30 @@ class Observed:
     leases: list[int]
     ttl: dict[int, dict]
     alarms: str
+    events: list[bytes]  # a watch of every key from just after the compaction up to the head
+
+
+def watch_history(endpoint: str, start_rev: int, head_rev: int) -> list[bytes]:
+    """Every event from ``start_rev`` to ``head_rev`` (with prev_kv), as the server sends them."""
+    create = rpc_pb2.WatchCreateRequest(key=b"\0", range_end=b"\0", start_revision=start_rev, prev_kv=True)
+    done = threading.Event()
+
+    def requests() -> Iterator[rpc_pb2.WatchRequest]:
+        yield rpc_pb2.WatchRequest(create_request=create)
+        done.wait(30)  # keep the stream open: etcd ends a watch stream its client half-closed
+
+    events: list[bytes] = []
+    with grpc.insecure_channel(endpoint) as ch:
+        stream = rpc_pb2_grpc.WatchStub(ch).Watch(requests(), timeout=30)
+        try:
+            for resp in stream:
+                events += [e.SerializeToString() for e in resp.events]
+                if resp.events and resp.events[-1].kv.mod_revision >= head_rev:
+                    break
+        finally:
+            done.set()
+            stream.cancel()
+    return events
 
 
 def observe(endpoint: str, head_rev: int, compact_rev: int) -> Observed:
@@ -200,6 +225,7 @@ def observe(endpoint: str, head_rev: int, compact_rev: int) -> Observed:
         leases=leases,
         ttl=ttl,
         alarms=ctl(endpoint, "alarm", "list"),
+        events=watch_history(endpoint, compact_rev + 1, head_rev),
     )
 
 
@@ -266,6 +292,7 @@ def test_imported_fastetcd_answers_as_etcd(etcd_source: EtcdSource, tmp_path: Pa
         assert got.past == want.past
         assert got.errors == want.errors
         assert got.hashes == want.hashes
+        assert got.events == want.events and len(want.events) > 100
         assert got.leases == want.leases and sorted(etcd_source.history.leases) == want.leases
         assert got.alarms == want.alarms and "NOSPACE" in got.alarms
         for lid, w in want.ttl.items():
