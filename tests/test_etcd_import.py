@@ -428,10 +428,14 @@ def test_bolt_reader_on_etcd_files(etcd_source: EtcdSource, kind: str) -> None:
     )
     with BoltDB.open(path, _bolt_size(path)) as db:
         assert db.page_size == 4096 and db.size % db.page_size == 0
-        pages = dict(db.pages())
+        pages = db.pages()
         assert (pages[0].type, pages[1].type) == ("meta", "meta")
-        types = {h.type for h in pages.values()}
-        assert {"meta", "leaf", "branch"} <= types and not any(t.startswith("unknown") for t in types)
+        assert {h.type for h in pages.values()} == {"meta", "leaf", "branch"}  # etcd stores no freelist
+        assert db.meta.freelist == boltmod.PGID_NO_FREELIST
+        # the pages in use, overflow included, never overlap and stay below the high-water mark
+        claimed = [p for pgid, h in pages.items() for p in range(pgid, pgid + h.overflow + 1)]
+        assert len(claimed) == len(set(claimed)) and max(claimed) < db.meta.pgid
+        assert all(h.id == pgid for pgid, h in pages.items())
         root = db.root()
         names = root.buckets()
         assert names == sorted(names)
@@ -555,7 +559,7 @@ def test_bolt_reader_nested_and_inline_buckets_overflow_and_meta_choice() -> Non
     data = _handmade(branch_to=5)
     with BoltDB(data) as db:
         assert db.meta.page_id == 1 and db.meta.txid == 5  # the valid meta with the higher txid
-        assert [(pgid, h.type, h.overflow) for pgid, h in db.pages()] == [
+        assert [(pgid, h.type, h.overflow) for pgid, h in db.pages().items()] == [
             (0, "meta", 0),
             (1, "meta", 0),
             (2, "leaf", 0),
@@ -757,6 +761,9 @@ def test_inconsistent_histories_are_refused() -> None:
     tomb = Version(6, 0, True, kv_pb2.KeyValue(key=b"a").SerializeToString())
     with pytest.raises(EtcdImportError, match="not live"):
         build_state(_FakeEtcdDB([tomb], None, None))
+    # versions out of revision order
+    with pytest.raises(EtcdImportError, match="revision 2.0 comes after 3.0"):
+        build_state(_FakeEtcdDB([put(3, b"a", 3, 1), put(2, b"b", 2, 1)], None, None))
     # a KeyValue whose mod revision is not its place in the bucket
     with pytest.raises(EtcdImportError, match="says it was modified at 3"):
         build_state(_FakeEtcdDB([Version(4, 0, False, put(3, b"a", 3, 1).kv)], None, None))

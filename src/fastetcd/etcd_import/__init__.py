@@ -67,10 +67,12 @@ def build_state(db: EtcdDB) -> ImportedState:
     core = MVCC()
     core.begin_bulk()
     applied = 0
-    last = 0
+    last = (0, 0)
     known: set[bytes] = set()  # keys with a retained version so far
     for ver in db.versions():
-        last = ver.main
+        if (ver.main, ver.sub) <= last:  # bolt keeps keys sorted: only a damaged file gets here
+            raise EtcdImportError(f"revision {ver.main}.{ver.sub} comes after {last[0]}.{last[1]}")
+        last = (ver.main, ver.sub)
         try:
             kv = kv_pb2.KeyValue.FromString(ver.kv)
         except Exception:  # protobuf's DecodeError
@@ -108,7 +110,7 @@ def build_state(db: EtcdDB) -> ImportedState:
                 "etcd keeps"
             )
     # etcd's current revision: the newest revision in the key bucket, or the compaction if that is newer
-    revision = max(last, finished, 1)
+    revision = max(last[0], finished, 1)
 
     lessor = Lessor()
     for lease in db.leases():

@@ -28,7 +28,6 @@ import mmap
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 MAGIC = 0xED0CDAED
@@ -47,6 +46,8 @@ META = struct.Struct("<IIIIQQQQQQ")  # ... root, sequence, freelist, pgid, txid,
 BRANCH_ELEMENT = struct.Struct("<IIQ")
 LEAF_ELEMENT = struct.Struct("<IIII")
 BUCKET_HEADER = struct.Struct("<QQ")
+
+PGID_NO_FREELIST = 0xFFFFFFFFFFFFFFFF  # meta.freelist when the freelist is not stored (etcd's default)
 
 _META_SUMMED = META.size - 8  # the checksum covers every meta field before it
 _MAX_DEPTH = 64  # a bolt tree of a few billion keys is well under 10 deep; deeper means a cycle
@@ -88,8 +89,7 @@ class PageHeader(NamedTuple):
         return PAGE_TYPES.get(self.flags, f"unknown<{self.flags:02x}>")
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(NamedTuple):
     """One element of a bucket: a key with either a value or a nested bucket."""
 
     key: bytes
@@ -210,14 +210,22 @@ class BoltDB:
             raise BoltError(f"page {pgid} with {h.overflow} overflow pages runs past the tree")
         return h, self._data[pgid * self.page_size : end]
 
-    def pages(self) -> Iterator[tuple[int, PageHeader]]:
-        """Every page in use by the tree (meta, freelist, branch, leaf), in file order, overflow
-        pages skipped; the pages the freelist names are reported like any other."""
-        pgid = 0
-        while pgid < self.meta.pgid:
-            h = self.page_header(pgid)
-            yield pgid, h
-            pgid += h.overflow + 1
+    def pages(self) -> dict[int, PageHeader]:
+        """Every page the current state uses, by id: both meta pages, the freelist if it is stored, and
+        the branch and leaf pages of every bucket, nested ones included (a page's overflow pages are
+        part of it). Pages that are free hold stale data and are not listed."""
+        used = {0: self.page_header(0), 1: self.page_header(1)}
+        if self.meta.freelist != PGID_NO_FREELIST:
+            used[self.meta.freelist] = self.page(self.meta.freelist)[0]
+        todo = [self.root()]
+        while todo:
+            bucket = todo.pop()
+            if bucket.inline:
+                continue
+            for pgid, h in bucket.tree_pages():
+                used[pgid] = h
+            todo.extend(bucket.open(e) for e in bucket if e.is_bucket)
+        return dict(sorted(used.items()))
 
     # ---------------------------------------------------------------- buckets
 
@@ -248,34 +256,51 @@ class Bucket:
 
     def __iter__(self) -> Iterator[Entry]:
         """Every element in key order."""
+        for pgid, buf in self._leaves():
+            yield from _leaf_entries(buf, pgid)
+
+    def _leaves(self) -> Iterator[tuple[int, memoryview]]:
+        """The bucket's leaf pages in key order (pgid -1: the inline page)."""
         if self.root == 0:
             assert self._inline is not None
-            yield from _leaf_entries(self._inline, -1, inline=True)
-        else:
-            yield from self._walk(self.root, 0, set())
+            yield -1, self._inline
+            return
+        for pgid, h, buf in self._walk():
+            if h.flags == LEAF_PAGE:
+                yield pgid, buf
 
-    def _walk(self, pgid: int, depth: int, seen: set[int]) -> Iterator[Entry]:
-        if depth > _MAX_DEPTH or pgid in seen:
-            raise BoltError(f"page {pgid} is reached twice: the tree has a cycle")
-        seen.add(pgid)
-        h, buf = self.db.page(pgid)
-        if h.flags == LEAF_PAGE:
-            yield from _leaf_entries(buf, pgid)
-        elif h.flags == BRANCH_PAGE:
-            for i in range(h.count):
-                off = PAGE_HEADER.size + i * BRANCH_ELEMENT.size
-                if off + BRANCH_ELEMENT.size > len(buf):
-                    raise BoltError(f"branch page {pgid}: element {i} is past the page")
-                _, _, child = BRANCH_ELEMENT.unpack_from(buf, off)
-                yield from self._walk(child, depth + 1, seen)
-        else:
-            raise BoltError(f"page {pgid} is a {h.type} page inside bucket {self.name!r}")
+    def tree_pages(self) -> list[tuple[int, PageHeader]]:
+        """The branch and leaf pages of this bucket's own tree (none for an inline bucket)."""
+        return [] if self.root == 0 else [(pgid, h) for pgid, h, _ in self._walk()]
+
+    def _walk(self) -> Iterator[tuple[int, PageHeader, memoryview]]:
+        """Depth first from the root page: every branch and leaf page, leaves in key order."""
+        seen: set[int] = set()
+        stack = [(self.root, 0)]
+        while stack:
+            pgid, depth = stack.pop()
+            if depth > _MAX_DEPTH or pgid in seen:
+                raise BoltError(f"page {pgid} is reached twice: the tree has a cycle")
+            seen.add(pgid)
+            h, buf = self.db.page(pgid)
+            if h.flags == BRANCH_PAGE:
+                if PAGE_HEADER.size + h.count * BRANCH_ELEMENT.size > len(buf):
+                    raise BoltError(f"branch page {pgid}: {h.count} elements do not fit the page")
+                children = [
+                    BRANCH_ELEMENT.unpack_from(buf, PAGE_HEADER.size + i * BRANCH_ELEMENT.size)[2]
+                    for i in range(h.count)
+                ]
+                stack.extend((child, depth + 1) for child in reversed(children))
+            elif h.flags != LEAF_PAGE:
+                raise BoltError(f"page {pgid} is a {h.type} page inside bucket {self.name!r}")
+            yield pgid, h, buf
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) of every element that is not a nested bucket, in key order."""
-        for e in self:
-            if not e.is_bucket:
-                yield e.key, e.value
+        for pgid, buf in self._leaves():
+            for key, value, is_bucket in _leaf_entries(buf, pgid):
+                if not is_bucket:
+                    yield key, value
 
     def buckets(self) -> list[bytes]:
         """The names of the nested buckets."""
@@ -284,12 +309,13 @@ class Bucket:
     def bucket(self, name: bytes) -> Bucket | None:
         for e in self:
             if e.key == name:
-                return self._open(e) if e.is_bucket else None
+                return self.open(e) if e.is_bucket else None
             if e.key > name:
                 return None
         return None
 
-    def _open(self, e: Entry) -> Bucket:
+    def open(self, e: Entry) -> Bucket:
+        """The nested bucket of element ``e``."""
         if len(e.value) < BUCKET_HEADER.size:
             raise BoltError(f"bucket {e.key!r}: header is {len(e.value)} bytes")
         root, _seq = BUCKET_HEADER.unpack_from(e.value)
@@ -297,22 +323,26 @@ class Bucket:
         return Bucket(self.db, root, inline, e.key)
 
 
-def _leaf_entries(buf: memoryview, pgid: int, inline: bool = False) -> Iterator[Entry]:
-    where = "inline bucket page" if inline else f"leaf page {pgid}"
-    if len(buf) < PAGE_HEADER.size:
-        raise BoltError(f"{where} is {len(buf)} bytes")
-    _, flags, count, _ = PAGE_HEADER.unpack_from(buf, 0)
+def _leaf_entries(buf: memoryview, pgid: int) -> list[Entry]:
+    """The elements of a leaf page (pgid -1: an inline bucket's page)."""
+    where = "inline bucket page" if pgid < 0 else f"leaf page {pgid}"
+    page = bytes(buf)  # one copy of the page; keys and values are slices of it
+    n = len(page)
+    if n < PAGE_HEADER.size:
+        raise BoltError(f"{where} is {n} bytes")
+    _, flags, count, _ = PAGE_HEADER.unpack_from(page, 0)
     if flags != LEAF_PAGE:
         raise BoltError(f"{where} has flags {flags:#x}, not a leaf")
-    n = len(buf)
+    if PAGE_HEADER.size + count * LEAF_ELEMENT.size > n:
+        raise BoltError(f"{where}: {count} elements do not fit the page")
+    out = []
     unpack = LEAF_ELEMENT.unpack_from
     for i in range(count):
         el = PAGE_HEADER.size + i * LEAF_ELEMENT.size
-        if el + LEAF_ELEMENT.size > n:
-            raise BoltError(f"{where}: element {i} is past the page")
-        eflags, pos, ksize, vsize = unpack(buf, el)
+        eflags, pos, ksize, vsize = unpack(page, el)
         k = el + pos
         v = k + ksize
         if v + vsize > n:
             raise BoltError(f"{where}: element {i} (key and value) runs past the page")
-        yield Entry(bytes(buf[k:v]), bytes(buf[v : v + vsize]), bool(eflags & BUCKET_LEAF_FLAG))
+        out.append(Entry(page[k:v], page[v : v + vsize], bool(eflags & BUCKET_LEAF_FLAG)))
+    return out

@@ -26,6 +26,7 @@ import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastetcd.etcd_import.bolt import BoltDB, BoltError
 from fastetcd.proto import rpc_pb2
@@ -48,8 +49,7 @@ class EtcdDBError(Exception):
     """The source is not a readable etcd v3 backend; the message is one line for the operator."""
 
 
-@dataclass(frozen=True)
-class Version:
+class Version(NamedTuple):
     main: int
     sub: int
     tombstone: bool
@@ -166,21 +166,20 @@ class EtcdDB:
             os.close(self._fd)
             raise
         try:
-            buckets = self.bolt.root().buckets()
-            if KEY_BUCKET not in buckets:
+            if KEY_BUCKET not in self.bolt.root().buckets():
                 raise EtcdDBError(f"{path} is a bolt database but not an etcd v3 backend (no key bucket)")
-            self.buckets = buckets
             meta = dict(self._items(META_BUCKET))
+            finished, scheduled = meta.get(FINISHED_COMPACT), meta.get(SCHEDULED_COMPACT)
+            self.finished_compact = parse_rev(finished)[0] if finished is not None else None
+            self.scheduled_compact = parse_rev(scheduled)[0] if scheduled is not None else None
+            ci = meta.get(CONSISTENT_INDEX, b"")
+            self.consistent_index = struct.unpack(">Q", ci)[0] if len(ci) == 8 else None
         except BoltError as e:
             self.close()
             raise EtcdDBError(f"{path}: {e}") from None
         except BaseException:
             self.close()
             raise
-        self.finished_compact = parse_rev(meta[FINISHED_COMPACT])[0] if FINISHED_COMPACT in meta else None
-        self.scheduled_compact = parse_rev(meta[SCHEDULED_COMPACT])[0] if SCHEDULED_COMPACT in meta else None
-        ci = meta.get(CONSISTENT_INDEX, b"")
-        self.consistent_index = struct.unpack(">Q", ci)[0] if len(ci) == 8 else None
 
     def close(self) -> None:
         self.bolt.close()
@@ -193,18 +192,23 @@ class EtcdDB:
         self.close()
 
     def _items(self, bucket: bytes) -> Iterator[tuple[bytes, bytes]]:
-        b = self.bolt.bucket(bucket)
-        if b is not None:
-            try:
+        try:
+            b = self.bolt.bucket(bucket)
+            if b is not None:
                 yield from b.items()
-            except BoltError as e:
-                raise EtcdDBError(f"{self.path}: {e}") from None
+        except BoltError as e:
+            raise EtcdDBError(f"{self.path}: {e}") from None
 
     def versions(self) -> Iterator[Version]:
         """Every retained version in the key bucket, in revision order."""
+        unpack = _REV.unpack_from
         for k, v in self._items(KEY_BUCKET):
-            main, sub, tombstone = parse_rev(k)
-            yield Version(main, sub, tombstone, v)
+            if len(k) == REV_BYTES and k[8] == 0x5F:  # the common case, parse_rev's checks inlined
+                main, sub = unpack(k)
+                if main < 1 << 63 and sub < 1 << 63:
+                    yield Version(main, sub, False, v)
+                    continue
+            yield Version(*parse_rev(k), v)
 
     def leases(self) -> list[LeaseRecord]:
         out = []
@@ -219,7 +223,10 @@ class EtcdDB:
         """(member id, alarm type) of every raised alarm."""
         out = []
         for k, _ in self._items(ALARM_BUCKET):
-            m = rpc_pb2.AlarmMember.FromString(k)
+            try:
+                m = rpc_pb2.AlarmMember.FromString(k)
+            except Exception:  # protobuf's DecodeError
+                raise EtcdDBError(f"{self.path}: malformed alarm record {k.hex()}") from None
             out.append((m.memberID, int(m.alarm)))
         return out
 
