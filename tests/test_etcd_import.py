@@ -351,6 +351,27 @@ def test_import_refuses_a_used_data_dir_and_damaged_snapshots(
         assert proc.stderr.startswith("fastetcd: error: ") and "not a bolt database" in proc.stderr
         assert proc.stderr.count("\n") == 1
 
+    # fastetcd's own restore points at the import when handed etcd's snapshot
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastetcd", "snapshot", "restore", str(etcd_source.snapshot),
+         "--data-dir", str(tmp_path / "r")],
+        capture_output=True, text=True, env=fastetcd_env(), timeout=60,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (
+        1,
+        (
+            f"fastetcd: error: {etcd_source.snapshot} is an etcd snapshot; import it with: "
+            f"fastetcd import {etcd_source.snapshot} --data-dir {tmp_path / 'r'}\n"
+        ),
+    )
+
+    # --data-dir is required
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastetcd", "import", str(etcd_source.snapshot)],
+        capture_output=True, text=True, env=fastetcd_env(), timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--data-dir" in proc.stderr
+
     proc = _import(tmp_path / "missing.db", tmp_path / "d2")
     assert (proc.returncode, proc.stderr) == (
         1,

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import struct
 
 from fastetcd.engine.snapshot_file import SnapshotFile, SnapshotFileError
 from fastetcd.store.base import StoreError
 from fastetcd.store.embedded import EmbeddedStore
+
+BOLT_MAGIC = 0xED0CDAED  # the first field of a bolt meta page, after the 16-byte page header
 
 
 class RestoreError(Exception):
@@ -33,9 +36,25 @@ def restore(snapshot_path: str, data_dir: str) -> SnapshotFile:
     except OSError as e:
         raise RestoreError(f"cannot read {snapshot_path}: {e.strerror or e}") from None
     except SnapshotFileError as e:
+        if _is_bolt(snapshot_path):
+            raise RestoreError(
+                f"{snapshot_path} is an etcd snapshot; import it with: fastetcd import {snapshot_path} "
+                f"--data-dir {data_dir}"
+            ) from None
         raise RestoreError(f"{snapshot_path}: {e}") from None
     install(data_dir, snap.index, snap.state, snap.compact_rev)
     return snap
+
+
+def _is_bolt(path: str) -> bool:
+    """Whether ``path`` starts with a bolt meta page (etcd's backend, as ``etcdctl snapshot save`` of an
+    etcd writes it)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return False
+    return len(head) == 24 and struct.unpack_from("<I", head, 16)[0] == BOLT_MAGIC
 
 
 def install(data_dir: str, index: int, state: bytes, compact_rev: int) -> None:
