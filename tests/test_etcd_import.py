@@ -15,6 +15,7 @@ against the core that lived through it; refusing to start on an etcd data dir.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import json
 import os
@@ -41,6 +42,8 @@ from fastetcd.etcd_import import bolt as boltmod
 from fastetcd.etcd_import.bolt import BoltDB, BoltError
 from fastetcd.etcd_import.etcd_db import EtcdDB, EtcdDBError, LeaseRecord, Version, decode_lease, parse_rev
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.store.base import StoreError
+from fastetcd.store.embedded import EmbeddedStore
 
 SEED = 20261127
 BIG_BEFORE = 10_000  # bytes: larger than a 4 KiB page, so the leaf holding it has overflow pages
@@ -432,6 +435,26 @@ def test_fastetcd_refuses_to_start_on_an_etcd_data_dir(
         f"fastetcd import {data_dir}/member/snap/db --data-dir NEWDIR"
     )
     assert sorted(p.relative_to(data_dir) for p in data_dir.rglob("*")) == before  # nothing written
+
+
+def test_embedded_store_refuses_an_etcd_data_dir_before_writing(tmp_path: Path) -> None:
+    (tmp_path / "member" / "snap").mkdir(parents=True)
+    (tmp_path / "member" / "snap" / "db").write_bytes(b"")
+    store = EmbeddedStore(str(tmp_path))
+    with pytest.raises(StoreError, match="is an etcd data dir; import it with: fastetcd import "):
+        asyncio.run(store.open())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["member"]
+    # etcd's layout elsewhere in a dir is no etcd data dir: a plain fastetcd dir with a "member" file
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "member").write_text("x")
+
+    async def open_close() -> None:
+        s = EmbeddedStore(str(other))
+        await s.open()
+        await s.close()
+
+    asyncio.run(open_close())
 
 
 # ------------------------------------------------------------------------------------------ bolt reader
