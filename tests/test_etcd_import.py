@@ -405,6 +405,29 @@ def test_import_takes_an_etcd_data_dir_and_refuses_one_in_use(
     )
 
 
+def test_import_of_a_fresh_etcd_with_users_warns_that_auth_stays_behind(tmp_path: Path) -> None:
+    etcd = start_etcd(tmp_path / "src")
+    try:
+        ctl(etcd.endpoint, "user", "add", "alice:secret")
+        ctl(etcd.endpoint, "role", "add", "reader")
+        want_rev = _get_json(etcd.endpoint)["revision"]
+        want_hash = _hashkv(etcd.endpoint, 0)
+        snap = tmp_path / "fresh.snap"
+        ctl(etcd.endpoint, "snapshot", "save", str(snap))
+    finally:
+        etcd.kill()
+    proc = _import(snap, tmp_path / "fastetcd")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("imported etcd at revision 1 (compact revision -1, 0 keys, 0 versions")
+    assert proc.stderr == "warning: etcd's users, roles and auth setting were not imported\n"
+    fe = _start_imported(tmp_path)
+    try:
+        assert want_rev == 1 and _get_json(fe.endpoint)["revision"] == 1
+        assert _hashkv(fe.endpoint, 0) == want_hash
+    finally:
+        fe.kill()
+
+
 def _last_line_error(err: str) -> str:
     lines = err.splitlines()
     for line in lines[:-1]:
