@@ -304,7 +304,7 @@ def test_imported_fastetcd_answers_as_etcd(etcd_source: EtcdSource, tmp_path: Pa
             assert w["keys"], "every live lease has a key attached"
             # fastetcd restarts a lease at its full TTL, as etcd does after a restart
             assert g["granted"] - since_start - 1 <= g["remaining"] <= g["granted"], (lid, g)
-            assert abs(g["remaining"] - w["remaining"]) <= 10, (lid, w, g)
+            assert abs(g["remaining"] - w["remaining"]) <= 15, (lid, w, g)  # seconds; slack for load
         # big values came through overflow pages intact
         for key, value in etcd_source.history.big_keys.items():
             with grpc.insecure_channel(fe.endpoint) as ch:
