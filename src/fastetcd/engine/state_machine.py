@@ -57,6 +57,12 @@ CommitListener = Callable[[list[tuple[int, bytes]]], None]
 SNAPSHOT_MAGIC = b"FESNAP02"
 
 
+def pack_snapshot(core: bytes, leases: bytes, alarms: bytes) -> bytes:
+    """A snapshot's layout, from ``MVCC.dump``, ``Lessor.dump`` and ``Alarms.dump`` (what
+    ``StateMachine._load_snapshot`` reads back; ``fastetcd import`` builds its state with it too)."""
+    return SNAPSHOT_MAGIC + struct.pack("<QQ", len(core), len(leases)) + core + leases + alarms
+
+
 class _Exclusive:
     """A queued operation that runs alone (compaction, defragmentation), after everything queued before
     it is durable and before anything queued after it is applied."""
@@ -552,9 +558,7 @@ class StateMachine:
 
     def snapshot_bytes(self) -> bytes:
         """The whole state at ``committed_rev``, as ``_load_snapshot`` reads it back."""
-        core, leases = self.core.dump(self.committed_rev), self.lessor.dump()
-        lengths = struct.pack("<QQ", len(core), len(leases))
-        return SNAPSHOT_MAGIC + lengths + core + leases + self.alarms.dump()
+        return pack_snapshot(self.core.dump(self.committed_rev), self.lessor.dump(), self.alarms.dump())
 
     def _snapshot_chunks(self) -> list[bytes]:
         data = self.snapshot_bytes()

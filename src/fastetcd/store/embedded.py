@@ -163,6 +163,13 @@ class EmbeddedStore:
             raise StoreError(f"cannot create data dir {self.data_dir}: {e.strerror or e}") from e
         if not os.path.isdir(self.data_dir):
             raise StoreError(f"data dir {self.data_dir} is not a directory")
+        member = os.path.join(self.data_dir, "member")
+        if os.path.exists(os.path.join(member, "snap", "db")) or os.path.isdir(os.path.join(member, "wal")):
+            # etcd's own data: starting on it would silently begin an empty store beside it
+            raise StoreError(
+                f"data dir {self.data_dir} is an etcd data dir; import it with: fastetcd import "
+                f"{os.path.join(member, 'snap', 'db')} --data-dir NEWDIR"
+            )
         if not os.access(self.data_dir, os.W_OK | os.X_OK):
             raise StoreError(f"data dir {self.data_dir} is not writable")
 
