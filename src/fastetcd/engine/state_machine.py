@@ -202,6 +202,10 @@ class StateMachine:
         """Bytes the store occupies (etcd's dbSize)."""
         return self.store.size()
 
+    def db_size_in_use(self) -> int:
+        """Bytes of the store that hold data (etcd's dbSizeInUse); the rest a defragment gives back."""
+        return self.store.size_in_use()
+
     def key_count(self) -> int:
         """Keys with any retained version (etcd's keys gauge)."""
         return len(self.core)
@@ -227,10 +231,6 @@ class StateMachine:
         that applied the same history, stable across restarts."""
         h = kv_hash.hash_kv(self.core, self.committed_rev)
         return crc32c.crc32c(self.lessor.dump() + self.alarms.dump(), value=h)
-
-    def db_size_in_use(self) -> int:
-        """Bytes of the store that hold data (etcd's dbSizeInUse); the rest a defragment gives back."""
-        return self.store.size_in_use()
 
     def lease_status(self, lease_id: int) -> LeaseStatus | None:
         return self.lessor.status(lease_id)
