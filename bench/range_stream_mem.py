@@ -38,6 +38,7 @@ from kube_bench import (  # noqa: E402
     load,
     prefix_end,
     range_request,
+    tree_pids,
     tree_rss,
 )
 
@@ -45,18 +46,32 @@ BOUND_MIB = 64
 SLOW_OPTS = [*GRPC_OPTS, ("grpc.http2.bdp_probe", 0)]
 
 
-def slow_stream(server: Server, keys: int, delay: float) -> tuple[int, int, int, float]:
+def anon_rss(root: int) -> int:
+    """RssAnon of the process tree: memory the server allocated, without file pages it maps (bbolt's mmap)."""
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def slow_stream(server: Server, keys: int, delay: float) -> tuple[int, int, int, int, int, float]:
     """Read the prefix as one RangeStream, sleeping `delay` after each chunk, while sampling the server's
-    RSS. Returns (baseline RSS, peak RSS, chunks, seconds)."""
+    RSS. Returns (baseline RSS, peak RSS, baseline anonymous RSS, its peak, chunks, seconds)."""
     assert server.proc is not None
     pid = server.proc.pid
-    base = tree_rss(pid)
-    peak = [base]
+    base, base_anon = tree_rss(pid), anon_rss(pid)
+    peak = [base, base_anon]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
             peak[0] = max(peak[0], tree_rss(pid))
+            peak[1] = max(peak[1], anon_rss(pid))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -77,7 +92,7 @@ def slow_stream(server: Server, keys: int, delay: float) -> tuple[int, int, int,
         sampler.join()
     if last is None or seen != keys or last.count != keys:
         raise RuntimeError(f"{server.name}: stream saw {seen} keys, expected {keys}")
-    return base, peak[0], chunks, time.monotonic() - t0
+    return base, peak[0], base_anon, peak[1], chunks, time.monotonic() - t0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 secs = load(server, args.keys, 1024)
                 log(f"{name}: loaded {args.keys:,} × 1 KiB in {secs:.1f} s")
                 time.sleep(2)  # let the load's tail (group commits, GC) settle before the baseline
-                base, peak, chunks, took = slow_stream(server, args.keys, args.delay)
+                base, peak, base_anon, peak_anon, chunks, took = slow_stream(server, args.keys, args.delay)
                 grown = (peak - base) / 2**20
                 ok = name != "fastetcd" or grown < BOUND_MIB
                 failed |= not ok
@@ -117,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{name}: streamed {args.keys:,} × 1 KiB ({gib:.2f} GiB of values) in {chunks} chunks"
                       f" over {took:.1f} s to a client sleeping {args.delay * 1e3:.0f} ms per chunk;"
                       f" RSS before {base / 2**20:,.0f} MiB, peak growth {grown:.1f} MiB"
+                      f" (anonymous memory: {(peak_anon - base_anon) / 2**20:.1f} MiB)"
                       f"{verdict if name == 'fastetcd' else ''}")  # fmt: skip
     if "etcd-3.7" in names:
         print(f"etcd-3.7: {ETCD37}")
