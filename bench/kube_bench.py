@@ -4,6 +4,9 @@
     T2  100k keys × 1 KiB under /registry/pods/, listed the way kube-apiserver lists: Range over the prefix
         with limit=500 and an exact count, next page from last key + "\\0" at the first page's revision,
         until `more` is false. Time for the whole list.
+    T2s the same prefix listed the way kube-apiserver 1.37 lists (EtcdRangeStream): one KV.RangeStream over
+        the whole prefix, every chunk read. fastetcd against etcd 3.7.3 (bench/.bin/etcd-3.7, built by
+        ci/build_etcd37.sh), the first etcd with RangeStream.
     T3  Range count_only over that prefix: ms per call.
     T6  single-client durable put latency, etcd's `benchmark put --clients 1 --conns 1` (via compare.py).
     T7  server RSS (process tree, /proc) after loading 1M keys × 256 B.
@@ -19,6 +22,7 @@ count), so the rest of every KeyValue stays unparsed. The driver's CPU is report
     python bench/kube_bench.py                  # T2, T3, T6, T7/T8, 3 repeats (~10 min)
     python bench/kube_bench.py --quick          # smoke run: 10k keys, 100k for T7/T8, 1 repeat
     python bench/kube_bench.py --only t2,t3 --markdown
+    python bench/kube_bench.py --only t2s       # RangeStream list: fastetcd vs etcd 3.7
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import argparse
 import os
 import random
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,6 +44,9 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (  # noqa: E402  (bench/ is not a package; compare.py sits beside this file)
+    REPO,
+    EtcdServer,
+    FastetcdServer,
     Server,
     Workload,
     _field_bytes,
@@ -59,6 +67,10 @@ TXN_OPS = 100  # below etcd's default --max-txn-ops of 128
 LOAD_CHANNELS = 4
 VALUE_POOL = random.Random(20261126).randbytes(1 << 20)  # seeded: both servers get the same bytes
 RANGE = "/etcdserverpb.KV/Range"
+RANGE_STREAM = "/etcdserverpb.KV/RangeStream"
+ETCD37 = REPO / "bench" / ".bin" / "etcd-3.7"
+ETCD37_BUILD = REPO / "ci" / "build_etcd37.sh"
+T2S_SERVERS = ("etcd-3.7", "fastetcd")
 TXN = "/etcdserverpb.KV/Txn"
 GRPC_OPTS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
 
@@ -89,12 +101,17 @@ def _range_response_class() -> type:
                  label=d.FieldDescriptorProto.LABEL_OPTIONAL)  # fmt: skip
     rr.field.add(name="count", number=4, type=d.FieldDescriptorProto.TYPE_INT64,
                  label=d.FieldDescriptorProto.LABEL_OPTIONAL)  # fmt: skip
+    rs = f.message_type.add(name="RangeStreamResp")
+    rs.field.add(name="range_response", number=1, type=d.FieldDescriptorProto.TYPE_MESSAGE,
+                 type_name=".kubebench.RangeResp", label=d.FieldDescriptorProto.LABEL_OPTIONAL)  # fmt: skip
     pool = descriptor_pool.DescriptorPool()
     pool.Add(f)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("kubebench.RangeResp"))
+    return pool
 
 
-RangeResp = _range_response_class()
+_POOL = _range_response_class()
+RangeResp = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("kubebench.RangeResp"))
+RangeStreamResp = message_factory.GetMessageClass(_POOL.FindMessageTypeByName("kubebench.RangeStreamResp"))
 
 
 def range_request(
@@ -198,6 +215,40 @@ def paginated_list(endpoint: str, expect: int) -> Callable[[], str]:
     return run
 
 
+def stream_list(endpoint: str, expect: int) -> Callable[[], str]:
+    """The whole prefix in one RangeStream (kube-apiserver 1.37 with EtcdRangeStream), every chunk read."""
+
+    def run() -> str:
+        with grpc.insecure_channel(endpoint, options=GRPC_OPTS) as ch:
+            call = ch.unary_stream(RANGE_STREAM, request_serializer=None, response_deserializer=None)
+            seen, chunks, last = 0, 0, None
+            for raw in call(range_request(PREFIX, prefix_end(PREFIX)), timeout=120):
+                last = RangeStreamResp.FromString(raw).range_response
+                seen += len(last.kvs)
+                chunks += 1
+        if last is None or seen != expect or last.count != expect or last.more:
+            got = None if last is None else (last.count, last.more)
+            raise RuntimeError(f"stream saw {seen} keys, last chunk (count, more) {got}; expected {expect}")
+        return f"{chunks} chunks"
+
+    return run
+
+
+class Etcd37Server(EtcdServer):
+    """etcd v3.7.3 (bench/.bin/etcd-3.7), with the same flags as compare.py's etcd."""
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        cmd, env = super().command()
+        cmd[0] = str(ETCD37)
+        return cmd, env
+
+
+def ensure_etcd37() -> None:
+    if not os.access(ETCD37, os.X_OK):
+        log(f"{ETCD37} missing; building it with {ETCD37_BUILD}")
+        subprocess.run(["bash", str(ETCD37_BUILD)], check=True, stdout=sys.stderr)
+
+
 def count_calls(endpoint: str, expect: int, calls: int, per_call: list[float]) -> Callable[[], str]:
     def run() -> str:
         req = range_request(PREFIX, prefix_end(PREFIX), count_only=True)
@@ -252,6 +303,7 @@ def tree_rss(root: int) -> int:
 @dataclass
 class Results:
     t2: dict[str, list[Sample]] = field(default_factory=dict)
+    t2s: dict[str, list[Sample]] = field(default_factory=dict)
     t3: dict[str, list[Sample]] = field(default_factory=dict)
     t6: tuple[list[str], list[list[str]]] | None = None
     t6_p50: dict[str, float | None] = field(default_factory=dict)
@@ -288,6 +340,22 @@ def phase_list(servers: Sequence[Server], args: argparse.Namespace, res: Results
                 res.t3.setdefault(s.name, []).append(smp)
                 log(f"  T3 {s.name:9s} run {i + 1}: {smp.value * 1e3:8.3f} ms/call (median of {len(calls)})"
                     f"  srv {smp.server_cpu * 1e3:.3f} ms/call")  # fmt: skip
+
+
+def phase_stream(servers: Sequence[Server], args: argparse.Namespace, res: Results) -> None:
+    """T2s: the list as one RangeStream, on fresh servers loaded like T2's."""
+    live = [s for s in servers if s.alive()]
+    for s in live:
+        secs = load(s, args.keys, 1024)
+        res.loads[f"{s.name} {args.keys:,} × 1 KiB (T2s)"] = f"{secs:.1f} s"
+        log(f"{s.name}: loaded {args.keys:,} × 1 KiB in {secs:.1f} s")
+        stream_list(s.endpoint, args.keys)()  # warm-up, untimed
+    for i in range(args.repeat):
+        for s in live if i % 2 == 0 else list(reversed(live)):
+            smp = measured(s, stream_list(s.endpoint, args.keys))
+            res.t2s.setdefault(s.name, []).append(smp)
+            log(f"  T2s {s.name:9s} run {i + 1}: {smp.value * 1e3:8.1f} ms  srv {smp.server_cpu:.2f} s"
+                f"  cli {smp.client_cpu:.2f} s  others {smp.other_cores:.2f} cores  {smp.note}")  # fmt: skip
 
 
 def phase_restart(servers: Sequence[Server], args: argparse.Namespace, res: Results) -> None:
@@ -348,10 +416,14 @@ def _ratio(a: float | None, b: float | None) -> str:
 def tables(res: Results, names: Sequence[str]) -> dict[str, tuple[list[str], list[list[str]]]]:
     out: dict[str, tuple[list[str], list[list[str]]]] = {}
     base, other = names[0], names[-1]
+    saved = (names, base, other)
     for key, data, unit, scale, per in (("T2", res.t2, "ms (whole list)", 1e3, 1),
+                                        ("T2s", res.t2s, "ms (whole list)", 1e3, 1),
                                         ("T3", res.t3, "ms per call", 1e3, 0)):  # fmt: skip
         if not data:
             continue
+        if key == "T2s":  # the RangeStream list: against etcd 3.7, whatever --servers says
+            names, base, other = T2S_SERVERS, T2S_SERVERS[0], T2S_SERVERS[-1]
         head = [f"{n} {unit}" for n in names] + [f"{other}/{base}"]
         head += [f"{n} server CPU {'s' if per else 'ms/call'}" for n in names]
         head += [f"{n} client CPU {'s' if per else 'ms/call'}" for n in names]
@@ -371,6 +443,7 @@ def tables(res: Results, names: Sequence[str]) -> dict[str, tuple[list[str], lis
         row.append(f"{statistics.median(allruns):.2f}" if allruns else "—")
         row.append(str(max(len(data.get(n, [])) for n in names)))
         out[key] = (head, [row])
+        names, base, other = saved
     if res.t6:
         out["T6"] = res.t6
     if res.t7:
@@ -413,7 +486,8 @@ def print_table(head: list[str], rows: list[list[str]], markdown: bool) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default="t2,t3,t6,t7", help="comma list of t2,t3,t6,t7 (t7 includes T8)")
+    p.add_argument("--only", default="t2,t3,t6,t7",
+                   help="comma list of t2,t2s,t3,t6,t7 (t7 includes T8; t2s: RangeStream vs etcd 3.7)")
     p.add_argument("--keys", type=int, default=100_000, help="keys × 1 KiB for T2/T3 (default 100k)")
     p.add_argument("--big-keys", type=int, default=1_000_000, help="keys × 256 B for T7/T8 (default 1M)")
     p.add_argument("--count-calls", type=int, default=20, help="count_only calls per T3 run")
@@ -432,8 +506,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     ops = {o.strip().lower() for o in args.only.split(",") if o.strip()}
-    if ops - {"t2", "t3", "t6", "t7"}:
-        sys.exit(f"unknown target(s) {sorted(ops - {'t2', 't3', 't6', 't7'})}")
+    known = {"t2", "t2s", "t3", "t6", "t7"}
+    if ops - known:
+        sys.exit(f"unknown target(s) {sorted(ops - known)}")
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     if set(names) - {"etcd", "fastetcd"}:
         sys.exit(f"unknown server(s) in {names}")
@@ -456,6 +531,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     res.t6 = (head, rows)
                     res.t6_p50 = {n: c.median_pctl("50") for n, c in cells[wl].items()}
                     res.errors += [f"T6 on {n}: {c.error}" for n, c in cells[wl].items() if c.error]
+        if "t2s" in ops:
+            ensure_etcd37()
+            (tmp / "stream-etcd37").mkdir()
+            (tmp / "stream-fastetcd").mkdir()
+            servers = [Etcd37Server(T2S_SERVERS[0], tmp / "stream-etcd37"),
+                       FastetcdServer(T2S_SERVERS[1], tmp / "stream-fastetcd", python=args.python)]
+            with running(servers) as start_errors:
+                res.errors += [f"{n}: {e}" for n, e in start_errors.items()]
+                phase_stream(servers, args, res)
         if "t7" in ops:
             servers = make_servers(names, tmp, "big", args.python)
             with running(servers) as start_errors:
@@ -476,7 +560,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f" T6 etcd benchmark put --clients 1 --conns 1, 8-byte keys, 256-byte values; median of {args.repeat}"
         f" runs, servers alternate; T7/T8: {args.big_keys:,} keys × 256 B, each server loaded and restarted"
         " alone (SIGTERM, restart polled every 0.2 s)"
+        "; T2s: the T2 data in fresh servers, listed as one KV.RangeStream over the prefix (every chunk"
+        f" read), against {ETCD37.relative_to(REPO)} (default flags)"
     )
+    if "t2s" in ops:
+        notes["etcd-3.7"] = subprocess.run([str(ETCD37), "--version"], capture_output=True,
+                                           text=True).stdout.splitlines()[0]  # fmt: skip
     notes["load times"] = ", ".join(f"{k}: {v}" for k, v in res.loads.items())
     command = ("python bench/kube_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     tbls = tables(res, names)

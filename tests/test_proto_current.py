@@ -1,4 +1,5 @@
-"""The committed generated code matches proto/, and proto/ matches the API real etcd 3.5.1 serves."""
+"""The committed generated code matches proto/, and proto/ matches the API real etcd 3.5.1 serves plus
+exactly the one etcd 3.7 addition fastetcd serves (KV.RangeStream, RangeStreamResponse), as etcd 3.7.3's."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 PROTO_DIR = REPO / "proto"
 GENERATED_DIR = REPO / "src" / "fastetcd" / "proto"
 ETCD_VERSION = "3.5.1"
+# etcd 3.7.3, built by ci/build_etcd37.sh: the reference for the 3.7 addition below.
+ETCD37 = REPO / "bench" / ".bin" / "etcd-3.7"
 
 
 def _etcd_binary() -> Path:
@@ -126,6 +129,26 @@ def _wire_schema(fd: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileD
     return out
 
 
+def _etcd37_additions(rpc: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileDescriptorProto:
+    """etcd 3.5.1's rpc.proto with the etcd 3.7 addition fastetcd serves, and nothing else from 3.6 or 3.7:
+    the server-streaming KV.RangeStream right after KV.Range, and the RangeStreamResponse message last."""
+    out = descriptor_pb2.FileDescriptorProto()
+    out.CopyFrom(rpc)
+    kv = next(s for s in out.service if s.name == "KV")
+    methods = [descriptor_pb2.MethodDescriptorProto().FromString(m.SerializeToString()) for m in kv.method]
+    at = [m.name for m in methods].index("Range") + 1
+    methods.insert(at, descriptor_pb2.MethodDescriptorProto(
+        name="RangeStream", input_type=".etcdserverpb.RangeRequest",
+        output_type=".etcdserverpb.RangeStreamResponse", server_streaming=True))
+    del kv.method[:]
+    kv.method.extend(methods)
+    field = descriptor_pb2.FieldDescriptorProto
+    msg = out.message_type.add(name="RangeStreamResponse")
+    msg.field.add(name="range_response", number=1, label=field.LABEL_OPTIONAL, type=field.TYPE_MESSAGE,
+                  type_name=".etcdserverpb.RangeResponse")
+    return out
+
+
 def test_schema_matches_etcd_binary() -> None:
     theirs = _descriptors_in_binary(_etcd_binary())
     ours = (("kv.proto", kv_pb2), ("auth.proto", auth_pb2), ("rpc.proto", rpc_pb2),
@@ -134,11 +157,12 @@ def test_schema_matches_etcd_binary() -> None:
         assert name in theirs, f"{name} not found in the etcd binary"
         ours_fd = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(ours_fd)
-        expected, actual = str(_wire_schema(theirs[name])), str(_wire_schema(ours_fd))
+        reference = _etcd37_additions(theirs[name]) if name == "rpc.proto" else theirs[name]
+        expected, actual = str(_wire_schema(reference)), str(_wire_schema(ours_fd))
         diff = "\n".join(
             difflib.unified_diff(expected.splitlines(), actual.splitlines(), "etcd", "ours", lineterm="")
         )
-        assert actual == expected, f"{name} differs from etcd {ETCD_VERSION}'s:\n{diff}"
+        assert actual == expected, f"{name} differs from etcd {ETCD_VERSION}'s (+ RangeStream):\n{diff}"
     # The names clients dial: etcd's full service and message names.
     range_method = rpc_pb2.DESCRIPTOR.services_by_name["KV"].methods_by_name["Range"]
     assert range_method.full_name == "etcdserverpb.KV.Range"
@@ -146,6 +170,51 @@ def test_schema_matches_etcd_binary() -> None:
     assert v3lock_pb2.DESCRIPTOR.services_by_name["Lock"].full_name == "v3lockpb.Lock"
     observe = v3election_pb2.DESCRIPTOR.services_by_name["Election"].methods_by_name["Observe"]
     assert observe.full_name == "v3electionpb.Election.Observe" and observe.server_streaming
+
+
+def _raw_descriptor_in_binary(
+    binary: Path, name: bytes, package: bytes
+) -> descriptor_pb2.FileDescriptorProto:
+    """A file descriptor as protobuf-go (etcd >= 3.6) embeds it: raw, not gzipped, with no length in front,
+    so it is read field by field from its start (name, then package) until bytes stop being its fields."""
+    data = binary.read_bytes()
+    start = data.find(b"\n" + bytes([len(name)]) + name + b"\x12" + bytes([len(package)]) + package)
+    assert start >= 0, f"no descriptor for {name!r} in {binary}"
+    wire_types = {1: 2, 2: 2, 3: 2, 4: 2, 5: 2, 6: 2, 7: 2, 8: 2, 9: 2, 10: 0, 11: 0, 12: 2, 14: 0}
+
+    def varint(i: int) -> tuple[int, int]:
+        n = shift = 0
+        while True:
+            c = data[i]
+            n |= (c & 0x7F) << shift
+            i += 1
+            shift += 7
+            if c < 0x80:
+                return n, i
+
+    i = start
+    while True:
+        tag, j = varint(i)
+        if wire_types.get(tag >> 3) != tag & 7:
+            break
+        n, j = varint(j)
+        i = j + n if tag & 7 == 2 else j
+    return descriptor_pb2.FileDescriptorProto.FromString(data[start:i])
+
+
+def test_range_stream_is_etcd37s() -> None:
+    """The 3.7 addition above is what etcd 3.7.3 serves: the same method (right after Range) and message."""
+    assert ETCD37.is_file(), f"{ETCD37} is missing: run ci/build_etcd37.sh"
+    theirs = _wire_schema(_raw_descriptor_in_binary(ETCD37, b"rpc.proto", b"etcdserverpb"))
+    ours = _wire_schema(_etcd37_additions(_descriptors_in_binary(_etcd_binary())["rpc.proto"]))
+    kv_theirs = next(s for s in theirs.service if s.name == "KV")
+    kv_ours = next(s for s in ours.service if s.name == "KV")
+    names = [m.name for m in kv_theirs.method]
+    assert names[names.index("Range") + 1] == "RangeStream"
+    assert [str(m) for m in kv_ours.method] == [str(m) for m in kv_theirs.method]
+    msg_theirs = next(m for m in theirs.message_type if m.name == "RangeStreamResponse")
+    assert str(ours.message_type[-1]) == str(msg_theirs)
+    assert theirs.message_type[-1].name == "RangeStreamResponse"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -627,6 +627,38 @@ cdef class MVCC:
             out.append(_key_version(<bytes>self.ents[self.order[i]].key, r))
         return out, count
 
+    def range_page(self, bytes key, bytes end, int64_t rev, Py_ssize_t limit, int mode):
+        """The first ``limit`` keys live at ``rev`` in the range (all if ``limit`` <= 0), without counting the
+        rest: one page of etcd's Range without the total count, as a RangeStream chunk reads it.
+
+        mode 0: encoded KeyValues; 1: keys-only KeyValues as etcd 3.7 reads them from its index alone (no
+        value and no lease); 2: ``range_items`` tuples.
+        """
+        cdef int32_t lo, hi, i
+        cdef Py_ssize_t n = 0
+        cdef list out = []
+        cdef Rev* r
+        cdef KeyEntry* e
+        self._bounds(key, end, &lo, &hi)
+        for i in range(lo, hi):
+            if 0 < limit <= n:
+                break
+            r = self._at(self.order[i], rev)
+            if r == NULL or r.kv == NULL:
+                continue
+            n += 1
+            if mode == 0:
+                out.append(<object>r.kv)
+                continue
+            e = &self.ents[self.order[i]]
+            if mode == 1:
+                out.append(_encode_kv(e.kp, e.kl, r.create, r.main, r.version, NULL, 0, 0, NULL))
+            else:
+                out.append((<object>e.key, r.create, r.main, r.version, r.lease,
+                            PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen),
+                            <object>r.kv))
+        return out
+
     def count(self, bytes key, bytes end, int64_t rev):
         """Number of keys live at ``rev`` in the range, without touching any value."""
         cdef int32_t lo, hi, i

@@ -60,7 +60,7 @@ def etcd_routes(
     """etcd's gRPC method paths → the services' raw-bytes handlers, for any transport."""
     methods: dict[str, dict[str, Unary | Bidi]] = {
         "KV": {"Range": kv.range, "Put": kv.put, "DeleteRange": kv.delete_range, "Txn": kv.txn,
-               "Compact": kv.compact},
+               "Compact": kv.compact, "RangeStream": kv.range_stream},
         "Watch": {"Watch": watch.watch},
         "Lease": {"LeaseGrant": lease.grant, "LeaseRevoke": lease.revoke, "LeaseKeepAlive": lease.keep_alive,
                   "LeaseTimeToLive": lease.time_to_live, "LeaseLeases": lease.leases},
@@ -74,7 +74,7 @@ def etcd_routes(
     }
     health = HealthService()
     # Snapshot and health Watch stream only responses; served as bidi streams, they look the same on the wire.
-    streams = {"Watch", "LeaseKeepAlive", "Snapshot"}
+    streams = {"Watch", "LeaseKeepAlive", "Snapshot", "RangeStream"}
     routes: Routes = {
         f"/etcdserverpb.{service}/{method}": (BIDI if method in streams else UNARY, fn)
         for service, handlers in methods.items()

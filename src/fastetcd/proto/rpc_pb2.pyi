@@ -881,3 +881,9 @@ class AuthRoleRevokePermissionResponse(_message.Message):
     HEADER_FIELD_NUMBER: _ClassVar[int]
     header: ResponseHeader
     def __init__(self, header: _Optional[_Union[ResponseHeader, _Mapping]] = ...) -> None: ...
+
+class RangeStreamResponse(_message.Message):
+    __slots__ = ("range_response",)
+    RANGE_RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    range_response: RangeResponse
+    def __init__(self, range_response: _Optional[_Union[RangeResponse, _Mapping]] = ...) -> None: ...

@@ -39,6 +39,11 @@ class KVStub:
                 request_serializer=fastetcd_dot_proto_dot_rpc__pb2.RangeRequest.SerializeToString,
                 response_deserializer=fastetcd_dot_proto_dot_rpc__pb2.RangeResponse.FromString,
                 _registered_method=True)
+        self.RangeStream = channel.unary_stream(
+                '/etcdserverpb.KV/RangeStream',
+                request_serializer=fastetcd_dot_proto_dot_rpc__pb2.RangeRequest.SerializeToString,
+                response_deserializer=fastetcd_dot_proto_dot_rpc__pb2.RangeStreamResponse.FromString,
+                _registered_method=True)
         self.Put = channel.unary_unary(
                 '/etcdserverpb.KV/Put',
                 request_serializer=fastetcd_dot_proto_dot_rpc__pb2.PutRequest.SerializeToString,
@@ -66,6 +71,14 @@ class KVServicer:
 
     def Range(self, request, context):
         """Range gets the keys in [key, range_end).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RangeStream(self, request, context):
+        """RangeStream (etcd 3.7) answers a Range as a stream of chunks at one revision; merging the chunks' range
+        responses gives Range's answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -106,6 +119,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Range,
                     request_deserializer=fastetcd_dot_proto_dot_rpc__pb2.RangeRequest.FromString,
                     response_serializer=fastetcd_dot_proto_dot_rpc__pb2.RangeResponse.SerializeToString,
+            ),
+            'RangeStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.RangeStream,
+                    request_deserializer=fastetcd_dot_proto_dot_rpc__pb2.RangeRequest.FromString,
+                    response_serializer=fastetcd_dot_proto_dot_rpc__pb2.RangeStreamResponse.SerializeToString,
             ),
             'Put': grpc.unary_unary_rpc_method_handler(
                     servicer.Put,
@@ -155,6 +173,33 @@ class KV:
             '/etcdserverpb.KV/Range',
             fastetcd_dot_proto_dot_rpc__pb2.RangeRequest.SerializeToString,
             fastetcd_dot_proto_dot_rpc__pb2.RangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RangeStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/etcdserverpb.KV/RangeStream',
+            fastetcd_dot_proto_dot_rpc__pb2.RangeRequest.SerializeToString,
+            fastetcd_dot_proto_dot_rpc__pb2.RangeStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,7 @@ from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server._wire import encode_range_response
 from fastetcd.server.header import Header
+from fastetcd.server.range_stream import first_request, send_range_stream
 
 _SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
 _SORT_TARGETS = frozenset(pb.RangeRequest.SortTarget.values())
@@ -43,6 +44,12 @@ class KVService:
         check_range(r)
         rr = self.sm.range(r)
         return encode_range_response(self.header.encode(rr.rev), rr.kvs, rr.more, rr.count)
+
+    async def range_stream(self, requests, send) -> None:
+        """etcd 3.7's KV.RangeStream (server-streaming, routed as a bidi stream): server/range_stream.py."""
+        r = pb.RangeRequest.FromString(await first_request(requests))
+        check_range(r)
+        await send_range_stream(self.sm, self.header, self.max_request_bytes, r, send)
 
     async def put(self, raw: bytes) -> bytes:
         return await self._write(raw, pb.PutRequest.FromString(raw), check_put, self.sm.put)
