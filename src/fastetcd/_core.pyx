@@ -632,7 +632,7 @@ cdef class MVCC:
         rest: one page of etcd's Range without the total count, as a RangeStream chunk reads it.
 
         mode 0: encoded KeyValues; 1: keys-only KeyValues as etcd 3.7 reads them from its index alone (no
-        value and no lease); 2: ``range_items`` tuples.
+        value and no lease); 2: ``KeyVersion`` records, as ``range_items`` returns them.
         """
         cdef int32_t lo, hi, i
         cdef Py_ssize_t n = 0
@@ -654,9 +654,7 @@ cdef class MVCC:
             if mode == 1:
                 out.append(_encode_kv(e.kp, e.kl, r.create, r.main, r.version, NULL, 0, 0, NULL))
             else:
-                out.append((<object>e.key, r.create, r.main, r.version, r.lease,
-                            PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen),
-                            <object>r.kv))
+                out.append(_key_version(<bytes>e.key, r))
         return out
 
     def count(self, bytes key, bytes end, int64_t rev):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from operator import attrgetter
 
 from fastetcd import errors
 from fastetcd._core import encode_kv
@@ -41,8 +42,13 @@ _KEY = pb.RangeRequest.KEY
 _VALUE = pb.RangeRequest.VALUE
 _NONE = pb.RangeRequest.NONE
 _ASCEND = pb.RangeRequest.ASCEND
-# Indexes into MVCC.range_items tuples: (key, create, mod, version, lease, value, encoded)
-_SORT_FIELD = {pb.RangeRequest.VERSION: 3, pb.RangeRequest.CREATE: 1, pb.RangeRequest.MOD: 2, _VALUE: 5}
+# Sort target -> the KeyVersion field it sorts by
+_SORT_FIELD = {
+    pb.RangeRequest.VERSION: attrgetter("version"),
+    pb.RangeRequest.CREATE: attrgetter("create_revision"),
+    pb.RangeRequest.MOD: attrgetter("mod_revision"),
+    _VALUE: attrgetter("value"),
+}
 
 CUSTOM_SORT = errors.EtcdError("UNIMPLEMENTED", "RangeStream does not support custom sort orders")
 REVISION_FILTERS = errors.EtcdError("UNIMPLEMENTED", "RangeStream does not support revision filters")
@@ -146,16 +152,19 @@ class RangeStreamReader:
         else:
             items = core.range_page(self.key, self.end, at, fetch, 2)
             read = len(items)
-            go_pdqsort(items, lambda a, b: a[f] < b[f])
+            go_pdqsort(items, lambda a, b: f(a) < f(b))
             more = 0 < limit < read
             if more:
                 del items[limit:]
             if not self.keys_only:
-                kvs = [it[6] for it in items]
-            elif self.fast_keys_only:
-                kvs = [encode_kv(it[0], it[1], it[2], it[3], b"", 0) for it in items]
+                kvs = [it.kv for it in items]
             else:
-                kvs = [encode_kv(it[0], it[1], it[2], it[3], b"", it[4]) for it in items]
+                no_lease = self.fast_keys_only  # read from the index alone: no lease, as etcd 3.7
+                kvs = [
+                    encode_kv(it.key, it.create_revision, it.mod_revision, it.version, b"",
+                              0 if no_lease else it.lease)
+                    for it in items
+                ]
         if self.header_rev == 0:
             # The stream's revision: the store's when it started; a request for revision 0 reads there.
             self.header_rev = cur

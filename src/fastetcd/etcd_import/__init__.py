@@ -94,7 +94,7 @@ def build_state(db: EtcdDB) -> ImportedState:
         core.put(key, kv.value, kv.lease, ver.main, ver.sub)
         applied += 1
         got = core.get(key, ver.main)
-        if got is None or (got[0], got[2]) != (kv.create_revision, kv.version):
+        if got is None or (got.create_revision, got.version) != (kv.create_revision, kv.version):
             raise EtcdImportError(
                 f"revision {ver.main}: {key!r} has create revision {kv.create_revision} and version "
                 f"{kv.version}, which do not follow from its earlier versions"

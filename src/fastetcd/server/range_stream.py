@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastetcd import errors
-from fastetcd._core import encode_range_response
 from fastetcd.engine.range_stream import Chunk, RangeStreamReader, check_range_stream
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server._wire import encode_range_response
 from fastetcd.server.header import Header
 
 # grpc-go's answers (as etcd 3.7 gives them) when a server-streaming call sends no request, or more than one.
