@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from fastetcd import __version__
 from fastetcd.config import Config
@@ -17,6 +18,11 @@ from fastetcd.server.lease import LeaseService
 from fastetcd.server.maintenance import MaintenanceService
 from fastetcd.server.watch import WatchService
 from fastetcd.store.base import Store, StoreError
+
+if TYPE_CHECKING:
+    import grpc
+
+    from fastetcd.server.native_transport import NativeServer, Route
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +41,40 @@ def open_store(config: Config) -> Store:
             config.cosmos_endpoint, config.cosmos_key, config.cosmos_database, config.cosmos_container
         )
     raise StoreError(f"unknown store {config.store!r}")
+
+
+async def _start_grpcio(config: Config, services: dict[str, tuple[dict, dict]]) -> grpc.aio.Server:
+    server = grpc_transport.build_server(
+        [grpc_transport.service_handler(name, unary, bidi) for name, (unary, bidi) in services.items()],
+        max_request_bytes=config.max_request_bytes,
+    )
+    for url in config.client_urls:
+        try:
+            bound = server.add_insecure_port(url.address)
+        except RuntimeError as e:  # grpcio reports a failed bind this way
+            raise OSError(f"cannot listen on {url}: {e}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {url}: address in use or not available")
+    await server.start()
+    return server
+
+
+async def _start_native(config: Config, services: dict[str, tuple[dict, dict]]) -> NativeServer:
+    # Imported here: the grpcio transport must work where the nghttp2 extension was not built.
+    from fastetcd.server.native_transport import NativeServer
+
+    routes: dict[str, Route] = {}
+    for name, (unary, bidi) in services.items():
+        routes.update({f"/{name}/{method}": ("unary", fn) for method, fn in unary.items()})
+        routes.update({f"/{name}/{method}": ("bidi", fn) for method, fn in bidi.items()})
+    server = NativeServer(routes, max_request_bytes=config.max_request_bytes)
+    for url in config.client_urls:
+        try:
+            await server.start(url.host, url.port)
+        except OSError as e:
+            await server.stop(0)
+            raise OSError(f"cannot listen on {url}: {e.strerror or e}") from None
+    return server
 
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
@@ -66,42 +106,35 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         lease = LeaseService(sm, header)
         maintenance = MaintenanceService(sm, header)
         cluster = ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls)
-        server = grpc_transport.build_server(
-            [
-                grpc_transport.service_handler(
-                    "etcdserverpb.KV",
-                    {
-                        "Range": kv.range,
-                        "Put": kv.put,
-                        "DeleteRange": kv.delete_range,
-                        "Txn": kv.txn,
-                        "Compact": kv.compact,
-                    },
-                ),
-                grpc_transport.service_handler("etcdserverpb.Watch", {}, {"Watch": watch.watch}),
-                grpc_transport.service_handler(
-                    "etcdserverpb.Lease",
-                    {
-                        "LeaseGrant": lease.grant,
-                        "LeaseRevoke": lease.revoke,
-                        "LeaseTimeToLive": lease.time_to_live,
-                        "LeaseLeases": lease.leases,
-                    },
-                    {"LeaseKeepAlive": lease.keep_alive},
-                ),
-                grpc_transport.service_handler("etcdserverpb.Maintenance", {"Status": maintenance.status}),
-                grpc_transport.service_handler("etcdserverpb.Cluster", {"MemberList": cluster.member_list}),
-            ],
-            max_request_bytes=config.max_request_bytes,
-        )
-        for url in config.client_urls:
-            try:
-                bound = server.add_insecure_port(url.address)
-            except RuntimeError as e:  # grpcio reports a failed bind this way
-                raise OSError(f"cannot listen on {url}: {e}") from None
-            if bound == 0:
-                raise OSError(f"cannot listen on {url}: address in use or not available")
-        await server.start()
+        # One method table for either transport: service → (unary methods, bidi methods).
+        services: dict[str, tuple[dict, dict]] = {
+            "etcdserverpb.KV": (
+                {
+                    "Range": kv.range,
+                    "Put": kv.put,
+                    "DeleteRange": kv.delete_range,
+                    "Txn": kv.txn,
+                    "Compact": kv.compact,
+                },
+                {},
+            ),
+            "etcdserverpb.Watch": ({}, {"Watch": watch.watch}),
+            "etcdserverpb.Lease": (
+                {
+                    "LeaseGrant": lease.grant,
+                    "LeaseRevoke": lease.revoke,
+                    "LeaseTimeToLive": lease.time_to_live,
+                    "LeaseLeases": lease.leases,
+                },
+                {"LeaseKeepAlive": lease.keep_alive},
+            ),
+            "etcdserverpb.Maintenance": ({"Status": maintenance.status}, {}),
+            "etcdserverpb.Cluster": ({"MemberList": cluster.member_list}, {}),
+        }
+        if config.transport == "native":
+            server = await _start_native(config, services)
+        else:
+            server = await _start_grpcio(config, services)
         log.info(
             "serving client traffic insecurely",
             extra={"address": ",".join(config.listen_client_urls), "version": __version__,
@@ -115,7 +148,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             halted.cancel()
         finally:
             log.info("stopping server")
-            await server.stop(grace=2)
+            await server.stop(2)
     finally:
         if watch is not None:
             await watch.stop()
