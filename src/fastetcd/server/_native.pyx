@@ -402,9 +402,13 @@ cdef class Stream:
         except asyncio.CancelledError:
             return  # the client went away or the deadline passed (already answered)
         except Exception as e:
+            # Dropping the task first: fail() must not cancel the task it runs in, and the
+            # stream → task → coroutine → stream cycle is broken without waiting for the GC.
+            self.task = None
             code, text = status_for(e)
             self.fail(code, text)
             return
+        self.task = None
         self.respond(resp)
 
     async def run_bidi(self):
@@ -418,6 +422,7 @@ cdef class Stream:
             return
         except Exception as e:
             code, text = status_for(e)
+        self.task = None  # as in run_unary
         self.finish(code, text)
 
     def on_deadline(self):
@@ -826,13 +831,14 @@ cdef class Connection:
         cdef const uint8_t *data
         cdef ssize_t n
         self.flush_scheduled = False
-        if self.session == NULL or self.transport is None:
+        if self.session == NULL or self.transport is None or self.mode == MODE_CLOSED:
             return
         while not self.write_paused:
             n = nghttp2_session_mem_send(self.session, &data)
             if n < 0:
                 log.debug("native transport: nghttp2_session_mem_send: %s", nghttp2_strerror(<int>n).decode())
                 self.write_out()
+                self.mode = MODE_CLOSED
                 self.transport.close()
                 return
             if n == 0:
