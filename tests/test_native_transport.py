@@ -656,3 +656,73 @@ def test_garbage_closes_the_connection(native: LoopThread, channel: grpc.Channel
         assert resp in (b"", http1_module.BAD_REQUEST)
     wait_for(lambda: native.run(lambda: native.server.connection_count()) <= 1)  # only the channel's
     assert unary(channel, "Echo", b"alive") == b"alive"
+
+
+# ------------------------------------------------------------------------------------------ real services
+
+
+class EtcdOnNative:
+    """fastetcd's real KV and Watch services (embedded store) behind a NativeServer, in-process."""
+
+    def __init__(self, lt: LoopThread, data_dir: str) -> None:
+        from fastetcd.engine.state_machine import StateMachine
+        from fastetcd.engine.watch_hub import WatchHub
+        from fastetcd.server.header import Header
+        from fastetcd.server.kv import KVService
+        from fastetcd.server.watch import WatchService
+        from fastetcd.store.embedded import EmbeddedStore
+
+        self.lt = lt
+
+        async def start() -> None:
+            self.store = EmbeddedStore(data_dir)
+            self.sm = StateMachine(self.store, snapshot_count=100_000)
+            await self.sm.start()
+            self.hub = WatchHub(self.sm.core, self.sm.committed_rev)
+            self.sm.listeners.append(self.hub.publish)
+            header = Header(cluster_id=1, member_id=2)
+            self.kv = KVService(self.sm, header, max_request_bytes=MAX_REQUEST_BYTES, max_txn_ops=128)
+            self.watch = WatchService(self.sm, self.hub, header, max_request_bytes=MAX_REQUEST_BYTES,
+                                      progress_interval=0)
+            self.server = NativeServer({"/etcdserverpb.KV/Put": ("unary", self.kv.put),
+                                        "/etcdserverpb.Watch/Watch": ("bidi", self.watch.watch)},
+                                       max_request_bytes=MAX_REQUEST_BYTES)
+            self.port = (await self.server.start("127.0.0.1", 0))[0][1]
+
+        lt.call(start())
+
+    def close(self) -> None:
+        async def stop() -> None:
+            await self.server.stop(0.5)
+            await self.sm.stop()
+            await self.store.close()
+
+        self.lt.call(stop())
+
+
+def test_cancelled_watch_streams_are_cleaned_up(native: LoopThread, tmp_path: Any) -> None:
+    from fastetcd.proto import rpc_pb2, rpc_pb2_grpc
+
+    etcd = EtcdOnNative(native, str(tmp_path / "data"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{etcd.port}") as ch:
+            watch = rpc_pb2_grpc.WatchStub(ch)
+            kv = rpc_pb2_grpc.KVStub(ch)
+            calls = []
+            for i in range(20):
+                create = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
+                    key=b"w/%d" % i, range_end=b"w/%d\xff" % i))
+                call = watch.Watch(iter([create]), timeout=30)
+                assert next(call).created
+                calls.append(call)
+            assert native.run(lambda: len(etcd.watch.streams)) == 20
+            kv.Put(rpc_pb2.PutRequest(key=b"w/3", value=b"v"), timeout=10)
+            (event,) = next(calls[3]).events
+            assert (event.kv.key, event.kv.value) == (b"w/3", b"v")
+            for call in calls:
+                call.cancel()
+            # The service's finally ran for every stream: it left the service and the hub.
+            wait_for(lambda: native.run(lambda: (len(etcd.watch.streams), len(etcd.hub._sinks))) == (0, 0))
+            assert native.run(lambda: etcd.server.buffered_bytes()) == 0
+    finally:
+        etcd.close()
