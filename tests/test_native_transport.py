@@ -120,6 +120,11 @@ class Routes:
         finally:
             self.rec.finally_ran.set()
 
+    async def bidi_deaf(self, requests: AsyncIterator[bytes], send: Send) -> None:
+        """Never reads its requests."""
+        self.rec.started.set()
+        await asyncio.sleep(3600)
+
     async def bidi_error(self, requests: AsyncIterator[bytes], send: Send) -> None:
         async for raw in requests:
             if raw == b"fail":
@@ -140,6 +145,7 @@ class Routes:
             "/t.S/BidiHold": ("bidi", self.bidi_hold),
             "/t.S/BidiFlood": ("bidi", self.bidi_flood),
             "/t.S/BidiError": ("bidi", self.bidi_error),
+            "/t.S/BidiDeaf": ("bidi", self.bidi_deaf),
         }
 
 
@@ -439,6 +445,40 @@ def test_bidi_stream_thousands_of_messages(channel: grpc.Channel) -> None:
     out = list(channel.stream_stream("/t.S/BidiCount")(iter([b"3000 300"]), timeout=60))
     assert len(out) == 3000 and [int.from_bytes(m[:4], "big") for m in out] == list(range(3000))
     assert all(len(m) == 300 for m in out)
+
+
+def test_bidi_stream_megabytes_each_way(channel: grpc.Channel) -> None:
+    # 16 MiB through one stream: far more than the receive window, which is only given back as the
+    # handler takes requests.
+    msgs = [i.to_bytes(4, "big") * 2048 for i in range(2048)]
+    got = channel.stream_stream("/t.S/BidiEcho")(iter(msgs), timeout=60)
+    assert all(a == b for a, b in zip(got, msgs, strict=True))
+
+
+def test_unread_requests_hold_the_client_back(native: LoopThread) -> None:
+    from fastetcd.server.native_transport import WINDOW_BYTES
+
+    raw = RawH2(native.port)
+    try:
+        raw.read_until(lambda: any(isinstance(e, h2.events.RemoteSettingsChanged) for e in raw.events))
+        sid = raw.request("/t.S/BidiDeaf", end=False)
+        assert native.rec.started.wait(5)
+        msg = frame(b"r" * (16384 - 5))
+        sent = 0
+        while sent < 64 * 1024 * 1024:
+            while raw.conn.local_flow_control_window(sid) >= len(msg):
+                raw.conn.send_data(sid, msg)
+                sent += len(msg)
+            raw.flush()
+            try:
+                raw.pump(timeout=0.5)  # take the server's window updates, if any come
+            except TimeoutError:
+                break  # none: the client is held back
+        queued = native.run(lambda: native.server.queued_request_bytes())
+        assert sent <= WINDOW_BYTES + 2 * len(msg), sent
+        assert WINDOW_BYTES - 2 * len(msg) <= queued <= sent, (queued, sent)
+    finally:
+        raw.close()
 
 
 def test_bidi_error_after_messages(channel: grpc.Channel) -> None:

@@ -199,26 +199,38 @@ cdef class ServerConfig:
 
 
 cdef class RequestIterator:
-    """A bidi stream's request messages as an async iterator; ends when the client half-closes."""
+    """A bidi stream's request messages as an async iterator; ends when the client half-closes.
+
+    Each message's bytes count against the stream's HTTP/2 receive window until the handler takes it,
+    so a client cannot queue more than a window's worth of requests that the handler does not read.
+    """
 
     cdef object items
+    cdef object sizes  # wire bytes of each queued message (with its 5-byte prefix)
     cdef object waiter
     cdef object loop
     cdef bint ended
     cdef object error
+    cdef Stream stream  # None once the stream is closed
+    cdef readonly Py_ssize_t queued_bytes
 
-    def __cinit__(self, loop):
+    def __cinit__(self, loop, Stream stream):
         self.items = collections.deque()
+        self.sizes = collections.deque()
         self.loop = loop
+        self.stream = stream
 
-    cdef void push(self, bytes msg):
+    cdef void push(self, bytes msg, Py_ssize_t wire_bytes):
         self.items.append(msg)
+        self.sizes.append(wire_bytes)
+        self.queued_bytes += wire_bytes
         self._wake()
 
     cdef void end(self, error=None):
         self.ended = True
         if error is not None and self.error is None:
             self.error = error
+            self.stream = None
         self._wake()
 
     cdef void _wake(self):
@@ -239,6 +251,9 @@ cdef class RequestIterator:
                 raise StopAsyncIteration
             self.waiter = self.loop.create_future()
             await self.waiter
+        self.queued_bytes -= self.sizes.popleft()
+        if self.stream is not None:
+            self.stream.release_window()
         return self.items.popleft()
 
 
@@ -271,6 +286,9 @@ cdef class Stream:
     cdef readonly bint closed   # nghttp2 closed the stream (done, reset, or connection gone)
     cdef list trailers
     cdef object send_waiter
+    # Received DATA bytes not yet given back to the peer's stream window (at most the bytes of the
+    # requests queued for a bidi handler; everything else is given back as it arrives).
+    cdef Py_ssize_t unconsumed
 
     def __cinit__(self, Connection conn, int32_t sid):
         self.conn = conn
@@ -285,8 +303,20 @@ cdef class Stream:
         cdef size_t length, pos = 0
         cdef uint8_t flag
         cdef const uint8_t *p
+        self.unconsumed += n
         if self.req_state != REQ_BODY:
+            self.release_window()
             return 0
+        try:
+            return self.split_messages(data, n)
+        finally:
+            self.release_window()
+
+    cdef int split_messages(self, const uint8_t *data, size_t n) except -1:
+        cdef Py_ssize_t limit = self.conn.config.max_message_bytes
+        cdef size_t length, pos = 0
+        cdef uint8_t flag
+        cdef const uint8_t *p
         if self.inbuf is None or len(self.inbuf) == 0:
             # Fast path: parse in place; only a trailing partial message is copied.
             while n - pos >= 5:
@@ -337,12 +367,13 @@ cdef class Stream:
         return 0
 
     cdef on_message(self, uint8_t flag, bytes msg):
+        cdef Py_ssize_t wire_bytes = 5 + len(msg)
         if flag & 1:
             msg = self.decompress(msg)
             if msg is None:
                 return
         if self.kind == KIND_BIDI:
-            self.requests.push(msg)
+            self.requests.push(msg, wire_bytes)
         elif self.first_message is None:
             self.first_message = msg
 
@@ -371,6 +402,18 @@ cdef class Stream:
                       f"SERVER: Received message larger than max ({len(out)} vs. {limit})")
             return None
         return out
+
+    cdef void release_window(self) except *:
+        """Give the peer back the stream window for every received byte not held by a queued request."""
+        cdef Py_ssize_t held = 0, give
+        if self.requests is not None and self.req_state != REQ_IGNORED:
+            held = self.requests.queued_bytes
+        give = self.unconsumed - held
+        if give <= 0 or self.closed or self.conn.session == NULL:
+            return
+        self.unconsumed = held
+        nghttp2_session_consume_stream(self.conn.session, self.sid, give)
+        self.conn.schedule_flush()
 
     cdef on_request_end(self):
         """The client half-closed: a unary call runs now; a bidi stream's iterator ends."""
@@ -665,6 +708,8 @@ cdef void init_library() except *:
     nghttp2_session_callbacks_set_on_stream_close_callback(CALLBACKS, on_stream_close)
     # Closed streams are kept only for priority bookkeeping, which gRPC does not use.
     nghttp2_option_set_no_closed_streams(OPTION, 1)
+    # Receive windows are given back by hand, so that unread requests hold the client back.
+    nghttp2_option_set_no_auto_window_update(OPTION, 1)
 
 
 init_library()
@@ -898,7 +943,11 @@ cdef class Connection:
         return 0
 
     cdef int data_chunk(self, int32_t stream_id, const uint8_t *data, size_t length) except -1:
-        cdef Stream s = self.streams.get(stream_id)
+        # The connection window is given back at once (memory is bounded per stream, below); the
+        # stream's window only as its requests are taken (Stream.release_window).
+        cdef Stream s
+        nghttp2_session_consume_connection(self.session, length)
+        s = self.streams.get(stream_id)
         if s is not None:
             s.on_data(data, length)
         return 0
@@ -932,7 +981,7 @@ cdef class Connection:
                 return
             s.deadline = self.loop.call_later(timeout, s.on_deadline)
         if s.kind == KIND_BIDI:
-            s.requests = RequestIterator(self.loop)
+            s.requests = RequestIterator(self.loop, s)
             s.task = self.loop.create_task(s.run_bidi())
 
     cdef int frame_send(self, const nghttp2_frame *frame) except -1:
@@ -1010,3 +1059,12 @@ cdef class Connection:
     @property
     def stream_count(self):
         return len(self.streams)
+
+    @property
+    def queued_request_bytes(self):
+        cdef Stream s
+        cdef Py_ssize_t total = 0
+        for s in self.streams.values():
+            if s.requests is not None:
+                total += s.requests.queued_bytes
+        return total

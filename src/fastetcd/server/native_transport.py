@@ -85,6 +85,10 @@ class NativeServer:
         """Message bytes queued on all streams, not yet handed to nghttp2 (bounded per stream)."""
         return sum(c.buffered for c in self._config.connections)
 
+    def queued_request_bytes(self) -> int:
+        """Request bytes received for bidi handlers that have not taken them yet (bounded by the window)."""
+        return sum(c.queued_request_bytes for c in self._config.connections)
+
     def write_buffer_bytes(self) -> int:
         """Bytes the sockets' transports hold, written by us but not yet taken by the kernel."""
         return sum(c.write_buffer_size for c in self._config.connections)
