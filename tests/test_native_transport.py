@@ -152,9 +152,10 @@ class Routes:
 class LoopThread:
     """A NativeServer on a uvloop event loop in a background thread."""
 
-    def __init__(self, **server_kw: Any) -> None:
+    def __init__(self, loop: str = "uvloop", **server_kw: Any) -> None:
         self.rec = Recorder()
-        self.loop = uvloop.new_event_loop()
+        # uvloop is what fastetcd runs on; the stock loop is its fallback where uvloop is missing.
+        self.loop = uvloop.new_event_loop() if loop == "uvloop" else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.server = NativeServer(Routes(self.rec).table(), max_request_bytes=MAX_REQUEST_BYTES,
@@ -181,9 +182,9 @@ class LoopThread:
             self.loop.close()
 
 
-@pytest.fixture
-def native() -> Iterator[LoopThread]:
-    lt = LoopThread()
+@pytest.fixture(params=["uvloop", "asyncio"])
+def native(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
+    lt = LoopThread(request.param)
     try:
         yield lt
     finally:
