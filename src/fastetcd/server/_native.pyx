@@ -298,11 +298,7 @@ cdef class Stream:
     # ---- request side
 
     cdef int on_data(self, const uint8_t *data, size_t n) except -1:
-        """Split the DATA payload into gRPC messages (whole ones straight from nghttp2's buffer)."""
-        cdef Py_ssize_t limit = self.conn.config.max_message_bytes
-        cdef size_t length, pos = 0
-        cdef uint8_t flag
-        cdef const uint8_t *p
+        """Take a DATA payload: its messages go to the call, its bytes back to the window when due."""
         self.unconsumed += n
         if self.req_state != REQ_BODY:
             self.release_window()
@@ -313,6 +309,7 @@ cdef class Stream:
             self.release_window()
 
     cdef int split_messages(self, const uint8_t *data, size_t n) except -1:
+        """Split a DATA payload into gRPC messages (whole ones straight from nghttp2's buffer)."""
         cdef Py_ssize_t limit = self.conn.config.max_message_bytes
         cdef size_t length, pos = 0
         cdef uint8_t flag
