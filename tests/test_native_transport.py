@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -394,6 +395,15 @@ def test_compression_edge_cases(native: LoopThread) -> None:
         raw.headers(sid)
         assert b"".join(e.data for e in raw.events if isinstance(e, h2.events.DataReceived)
                         and e.stream_id == sid) == frame(b"zipped")
+        sid = raw.request("/t.S/Echo", frame(zlib.compress(b"deflated"), True),
+                          headers=(("grpc-encoding", "deflate"),))
+        raw.headers(sid)
+        assert b"".join(e.data for e in raw.events if isinstance(e, h2.events.DataReceived)
+                        and e.stream_id == sid) == frame(b"deflated")
+        sid = raw.request("/t.S/Echo", frame(b"not gzip", True), headers=(("grpc-encoding", "gzip"),))
+        (only,) = raw.headers(sid)
+        assert only[b"grpc-status"] == b"13"
+        assert only[b"grpc-message"].startswith(b"grpc: failed to decompress the received message")
         sid = raw.request("/t.S/Echo", frame(b"a", True), headers=(("grpc-encoding", "br"),))
         (only,) = raw.headers(sid)
         assert only[b"grpc-status"] == b"12"  # UNIMPLEMENTED, as etcd (grpc-go) answers
