@@ -1,4 +1,5 @@
-"""Build the Cython MVCC core and the native HTTP/2 transport; everything else is in pyproject.toml."""
+"""Build the Cython modules (MVCC core, watch matcher, wire encoders, the native HTTP/2 transport); the
+rest is in pyproject.toml."""
 import shlex
 import subprocess
 
@@ -29,19 +30,18 @@ def pkg_config(package: str, fallback_libs: list[str]) -> dict[str, list[str]]:
 
 
 extensions = [
-    Extension(
-        "fastetcd._core",
-        ["src/fastetcd/_core.pyx"],
-        extra_compile_args=["-O3"],
-    ),
-    # HTTP/2 + gRPC over libnghttp2 (Debian: libnghttp2-dev).
+    Extension(name, [f"src/{name.replace('.', '/')}.pyx"], extra_compile_args=["-O3"])
+    for name in ("fastetcd._core", "fastetcd._watch_index", "fastetcd.server._wire")
+]
+# HTTP/2 + gRPC over libnghttp2 (Debian: libnghttp2-dev).
+extensions.append(
     Extension(
         "fastetcd.server._native",
         ["src/fastetcd/server/_native.pyx"],
         extra_compile_args=["-O2"],
         **pkg_config("libnghttp2", ["nghttp2"]),
-    ),
-]
+    )
+)
 
 setup(
     ext_modules=cythonize(

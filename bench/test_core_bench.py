@@ -11,7 +11,7 @@ import itertools
 import os
 
 import pytest
-from fastetcd._core import MVCC
+from fastetcd._core import MVCC, KeyVersion
 
 VAL_256 = os.urandom(256)
 VAL_1K = os.urandom(1024)
@@ -84,6 +84,28 @@ def test_point_range(benchmark, kube: MVCC) -> None:
 
     kvs, count = benchmark(get)
     assert count == 1 and len(kvs) == 1 and VAL_1K in kvs[0]
+
+
+def test_point_get(benchmark, kube: MVCC) -> None:
+    """The engine's point read (Put with prev_kv / ignore_value, Txn checks): one key's fields and value."""
+    rev = kube.rev
+    keys = itertools.cycle([PREFIX + b"pod-%06d" % i for i in range(0, N_PREFIX, 7)])
+
+    def get() -> KeyVersion:
+        return kube.get(next(keys), rev)
+
+    got = benchmark(get)
+    assert got.mod_revision <= rev and got.value == VAL_1K and VAL_1K in got.kv
+
+
+def test_range_items_500(benchmark, kube: MVCC) -> None:
+    """The engine's sorted / filtered Range and Txn compares read items, not bytes: 500 keys, no limit."""
+    rev = kube.rev
+    start, end = PREFIX + b"pod-%06d" % 0, PREFIX + b"pod-%06d" % 500
+
+    items, count = benchmark(kube.range_items, start, end, rev, 0)
+    assert count == len(items) == 500
+    assert items[0].key == start and items[-1].value == VAL_1K and VAL_1K in items[-1].kv
 
 
 @pytest.mark.parametrize("keys_only", [False, True], ids=["values", "keys_only"])

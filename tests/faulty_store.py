@@ -58,8 +58,8 @@ class FaultyStore:
     async def open(self) -> Recovered:
         return await self.inner.open()
 
-    async def append(self, records: list[tuple[int, bytes]]) -> None:
-        revs = [log_entry.decode(data).rev for _, data in records]
+    async def append(self, entries: list[tuple[int, bytes]]) -> None:
+        revs = [log_entry.decode(data).rev for _, data in entries]
         self.appends.append([rev for rev in revs if rev])
         n = len(self.appends)
         self._entered.set()
@@ -67,7 +67,7 @@ class FaultyStore:
         if n in self.fail_appends:
             self.events.append(("append", min(revs, default=0), max(revs, default=0), False))
             raise StoreError(f"injected failure of append #{n}")
-        await self.inner.append(records)
+        await self.inner.append(entries)
         self.events.append(("append", min(revs, default=0), max(revs, default=0), True))
 
     async def compact(self, rev: int) -> None:
@@ -77,12 +77,18 @@ class FaultyStore:
         self.compacts.append(rev)
         self.events.append(("compact", rev))
 
-    async def save_snapshot(self, rev: int, chunks: Iterable[bytes]) -> None:
-        await self.inner.save_snapshot(rev, chunks)
-        self.snapshots.append(rev)
+    async def save_snapshot(self, index: int, chunks: Iterable[bytes]) -> None:
+        await self.inner.save_snapshot(index, chunks)
+        self.snapshots.append(index)
 
     def size(self) -> int:
         return self.inner.size()
+
+    def size_in_use(self) -> int:
+        return self.inner.size_in_use()
+
+    async def defragment(self) -> None:
+        await self.inner.defragment()
 
     async def close(self) -> None:
         await self.inner.close()

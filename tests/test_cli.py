@@ -268,7 +268,7 @@ def test_log_lines_are_zap_shaped_json():
 
 
 # ----------------------------------------------------------------------------- the real server
-# These run the whole server (fastetcd.server.app.serve) and talk to it with etcdctl.
+# These run the whole server (fastetcd.app.serve) and talk to it with etcdctl.
 
 
 def free_port() -> int:

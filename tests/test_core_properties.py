@@ -27,6 +27,7 @@ from mvcc_model import ModelMVCC, Version, in_range
 
 from fastetcd import _core
 from fastetcd.proto import kv_pb2, rpc_pb2
+from fastetcd.server import _wire
 
 MVCC = _core.MVCC
 
@@ -92,6 +93,11 @@ def fields(encoded: bytes) -> tuple[bytes, int, int, int, bytes, int]:
     return kv.key, kv.create_revision, kv.mod_revision, kv.version, kv.value, kv.lease
 
 
+def record_fields(kv: _core.KeyVersion) -> tuple[bytes, int, int, int, bytes, int]:
+    """A ``KeyVersion``'s fields in the order of ``fields``, so that the two compare directly."""
+    return kv.key, kv.create_revision, kv.mod_revision, kv.version, kv.value, kv.lease
+
+
 def assert_kvs(got: list[bytes], want: list[tuple[bytes, Version]], keys_only: bool = False) -> None:
     # Decoded fields first, for a readable failure; then the bytes, which is what goes on the wire.
     want_bytes = [expected_kv(k, v, keys_only) for k, v in want]
@@ -111,8 +117,8 @@ def assert_range(core: MVCC, model: ModelMVCC, key: bytes, end: bytes, rev: int,
         assert_kvs(got, want, keys_only)
     items, total = core.range_items(key, end, rev, limit)
     assert total == want_total
-    assert [it[:6] for it in items] == [(k, v.create, v.rev, v.version, v.lease, v.value) for k, v in want]
-    assert [it[6] for it in items] == [expected_kv(k, v) for k, v in want]
+    assert [record_fields(it) for it in items] == [fields(expected_kv(k, v)) for k, v in want]
+    assert [it.kv for it in items] == [expected_kv(k, v) for k, v in want]
     assert core.count(key, end, rev) == want_total
 
 
@@ -131,8 +137,8 @@ def assert_same_state(core: MVCC, model: ModelMVCC) -> None:
             if v is None:
                 assert got is None and kv is None, (key, rev, got)
             else:
-                assert got == (v.create, v.rev, v.version, v.lease, v.value), (key, rev)
-                assert kv == expected_kv(key, v)
+                assert record_fields(got) == fields(expected_kv(key, v)), (key, rev)
+                assert got.kv == kv == expected_kv(key, v)
 
 
 class CoreVsModel(RuleBasedStateMachine):
@@ -361,9 +367,9 @@ def test_large_values_round_trip() -> None:
         for i, size in enumerate(sizes):
             value = (bytes(range(256)) * (size // 256 + 1))[:size]
             got = c.get(b"big/%d" % i, i + 2)
-            assert got == (i + 2, i + 2, 1, 0, value)
-            assert fields(c.get_kv(b"big/%d" % i, i + 2)) == (b"big/%d" % i, i + 2, i + 2, 1, value, 0)
-        assert c.get(b"big/0", c.rev) == (2, c.rev, 2, 7, b"small")
+            assert record_fields(got) == (b"big/%d" % i, i + 2, i + 2, 1, value, 0)
+            assert fields(c.get_kv(b"big/%d" % i, i + 2)) == record_fields(got)
+        assert record_fields(c.get(b"big/0", c.rev)) == (b"big/0", 2, c.rev, 2, b"small", 7)
         kvs, total = c.range(b"big/", prefix_end(b"big/"), 2, 0, False)
         assert total == 1 and fields(kvs[0])[4] == (bytes(range(256)) * 400)[: 100 * 1024]
 
@@ -418,11 +424,45 @@ def test_encode_range_response_matches_protobuf(
 ) -> None:
     header = rpc_pb2.ResponseHeader(cluster_id=cluster_id, member_id=member_id, revision=revision,
                                     raft_term=raft_term)
-    encoded_header = _core.encode_header(cluster_id, member_id, revision, raft_term)
+    encoded_header = _wire.encode_header(cluster_id, member_id, revision, raft_term)
     assert encoded_header == header.SerializeToString(deterministic=True)
     messages = [kv_pb2.KeyValue(key=k, create_revision=2, mod_revision=3, version=1, value=v) for k, v in kvs]
     want = rpc_pb2.RangeResponse(header=header, kvs=messages, more=more, count=count)
-    got = _core.encode_range_response(encoded_header, [m.SerializeToString() for m in messages], more, count)
+    got = _wire.encode_range_response(encoded_header, [m.SerializeToString() for m in messages], more, count)
+    assert got == want.SerializeToString(deterministic=True)
+
+
+key_values = st.builds(kv_pb2.KeyValue, key=st.binary(min_size=1, max_size=8), mod_revision=int64s,
+                       value=st.binary(max_size=200))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(is_delete=st.booleans(), kv=key_values, prev_kv=st.one_of(st.none(), key_values))
+def test_encode_event_matches_protobuf(is_delete: bool, kv: kv_pb2.KeyValue,
+                                       prev_kv: kv_pb2.KeyValue | None) -> None:
+    want = kv_pb2.Event(type=kv_pb2.Event.DELETE if is_delete else kv_pb2.Event.PUT, kv=kv, prev_kv=prev_kv)
+    got = _core.encode_event(is_delete, kv.SerializeToString(),
+                             None if prev_kv is None else prev_kv.SerializeToString())
+    assert got == want.SerializeToString(deterministic=True)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(revision=int64s, watch_id=int64s, created=st.booleans(), canceled=st.booleans(),
+       compact_revision=int64s, cancel_reason=st.text(max_size=20), fragment=st.booleans(),
+       events=st.lists(st.builds(kv_pb2.Event, kv=key_values), max_size=4))
+def test_encode_watch_response_matches_protobuf(
+    revision: int, watch_id: int, created: bool, canceled: bool, compact_revision: int, cancel_reason: str,
+    fragment: bool, events: list[kv_pb2.Event],
+) -> None:
+    # an all-zero header too: Go sends it anyway, as an empty message
+    header = rpc_pb2.ResponseHeader(revision=revision)
+    want = rpc_pb2.WatchResponse(header=header, watch_id=watch_id, created=created, canceled=canceled,
+                                 compact_revision=compact_revision, cancel_reason=cancel_reason,
+                                 fragment=fragment, events=events)
+    got = _wire.encode_watch_response(header.SerializeToString(), watch_id,
+                                      [e.SerializeToString() for e in events], created=created,
+                                      canceled=canceled, compact_revision=compact_revision,
+                                      cancel_reason=cancel_reason, fragment=fragment)
     assert got == want.SerializeToString(deterministic=True)
 
 

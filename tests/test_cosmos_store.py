@@ -94,7 +94,7 @@ def part_items(cosmos: CosmosServer, container: str) -> list[dict[str, Any]]:
 def test_fresh_store_round_trips_and_reopens(cosmos: CosmosServer, container: str) -> None:
     async def body() -> Recovered:
         s = make(cosmos, container)
-        assert await s.open() == Recovered(snapshot_rev=0, snapshot=None, compact_rev=-1, records=[])
+        assert await s.open() == Recovered(snapshot_index=0, snapshot=None, compact_rev=-1, entries=[])
         await s.append(recs(1, 3))
         await s.append([])  # nothing to do
         await s.append([(4, b"\x00" * 100_000), (5, b""), (6, bytes(range(256)))])
@@ -107,8 +107,8 @@ def test_fresh_store_round_trips_and_reopens(cosmos: CosmosServer, container: st
         return await reopen(cosmos, container)
 
     got = run(body())
-    assert got.records == [*recs(1, 3), (4, b"\x00" * 100_000), (5, b""), (6, bytes(range(256)))]
-    assert got.snapshot is None and got.snapshot_rev == 0 and got.compact_rev == -1
+    assert got.entries == [*recs(1, 3), (4, b"\x00" * 100_000), (5, b""), (6, bytes(range(256)))]
+    assert got.snapshot is None and got.snapshot_index == 0 and got.compact_rev == -1
     # One log item per append (group commit = one item), in segment 0.
     assert sorted((it["first"], it["last"]) for it in log_items(cosmos, container)) == [(1, 3), (4, 6)]
 
@@ -157,11 +157,11 @@ def test_many_appends_across_segments_reopen_contiguous(cosmos: CosmosServer, co
         # A reopened store claims the tail and continues the same log.
         s = make(cosmos, container, segment_size=7)
         got = await s.open()
-        assert got.records == expected
+        assert got.entries == expected
         await write(s, 20)
         await s.close()
         got = await reopen(cosmos, container, segment_size=7)
-        assert got.records == expected
+        assert got.entries == expected
 
     run(body())
     assert len(expected) > 60
@@ -198,10 +198,10 @@ def test_snapshot_then_records_and_old_items_deleted(cosmos: CosmosServer, conta
         return first, await reopen(cosmos, container, segment_size=5)
 
     first, second = run(body())
-    assert first.snapshot_rev == 12 and first.snapshot == snap1
-    assert first.records == recs(13, 26)
-    assert second.snapshot_rev == 20 and second.snapshot == snap2
-    assert second.records == recs(21, 26)
+    assert first.snapshot_index == 12 and first.snapshot == snap1
+    assert first.entries == recs(13, 26)
+    assert second.snapshot_index == 20 and second.snapshot == snap2
+    assert second.entries == recs(21, 26)
     everything = items(cosmos, container)
     # Log items wholly covered by the snapshot are gone, and with them whole segments (head included).
     assert all(it["last"] > 20 for it in everything if "first" in it)
@@ -227,8 +227,8 @@ def test_snapshot_inside_a_log_item_keeps_the_rest_of_it(cosmos: CosmosServer, c
         return await reopen(cosmos, container, segment_size=4)
 
     got = run(body())
-    assert got.snapshot_rev == 2 and got.snapshot == b"state at 2"
-    assert got.records == [(3, big), (4, b"d"), (5, b"e"), (6, b"v6")]
+    assert got.snapshot_index == 2 and got.snapshot == b"state at 2"
+    assert got.entries == [(3, big), (4, b"d"), (5, b"e"), (6, b"v6")]
 
 
 def test_compact_persists_and_only_moves_forward(cosmos: CosmosServer, container: str) -> None:
@@ -271,7 +271,7 @@ def test_entry_of_one_and_a_half_mib_is_chunked_and_round_trips(cosmos: CosmosSe
         return await reopen(cosmos, container)
 
     got = run(body())
-    assert got.records == [
+    assert got.entries == [
         (1, b"v1"),
         (2, one),
         (3, three[0]),
@@ -301,7 +301,7 @@ def test_orphan_chunks_removed_on_open(cosmos: CosmosServer, container: str) -> 
         return await reopen(cosmos, container)
 
     got = run(body())
-    assert got.records == [(1, kept)]
+    assert got.entries == [(1, kept)]
     parts = part_items(cosmos, container)
     assert [p["x"] for p in parts] == [1]  # the committed item's part is kept, the orphan is gone
 
@@ -316,7 +316,7 @@ def test_second_writer_fences_the_first(cosmos: CosmosServer, container: str) ->
         await a.append(recs(1, 3, b"a"))
         b = make(cosmos, container, writer_id="node-b")
         got_b = await b.open()
-        assert got_b.records == recs(1, 3, b"a")
+        assert got_b.entries == recs(1, 3, b"a")
         with pytest.raises(Fenced, match="node-b"):
             await a.append(recs(4, 5, b"a"))
         with pytest.raises(Fenced):  # and it stays fenced
@@ -329,7 +329,7 @@ def test_second_writer_fences_the_first(cosmos: CosmosServer, container: str) ->
         return await reopen(cosmos, container)
 
     got = run(body())
-    assert got.records == recs(1, 3, b"a") + recs(4, 6, b"b")
+    assert got.entries == recs(1, 3, b"a") + recs(4, 6, b"b")
 
 
 def test_fenced_writers_part_writes_cannot_damage_committed_entries(
@@ -352,7 +352,7 @@ def test_fenced_writers_part_writes_cannot_damage_committed_entries(
         return await reopen(cosmos, container)
 
     got = run(body())
-    assert got.records == [(1, big_b)]
+    assert got.entries == [(1, big_b)]
 
 
 def test_fencing_holds_across_a_segment_boundary(cosmos: CosmosServer, container: str) -> None:
@@ -371,7 +371,7 @@ def test_fencing_holds_across_a_segment_boundary(cosmos: CosmosServer, container
         return await reopen(cosmos, container, segment_size=4)
 
     got = run(body())
-    assert got.records == recs(1, 4, b"a") + recs(5, 10, b"b")
+    assert got.entries == recs(1, 4, b"a") + recs(5, 10, b"b")
 
 
 def test_writer_that_slept_through_a_cleanup_cannot_recreate_a_segment(
@@ -397,7 +397,7 @@ def test_writer_that_slept_through_a_cleanup_cannot_recreate_a_segment(
         return await reopen(cosmos, container, segment_size=2)
 
     got = run(body())
-    assert got.snapshot_rev == 8 and got.records == []
+    assert got.snapshot_index == 8 and got.entries == []
     assert not [it for it in items(cosmos, container) if it["pk"] in ("log-0", "log-1")]
 
 
@@ -440,11 +440,11 @@ def test_takeover_during_appends_never_acknowledges_an_index_twice(
         b = make(cosmos, container, writer_id="node-b", segment_size=segment_size)
         got = await asyncio.wait_for(b.open(), 8)
         cosmos.clear_faults()
-        assert [i for i, _ in got.records] == list(range(1, len(got.records) + 1))
-        assert all(acked[i] == d for i, d in got.records if i in acked)
+        assert [i for i, _ in got.entries] == list(range(1, len(got.entries) + 1))
+        assert all(acked[i] == d for i, d in got.entries if i in acked)
         await asyncio.wait_for(task, 10)  # a must be fenced by its next append
         stop.set()
-        last = got.records[-1][0] if got.records else 0
+        last = got.entries[-1][0] if got.entries else 0
         await writer_b(b, last + 1)
         await a.close()
         await b.close()
@@ -458,8 +458,8 @@ def test_takeover_during_appends_never_acknowledges_an_index_twice(
 
     got = run(body())
     assert len(fenced) == 1 and "node-b" in str(fenced[0])
-    assert dict(got.records) == acked  # everything acknowledged is there, exactly as acknowledged
-    assert [i for i, _ in got.records] == list(range(1, len(got.records) + 1))
+    assert dict(got.entries) == acked  # everything acknowledged is there, exactly as acknowledged
+    assert [i for i, _ in got.entries] == list(range(1, len(got.entries) + 1))
     assert len([i for i in acked if acked[i].startswith(b"a")]) > 2
 
 
@@ -482,7 +482,7 @@ def test_429_storm_is_retried_then_throttled(cosmos: CosmosServer, container: st
         await s.close()
         return await reopen(cosmos, container)
 
-    assert run(body()).records == recs(1, 4)
+    assert run(body()).entries == recs(1, 4)
 
 
 @pytest.mark.parametrize("count", [1, None], ids=["once", "every-attempt"])
@@ -504,7 +504,7 @@ def test_dropped_answer_after_the_batch_landed(
         await s.close()
         return await reopen(cosmos, container)
 
-    assert run(body()).records == recs(1, 6)
+    assert run(body()).entries == recs(1, 6)
     assert sorted((it["first"], it["last"]) for it in log_items(cosmos, container)) == [
         (1, 2),
         (3, 5),
@@ -527,7 +527,7 @@ def test_dropped_before_applying_is_a_certain_failure(cosmos: CosmosServer, cont
         await s.close()
         return await reopen(cosmos, container)
 
-    assert run(body()).records == recs(1, 2) + recs(3, 4, b"new")
+    assert run(body()).entries == recs(1, 2) + recs(3, 4, b"new")
 
 
 def test_timed_out_batch_that_lands_late_cannot_land(cosmos: CosmosServer, container: str) -> None:
@@ -552,7 +552,7 @@ def test_timed_out_batch_that_lands_late_cannot_land(cosmos: CosmosServer, conta
         await s.close()
         return await reopen(cosmos, container)
 
-    assert run(body()).records == recs(1, 2) + recs(3, 3, b"new")
+    assert run(body()).entries == recs(1, 2) + recs(3, 3, b"new")
 
 
 def test_dropped_batches_at_a_segment_boundary_are_certain_failures(
@@ -580,7 +580,7 @@ def test_dropped_batches_at_a_segment_boundary_are_certain_failures(
         await s.close()
         return await reopen(cosmos, container, segment_size=3)
 
-    assert run(body()).records == recs(1, 3) + recs(4, 7, b"new")
+    assert run(body()).entries == recs(1, 3) + recs(4, 7, b"new")
 
 
 def test_unreadable_outcome_is_uncertain_and_stops_the_store(cosmos: CosmosServer, container: str) -> None:
@@ -597,7 +597,7 @@ def test_unreadable_outcome_is_uncertain_and_stops_the_store(cosmos: CosmosServe
         await s.close()
         return await reopen(cosmos, container)
 
-    assert run(body()).records == recs(1, 3)  # it had landed; a reopen finds out
+    assert run(body()).entries == recs(1, 3)  # it had landed; a reopen finds out
 
 
 # ---- cost ----------------------------------------------------------------------------------------------

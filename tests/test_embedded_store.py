@@ -49,7 +49,7 @@ def test_fresh_store_is_empty_and_round_trips(tmp_path):
     async def body():
         s = EmbeddedStore(d)
         got = await s.open()
-        assert got == Recovered(snapshot_rev=0, snapshot=None, compact_rev=-1, records=[])
+        assert got == Recovered(snapshot_index=0, snapshot=None, compact_rev=-1, entries=[])
         await s.append(recs(2, 4))
         await s.append([])  # nothing to do, must not count as a revision
         await s.append([(5, b"\x00" * 100_000), (6, b"")])
@@ -57,8 +57,8 @@ def test_fresh_store_is_empty_and_round_trips(tmp_path):
         return await reopen(d)
 
     got = run(body())
-    assert got.snapshot is None and got.snapshot_rev == 0
-    assert got.records == recs(2, 4) + [(5, b"\x00" * 100_000), (6, b"")]
+    assert got.snapshot is None and got.snapshot_index == 0
+    assert got.entries == recs(2, 4) + [(5, b"\x00" * 100_000), (6, b"")]
     assert os.stat(d).st_mode & 0o777 == 0o700
 
 
@@ -78,8 +78,8 @@ def test_reopen_same_instance_and_append_continues(tmp_path):
         return got, await reopen(d)
 
     first, second = run(body())
-    assert first.records == recs(2, 3)
-    assert second.records == recs(2, 5)
+    assert first.entries == recs(2, 3)
+    assert second.entries == recs(2, 5)
 
 
 def test_wal_mode_and_size(tmp_path):
@@ -127,16 +127,16 @@ def test_snapshot_drops_older_log_and_keeps_records_after_it(tmp_path):
         return first, await reopen(d)
 
     first, second = run(body())
-    assert first.snapshot_rev == 7
+    assert first.snapshot_index == 7
     assert first.snapshot == b"abcdef"
-    assert first.records == recs(8, 12)
-    assert second.snapshot_rev == 12
+    assert first.entries == recs(8, 12)
+    assert second.snapshot_index == 12
     assert second.snapshot == b"X" * 10 + b"Y"
-    assert second.records == []
+    assert second.entries == []
 
     conn = sqlite3.connect(os.path.join(d, DB_FILE))
     try:
-        assert conn.execute("SELECT DISTINCT rev FROM snapshot").fetchall() == [(12,)]
+        assert conn.execute("SELECT DISTINCT idx FROM snapshot").fetchall() == [(12,)]
         assert conn.execute("SELECT count(*) FROM log").fetchone() == (0,)
     finally:
         conn.close()
@@ -160,8 +160,8 @@ def test_snapshot_with_no_chunks_and_append_after_it(tmp_path):
         return got, await reopen(d)
 
     got, after = run(body())
-    assert (got.snapshot_rev, got.snapshot, got.records) == (3, b"", [])
-    assert (after.snapshot_rev, after.records) == (3, recs(4, 4))
+    assert (got.snapshot_index, got.snapshot, got.entries) == (3, b"", [])
+    assert (after.snapshot_index, after.entries) == (3, recs(4, 4))
 
 
 def test_compact_rev_persists_and_never_goes_back(tmp_path):
@@ -185,7 +185,7 @@ def test_compact_rev_persists_and_never_goes_back(tmp_path):
     first, second = run(body())
     assert first.compact_rev == 9
     assert second.compact_rev == 15
-    assert second.records == recs(2, 20)  # compaction is the core's business; the log stays
+    assert second.entries == recs(2, 20)  # compaction is the core's business; the log stays
 
 
 @pytest.mark.parametrize(
@@ -211,7 +211,7 @@ def test_contiguity_guard_rejects_and_leaves_store_unchanged(tmp_path, bad):
         await s.close()
         return await reopen(d)
 
-    assert run(body()).records == recs(2, 6)
+    assert run(body()).entries == recs(2, 6)
 
 
 def test_sqlite_error_mid_batch_rolls_back_the_whole_batch(tmp_path):
@@ -228,7 +228,7 @@ def test_sqlite_error_mid_batch_rolls_back_the_whole_batch(tmp_path):
         await s.close()
         return await reopen(d)
 
-    assert run(body()).records == recs(2, 3) + recs(4, 5, b"again")
+    assert run(body()).entries == recs(2, 3) + recs(4, 5, b"again")
 
 
 def test_busy_database_fails_append_cleanly(tmp_path):
@@ -251,7 +251,59 @@ def test_busy_database_fails_append_cleanly(tmp_path):
         await s.close()
         return await reopen(d)
 
-    assert run(body()).records == recs(2, 2) + recs(3, 3, b"later")
+    assert run(body()).entries == recs(2, 2) + recs(3, 3, b"later")
+
+
+def _write_schema_1_db(path: str) -> None:
+    """A data dir as fastetcd 0.1.0 wrote it: log index in a column named ``rev``, schema 1."""
+    os.makedirs(path, mode=0o700)
+    conn = sqlite3.connect(os.path.join(path, DB_FILE), isolation_level=None)
+    conn.execute("CREATE TABLE log (rev INTEGER PRIMARY KEY, data BLOB NOT NULL)")
+    conn.execute(
+        "CREATE TABLE snapshot (rev INTEGER NOT NULL, chunk INTEGER NOT NULL, data BLOB NOT NULL,"
+        " PRIMARY KEY (rev, chunk))"
+    )
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
+    conn.executemany(
+        "INSERT INTO meta (key, value) VALUES (?, ?)",
+        [("schema", 1), ("snapshot_rev", 3), ("compact_rev", 2)],
+    )
+    conn.executemany("INSERT INTO snapshot (rev, chunk, data) VALUES (3, ?, ?)", [(0, b"ab"), (1, b"cd")])
+    conn.executemany("INSERT INTO log (rev, data) VALUES (?, ?)", recs(4, 6))
+    conn.close()
+
+
+def test_schema_1_data_dir_is_migrated_in_place(tmp_path):
+    d = str(tmp_path / "data")
+    _write_schema_1_db(d)
+
+    async def body():
+        s = EmbeddedStore(d)
+        got = await s.open()
+        await s.append(recs(7, 7))
+        await s.save_snapshot(5, [b"snap"])
+        await s.close()
+        return got, await reopen(d)
+
+    got, again = run(body())
+    assert (got.snapshot_index, got.snapshot, got.compact_rev, got.entries) == (3, b"abcd", 2, recs(4, 6))
+    assert (again.snapshot_index, again.snapshot, again.entries) == (5, b"snap", recs(6, 7))
+    conn = sqlite3.connect(os.path.join(d, DB_FILE))
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (2,)
+        assert [r[1] for r in conn.execute("PRAGMA table_info(log)")] == ["idx", "data"]
+    finally:
+        conn.close()
+
+
+def test_unknown_schema_version_is_refused(tmp_path):
+    d = str(tmp_path / "data")
+    _write_schema_1_db(d)
+    conn = sqlite3.connect(os.path.join(d, DB_FILE), isolation_level=None)
+    conn.execute("UPDATE meta SET value = 99 WHERE key = 'schema'")
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        run(reopen(d))
 
 
 def test_calls_on_closed_store_raise(tmp_path):
@@ -315,7 +367,7 @@ def test_lock_is_held_across_processes_and_released_by_death(tmp_path):
     finally:
         child.kill()
         child.wait(timeout=10)
-    assert run(reopen(d)).records == []
+    assert run(reopen(d)).entries == []
 
 
 @pytest.mark.parametrize("make_bad", ["file", "under_file"])
@@ -334,7 +386,7 @@ def test_foreign_file_as_database_gives_clear_error(tmp_path):
         run(reopen(str(tmp_path)))
     # The failed open must not keep the lock.
     (tmp_path / DB_FILE).unlink()
-    assert run(reopen(str(tmp_path))).records == []
+    assert run(reopen(str(tmp_path))).entries == []
 
 
 CRASH_CHILD = textwrap.dedent(
@@ -342,33 +394,33 @@ CRASH_CHILD = textwrap.dedent(
     import asyncio, hashlib, sys
     from fastetcd.store.embedded import EmbeddedStore
 
-    def payload(rev):
-        n = 100 + (rev * 7919) % 5000
-        seed = hashlib.sha256(str(rev).encode()).digest()
+    def payload(index):
+        n = 100 + (index * 7919) % 5000
+        seed = hashlib.sha256(str(index).encode()).digest()
         return (seed * (n // 32 + 1))[:n]
 
     async def main():
         s = EmbeddedStore(sys.argv[1])
         got = await s.open()
-        last = got.records[-1][0] if got.records else 1
+        last = got.entries[-1][0] if got.entries else 1
         print("recovered", last, flush=True)
-        rev = last + 1
+        index = last + 1
         while True:
-            batch = [(r, payload(r)) for r in range(rev, rev + 1 + rev % 37)]
+            batch = [(r, payload(r)) for r in range(index, index + 1 + index % 37)]
             await s.append(batch)
-            rev = batch[-1][0] + 1
-            print(batch[-1][0], flush=True)  # only after append returned: this rev is acknowledged
+            index = batch[-1][0] + 1
+            print(batch[-1][0], flush=True)  # only after append returned: this index is acknowledged
 
     asyncio.run(main())
     """
 )
 
 
-def _payload(rev: int) -> bytes:
+def _payload(index: int) -> bytes:
     import hashlib
 
-    n = 100 + (rev * 7919) % 5000
-    seed = hashlib.sha256(str(rev).encode()).digest()
+    n = 100 + (index * 7919) % 5000
+    seed = hashlib.sha256(str(index).encode()).digest()
     return (seed * (n // 32 + 1))[:n]
 
 
@@ -401,9 +453,9 @@ def test_sigkill_mid_append_loses_no_acknowledged_revision(tmp_path):
             acked = max(acked, int(line))
 
     got = run(reopen(d))
-    revs = [r for r, _ in got.records]
+    revs = [r for r, _ in got.entries]
     assert revs[0] == 2
     assert revs == list(range(2, revs[-1] + 1))
     assert revs[-1] >= acked
-    torn = [r for r, data in got.records if data != _payload(r)]
+    torn = [r for r, data in got.entries if data != _payload(r)]
     assert torn == []

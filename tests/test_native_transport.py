@@ -717,7 +717,6 @@ class EtcdOnNative:
 
     def __init__(self, lt: LoopThread, data_dir: str) -> None:
         from fastetcd.engine.state_machine import StateMachine
-        from fastetcd.engine.watch_hub import WatchHub
         from fastetcd.server.header import Header
         from fastetcd.server.kv import KVService
         from fastetcd.server.watch import WatchService
@@ -729,11 +728,10 @@ class EtcdOnNative:
             self.store = EmbeddedStore(data_dir)
             self.sm = StateMachine(self.store, snapshot_count=100_000)
             await self.sm.start()
-            self.hub = WatchHub(self.sm.core, self.sm.committed_rev)
-            self.sm.listeners.append(self.hub.publish)
+            self.hub = self.sm.watch_hub
             header = Header(cluster_id=1, member_id=2)
             self.kv = KVService(self.sm, header, max_request_bytes=MAX_REQUEST_BYTES, max_txn_ops=128)
-            self.watch = WatchService(self.sm, self.hub, header, max_request_bytes=MAX_REQUEST_BYTES,
+            self.watch = WatchService(self.sm, header, max_request_bytes=MAX_REQUEST_BYTES,
                                       progress_interval=0)
             self.server = NativeServer({"/etcdserverpb.KV/Put": ("unary", self.kv.put),
                                         "/etcdserverpb.Watch/Watch": ("bidi", self.watch.watch)},

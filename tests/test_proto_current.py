@@ -18,7 +18,7 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from fastetcd.proto import auth_pb2, kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.proto import auth_pb2, kv_pb2, rpc_pb2, rpc_pb2_grpc, v3election_pb2, v3lock_pb2
 
 REPO = Path(__file__).resolve().parents[1]
 PROTO_DIR = REPO / "proto"
@@ -82,7 +82,7 @@ def _descriptors_in_binary(binary: Path) -> dict[str, descriptor_pb2.FileDescrip
             fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
         except Exception:
             continue
-        if fd.package in ("etcdserverpb", "mvccpb", "authpb"):
+        if fd.package in ("etcdserverpb", "mvccpb", "authpb", "v3lockpb", "v3electionpb"):
             found[fd.name] = fd
     return found
 
@@ -128,7 +128,9 @@ def _wire_schema(fd: descriptor_pb2.FileDescriptorProto) -> descriptor_pb2.FileD
 
 def test_schema_matches_etcd_binary() -> None:
     theirs = _descriptors_in_binary(_etcd_binary())
-    for name, module in (("kv.proto", kv_pb2), ("auth.proto", auth_pb2), ("rpc.proto", rpc_pb2)):
+    ours = (("kv.proto", kv_pb2), ("auth.proto", auth_pb2), ("rpc.proto", rpc_pb2),
+            ("v3lock.proto", v3lock_pb2), ("v3election.proto", v3election_pb2))
+    for name, module in ours:
         assert name in theirs, f"{name} not found in the etcd binary"
         ours_fd = descriptor_pb2.FileDescriptorProto()
         module.DESCRIPTOR.CopyToProto(ours_fd)
@@ -141,6 +143,9 @@ def test_schema_matches_etcd_binary() -> None:
     range_method = rpc_pb2.DESCRIPTOR.services_by_name["KV"].methods_by_name["Range"]
     assert range_method.full_name == "etcdserverpb.KV.Range"
     assert kv_pb2.KeyValue.DESCRIPTOR.full_name == "mvccpb.KeyValue"
+    assert v3lock_pb2.DESCRIPTOR.services_by_name["Lock"].full_name == "v3lockpb.Lock"
+    observe = v3election_pb2.DESCRIPTOR.services_by_name["Election"].methods_by_name["Observe"]
+    assert observe.full_name == "v3electionpb.Election.Observe" and observe.server_streaming
 
 
 # ---------------------------------------------------------------------------------------------------------

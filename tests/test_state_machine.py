@@ -186,7 +186,7 @@ def test_reads_never_see_pending_writes(tmp_path):
             await asyncio.sleep(0.02)
             # The premise: the pending versions really are in the core, above committed_rev.
             assert store.appends[-1] == [4, 5, 6]
-            assert sm.core.rev == 6 and sm.core.get(b"a", 6)[4] == b"new"
+            assert sm.core.rev == 6 and sm.core.get(b"a", 6).value == b"new"
             assert sm.committed_rev == 3
             assert not any(f.done() for f in pending)
 
@@ -481,9 +481,9 @@ def test_restart_recovers_identical_state_from_snapshot_and_log(tmp_path, seed):
         raw = EmbeddedStore(str(tmp_path))
         rec = await raw.open()
         await raw.close()
-        assert rec.snapshot_rev > 1 and rec.snapshot
-        assert all(r > rec.snapshot_rev for r, _ in rec.records)
-        assert len(rec.records) < head1 - 1
+        assert rec.snapshot_index > 1 and rec.snapshot
+        assert all(r > rec.snapshot_index for r, _ in rec.entries)
+        assert len(rec.entries) < head1 - 1
         assert rec.compact_rev == c1
 
         # Phase 2: recovered state is identical; continue writing without new snapshots, and compact
@@ -493,7 +493,7 @@ def test_restart_recovers_identical_state_from_snapshot_and_log(tmp_path, seed):
             assert check_against_model(sm, model) == seen1
             await run_ops(sm, model, rnd, 60)
             c2 = sm.committed_rev - 10
-            assert c2 > rec.snapshot_rev
+            assert c2 > rec.snapshot_index
             await sm.compact(c2)
             await run_ops(sm, model, rnd, 40)
             assert not store.snapshots

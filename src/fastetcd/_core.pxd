@@ -1,6 +1,8 @@
 cimport cython
-# Declarations of the MVCC core, so that other Cython modules (the watch matcher, a compiled transport)
-# can reach its C-level structures without going through Python.
+# The C-level side of _core.pyx: its structures, KeyVersion's fields and MVCC's attributes and methods.
+# Cython reads it to compile _core.pyx; no other module cimports it today (server/_wire.pyx shares only
+# _pb.pxd's helpers with the core, _watch_index.pyx nothing). A compiled module that wants to walk the
+# index without going through Python would cimport it.
 from cpython.object cimport PyObject
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
@@ -32,6 +34,17 @@ cdef struct Buf:
     char* p
     Py_ssize_t n
     Py_ssize_t cap
+
+
+@cython.final
+cdef class KeyVersion:
+    cdef readonly bytes key
+    cdef readonly int64_t create_revision
+    cdef readonly int64_t mod_revision
+    cdef readonly int64_t version
+    cdef readonly int64_t lease
+    cdef readonly bytes value
+    cdef readonly bytes kv        # the encoded mvccpb.KeyValue, shared with the core (not a copy)
 
 
 @cython.final

@@ -1,87 +1,53 @@
 # cython: language_level=3
-"""The MVCC core: etcd's key index and revision store in C structures.
+"""The MVCC core: etcd's key index and revision store in C structures, and the records reads return.
 
 Every key has an id; ``order`` keeps the ids sorted by key bytes so that a range is two binary searches and a
 walk over a C array. Each key's versions (puts and tombstones) sit in one ascending C array; a version owns the
 encoded ``mvccpb.KeyValue`` bytes it will be served as, so a Range answer is a list of existing bytes objects.
 The head revision may run ahead of what the engine has made durable: readers always pass the revision they
 read at, which hides pending versions without copying anything.
+
+Besides ``MVCC`` it holds ``KeyVersion`` (one version as the engine reads it, for sorts, filters and Txn
+compares) and the encoders of what the core stores and emits: ``encode_kv`` and ``encode_event``, which the
+engine's watch hub also uses. Response encoders belong to the server (server/_wire.pyx), watch matching to
+_watch_index.pyx; the protobuf helpers the core and the server's encoders share are in _pb.pxd.
 """
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
+from libc.stdlib cimport free, realloc
 from libc.string cimport memcmp, memcpy, memmove
+
+from fastetcd._pb cimport (field_bytes_len, field_varint_len, message_len, put_field_bytes, put_field_varint,
+                           put_message, put_varint, varint_len)
 
 cdef enum:
     OP_PUT = 1
     OP_DELETE = 2
 
 
-# ---------------------------------------------------------------- protobuf wire helpers
-
-cdef inline Py_ssize_t _vlen(uint64_t v) noexcept nogil:
-    cdef Py_ssize_t n = 1
-    while v >= 0x80:
-        v >>= 7
-        n += 1
-    return n
-
-
-cdef inline char* _vput(char* p, uint64_t v) noexcept nogil:
-    while v >= 0x80:
-        p[0] = <char>((v & 0x7f) | 0x80)
-        v >>= 7
-        p += 1
-    p[0] = <char>v
-    return p + 1
-
-
-cdef inline Py_ssize_t _field_varint_len(uint64_t v) noexcept nogil:
-    # tag byte + varint, or nothing for proto3's zero default
-    return 0 if v == 0 else 1 + _vlen(v)
-
-
-cdef inline Py_ssize_t _field_bytes_len(Py_ssize_t n) noexcept nogil:
-    return 0 if n == 0 else 1 + _vlen(<uint64_t>n) + n
-
-
-cdef inline char* _put_field_varint(char* p, char tag, uint64_t v) noexcept nogil:
-    if v == 0:
-        return p
-    p[0] = tag
-    return _vput(p + 1, v)
-
-
-cdef inline char* _put_field_bytes(char* p, char tag, const char* s, Py_ssize_t n) noexcept nogil:
-    if n == 0:
-        return p
-    p[0] = tag
-    p = _vput(p + 1, <uint64_t>n)
-    memcpy(p, s, n)
-    return p + n
-
+# ---------------------------------------------------------------- encoders of what the core stores and emits
 
 cdef object _encode_kv(const char* k, Py_ssize_t kl, int64_t create, int64_t mod, int64_t version,
                        const char* v, Py_ssize_t vl, int64_t lease, int32_t* voff):
     """mvccpb.KeyValue in Go's field order, zero fields omitted (byte-identical to etcd)."""
-    cdef Py_ssize_t size = (_field_bytes_len(kl) + _field_varint_len(<uint64_t>create)
-                            + _field_varint_len(<uint64_t>mod) + _field_varint_len(<uint64_t>version)
-                            + _field_bytes_len(vl) + _field_varint_len(<uint64_t>lease))
+    cdef Py_ssize_t size = (field_bytes_len(kl) + field_varint_len(<uint64_t>create)
+                            + field_varint_len(<uint64_t>mod) + field_varint_len(<uint64_t>version)
+                            + field_bytes_len(vl) + field_varint_len(<uint64_t>lease))
     cdef object out = PyBytes_FromStringAndSize(NULL, size)
     cdef char* base = PyBytes_AS_STRING(out)
     cdef char* p = base
-    p = _put_field_bytes(p, 0x0a, k, kl)
-    p = _put_field_varint(p, 0x10, <uint64_t>create)
-    p = _put_field_varint(p, 0x18, <uint64_t>mod)
-    p = _put_field_varint(p, 0x20, <uint64_t>version)
+    p = put_field_bytes(p, 0x0a, k, kl)
+    p = put_field_varint(p, 0x10, <uint64_t>create)
+    p = put_field_varint(p, 0x18, <uint64_t>mod)
+    p = put_field_varint(p, 0x20, <uint64_t>version)
     if voff != NULL:
-        voff[0] = <int32_t>((p - base) + (0 if vl == 0 else 1 + _vlen(<uint64_t>vl)))
-    p = _put_field_bytes(p, 0x2a, v, vl)
-    p = _put_field_varint(p, 0x30, <uint64_t>lease)
+        voff[0] = <int32_t>((p - base) + (0 if vl == 0 else 1 + varint_len(<uint64_t>vl)))
+    p = put_field_bytes(p, 0x2a, v, vl)
+    p = put_field_varint(p, 0x30, <uint64_t>lease)
     return out
 
 
@@ -91,127 +57,23 @@ def encode_kv(bytes key, int64_t create, int64_t mod, int64_t version, bytes val
                       PyBytes_AS_STRING(value), PyBytes_GET_SIZE(value), lease, NULL)
 
 
-def encode_header(uint64_t cluster_id, uint64_t member_id, int64_t revision, uint64_t raft_term):
-    """Encode an etcdserverpb.ResponseHeader."""
-    cdef Py_ssize_t size = (_field_varint_len(cluster_id) + _field_varint_len(member_id)
-                            + _field_varint_len(<uint64_t>revision) + _field_varint_len(raft_term))
+def encode_event(bint is_delete, bytes kv, object prev_kv):
+    """Encode an mvccpb.Event (type, kv, prev_kv)."""
+    cdef Py_ssize_t kl = PyBytes_GET_SIZE(kv)
+    cdef Py_ssize_t size = field_varint_len(is_delete) + message_len(kl)
+    if prev_kv is not None:
+        size += message_len(PyBytes_GET_SIZE(<bytes>prev_kv))
     cdef object out = PyBytes_FromStringAndSize(NULL, size)
     cdef char* p = PyBytes_AS_STRING(out)
-    p = _put_field_varint(p, 0x08, cluster_id)
-    p = _put_field_varint(p, 0x10, member_id)
-    p = _put_field_varint(p, 0x18, <uint64_t>revision)
-    p = _put_field_varint(p, 0x20, raft_term)
-    return out
-
-
-def encode_range_response(bytes header, list kvs, bint more, int64_t count):
-    """Encode an etcdserverpb.RangeResponse around already-encoded KeyValues, without copying them twice."""
-    cdef Py_ssize_t hl = PyBytes_GET_SIZE(header)
-    cdef Py_ssize_t size = 1 + _vlen(<uint64_t>hl) + hl
-    cdef Py_ssize_t i, n = len(kvs), kl
-    cdef object kv
-    for i in range(n):
-        kl = PyBytes_GET_SIZE(<bytes>kvs[i])
-        size += 1 + _vlen(<uint64_t>kl) + kl
-    if more:
-        size += 2
-    size += _field_varint_len(<uint64_t>count)
-    cdef object out = PyBytes_FromStringAndSize(NULL, size)
-    cdef char* p = PyBytes_AS_STRING(out)
-    p[0] = 0x0a
-    p = _vput(p + 1, <uint64_t>hl)
-    memcpy(p, PyBytes_AS_STRING(header), hl)
-    p += hl
-    for i in range(n):
-        kv = kvs[i]
-        kl = PyBytes_GET_SIZE(kv)
-        p[0] = 0x12
-        p = _vput(p + 1, <uint64_t>kl)
-        memcpy(p, PyBytes_AS_STRING(kv), kl)
-        p += kl
-    if more:
-        p[0] = 0x18
-        p[1] = 0x01
-        p += 2
-    _put_field_varint(p, 0x20, <uint64_t>count)
+    p = put_field_varint(p, 0x08, is_delete)  # EventType: PUT = 0, DELETE = 1
+    p = put_message(p, 0x12, PyBytes_AS_STRING(kv), kl)
+    if prev_kv is not None:
+        put_message(p, 0x1a, PyBytes_AS_STRING(<bytes>prev_kv), PyBytes_GET_SIZE(<bytes>prev_kv))
     return out
 
 
 def _rev_sub(tuple t):
     return (t[0], t[1])
-
-
-def encode_event(bint is_delete, bytes kv, object prev_kv):
-    """Encode an mvccpb.Event (type, kv, prev_kv)."""
-    cdef Py_ssize_t kl = PyBytes_GET_SIZE(kv)
-    cdef Py_ssize_t pl = -1 if prev_kv is None else PyBytes_GET_SIZE(<bytes>prev_kv)
-    cdef Py_ssize_t size = (2 if is_delete else 0) + 1 + _vlen(<uint64_t>kl) + kl
-    if pl >= 0:
-        size += 1 + _vlen(<uint64_t>pl) + pl
-    cdef object out = PyBytes_FromStringAndSize(NULL, size)
-    cdef char* p = PyBytes_AS_STRING(out)
-    if is_delete:
-        p[0] = 0x08
-        p[1] = 0x01
-        p += 2
-    p[0] = 0x12
-    p = _vput(p + 1, <uint64_t>kl)
-    memcpy(p, PyBytes_AS_STRING(kv), kl)
-    p += kl
-    if pl >= 0:
-        p[0] = 0x1a
-        p = _vput(p + 1, <uint64_t>pl)
-        memcpy(p, PyBytes_AS_STRING(<bytes>prev_kv), pl)
-    return out
-
-
-def encode_watch_response(bytes header, int64_t watch_id, list events, bint created=False,
-                          bint canceled=False, int64_t compact_revision=0, str cancel_reason="",
-                          bint fragment=False):
-    """Encode an etcdserverpb.WatchResponse around already-encoded Events."""
-    cdef bytes reason = cancel_reason.encode()
-    cdef Py_ssize_t hl = PyBytes_GET_SIZE(header), rl = PyBytes_GET_SIZE(reason)
-    cdef Py_ssize_t i, n = len(events), el
-    cdef Py_ssize_t size = 1 + _vlen(<uint64_t>hl) + hl + _field_varint_len(<uint64_t>watch_id)
-    size += (2 if created else 0) + (2 if canceled else 0) + (2 if fragment else 0)
-    size += _field_varint_len(<uint64_t>compact_revision) + _field_bytes_len(rl)
-    for i in range(n):
-        el = PyBytes_GET_SIZE(<bytes>events[i])
-        size += 1 + _vlen(<uint64_t>el) + el
-    cdef object out = PyBytes_FromStringAndSize(NULL, size)
-    cdef char* p = PyBytes_AS_STRING(out)
-    cdef object ev
-    p = _put_field_bytes(p, 0x0a, PyBytes_AS_STRING(header), hl) if hl else _put_empty(p, 0x0a)
-    p = _put_field_varint(p, 0x10, <uint64_t>watch_id)
-    if created:
-        p[0] = 0x18
-        p[1] = 0x01
-        p += 2
-    if canceled:
-        p[0] = 0x20
-        p[1] = 0x01
-        p += 2
-    p = _put_field_varint(p, 0x28, <uint64_t>compact_revision)
-    p = _put_field_bytes(p, 0x32, PyBytes_AS_STRING(reason), rl)
-    if fragment:
-        p[0] = 0x38
-        p[1] = 0x01
-        p += 2
-    for i in range(n):
-        ev = events[i]
-        el = PyBytes_GET_SIZE(ev)
-        p[0] = 0x5a
-        p = _vput(p + 1, <uint64_t>el)
-        memcpy(p, PyBytes_AS_STRING(ev), el)
-        p += el
-    return out
-
-
-cdef inline char* _put_empty(char* p, char tag) noexcept nogil:
-    # a present but empty sub-message (Go always sends the header, even when all its fields are zero)
-    p[0] = tag
-    p[1] = 0
-    return p + 2
 
 
 # ---------------------------------------------------------------- growable byte buffer (log records)
@@ -235,7 +97,7 @@ cdef int _buf_reserve(Buf* b, Py_ssize_t extra) except -1:
 
 cdef int _buf_varint(Buf* b, uint64_t v) except -1:
     _buf_reserve(b, 10)
-    b.n = _vput(b.p + b.n, v) - b.p
+    b.n = put_varint(b.p + b.n, v) - b.p
     return 0
 
 
@@ -312,6 +174,31 @@ cdef inline void _refresh_head(KeyEntry* e) noexcept nogil:
     else:
         e.head_main = 0
         e.head_live = False
+
+
+@cython.final
+@cython.no_gc  # its fields are bytes and ints, which cannot form a cycle: skip the collector's bookkeeping
+@cython.freelist(16)
+cdef class KeyVersion:
+    """One live version of one key as a read returns it: mvccpb.KeyValue's fields under the same names, and
+    the encoded KeyValue the core already holds (what a Range or a prev_kv serves, without re-encoding)."""
+
+    def __repr__(self):
+        return (f"KeyVersion(key={self.key!r}, create_revision={self.create_revision}, "
+                f"mod_revision={self.mod_revision}, version={self.version}, lease={self.lease}, "
+                f"value={self.value!r})")
+
+
+cdef KeyVersion _key_version(bytes key, Rev* r):
+    cdef KeyVersion kv = KeyVersion.__new__(KeyVersion)
+    kv.key = key
+    kv.create_revision = r.create
+    kv.mod_revision = r.main
+    kv.version = r.version
+    kv.lease = r.lease
+    kv.value = PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen)
+    kv.kv = <bytes>r.kv
+    return kv
 
 
 @cython.final
@@ -688,12 +575,9 @@ cdef class MVCC:
         return r
 
     def get(self, bytes key, int64_t rev):
-        """(create_revision, mod_revision, version, lease, value) of ``key`` at ``rev``, or None."""
+        """The ``KeyVersion`` of ``key`` live at ``rev``, or None."""
         cdef Rev* r = self._live(key, rev)
-        if r == NULL:
-            return None
-        return (r.create, r.main, r.version, r.lease,
-                PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen))
+        return None if r == NULL else _key_version(key, r)
 
     def lease_of(self, bytes key, int64_t rev):
         """The lease of ``key`` at ``rev`` (0 if it has none or is not live)."""
@@ -727,12 +611,11 @@ cdef class MVCC:
         return out, count
 
     def range_items(self, bytes key, bytes end, int64_t rev, Py_ssize_t limit):
-        """Like ``range`` but tuples (key, create, mod, version, lease, value, encoded), for sorts and filters."""
+        """Like ``range`` but ``KeyVersion`` records, for sorts, filters and Txn compares."""
         cdef int32_t lo, hi, i
         cdef Py_ssize_t count = 0
         cdef list out = []
         cdef Rev* r
-        cdef KeyEntry* e
         self._bounds(key, end, &lo, &hi)
         for i in range(lo, hi):
             r = self._at(self.order[i], rev)
@@ -741,10 +624,7 @@ cdef class MVCC:
             count += 1
             if limit > 0 and count > limit:
                 continue
-            e = &self.ents[self.order[i]]
-            out.append((<object>e.key, r.create, r.main, r.version, r.lease,
-                        PyBytes_FromStringAndSize(PyBytes_AS_STRING(<object>r.kv) + r.voff, r.vlen),
-                        <object>r.kv))
+            out.append(_key_version(<bytes>self.ents[self.order[i]].key, r))
         return out, count
 
     def count(self, bytes key, bytes end, int64_t rev):
@@ -838,6 +718,23 @@ cdef class MVCC:
         found.sort(key=_rev_sub)
         return [(f[0],) + f[2] for f in found]
 
+    def versions_upto(self, int64_t rev):
+        """(main, sub, key, kv or None for a tombstone) of every retained version with main <= rev, in
+        (main, sub) order: the order etcd's backend keeps its key bucket in, which HashKV walks."""
+        cdef int32_t i, j
+        cdef KeyEntry* e
+        cdef Rev* r
+        cdef list found = []
+        for i in range(self.n_order):
+            e = &self.ents[self.order[i]]
+            for j in range(e.n):
+                r = &e.revs[j]
+                if r.main > rev:
+                    break
+                found.append((r.main, r.sub, <object>e.key, <object>r.kv if r.kv != NULL else None))
+        found.sort(key=_rev_sub)
+        return found
+
     def leased_keys(self, int64_t rev):
         """(key, lease) of every key live at ``rev`` that has a lease: rebuilds lease attachments."""
         cdef int32_t i
@@ -926,81 +823,3 @@ cdef class MVCC:
             _refresh_head(&self.ents[kid])
         self.rev = rev if rev > 1 else 1
         self.compact_rev = compact_rev
-
-
-# ---------------------------------------------------------------- watch matching
-
-cdef class WatchIndex:
-    """Which watchers want an event on a key: exact keys by hash, ranges by their distinct bounds.
-
-    Watchers with identical bounds share one pyroaring set, so a thousand watchers on one prefix cost one
-    comparison per event, not a thousand.
-    """
-
-    cdef dict exact       # key -> BitMap of watcher ids
-    cdef dict ranges      # (start, end) -> BitMap; end b"" = unbounded
-    cdef list flat        # [(start, end, BitMap)] mirror of ranges for a tight loop
-    cdef object BitMap
-
-    def __cinit__(self):
-        from pyroaring import BitMap
-        self.BitMap = BitMap
-        self.exact = {}
-        self.ranges = {}
-        self.flat = []
-
-    def add(self, uint32_t wid, bytes key, bytes end):
-        """Register watcher ``wid`` for ``key`` (end b"") or [key, end) (end b"\\0" = every key >= key)."""
-        cdef object ids
-        if not end:
-            ids = self.exact.get(key)
-            if ids is None:
-                ids = self.exact[key] = self.BitMap()
-            ids.add(wid)
-            return
-        if end == b"\x00":
-            end = b""
-        ids = self.ranges.get((key, end))
-        if ids is None:
-            ids = self.ranges[(key, end)] = self.BitMap()
-            self.flat.append((key, end, ids))
-        ids.add(wid)
-
-    def remove(self, uint32_t wid, bytes key, bytes end):
-        cdef object ids
-        if not end:
-            ids = self.exact.get(key)
-            if ids is not None:
-                ids.discard(wid)
-                if not ids:
-                    del self.exact[key]
-            return
-        if end == b"\x00":
-            end = b""
-        ids = self.ranges.get((key, end))
-        if ids is not None:
-            ids.discard(wid)
-            if not ids:
-                del self.ranges[(key, end)]
-                self.flat = [t for t in self.flat if t[2] is not ids]
-
-    def match(self, bytes key):
-        """The ids of the watchers interested in ``key`` (a new BitMap, or None when there are none)."""
-        cdef object found = None
-        cdef object ids = self.exact.get(key)
-        cdef tuple t
-        cdef bytes start, end
-        if ids is not None:
-            found = self.BitMap(ids)
-        for t in self.flat:
-            start = <bytes>t[0]
-            end = <bytes>t[1]
-            if key >= start and (not end or key < end):
-                if found is None:
-                    found = self.BitMap(<object>t[2])
-                else:
-                    found |= <object>t[2]
-        return found
-
-    def __len__(self):
-        return sum(len(v) for v in self.exact.values()) + sum(len(v) for v in self.ranges.values())

@@ -115,6 +115,11 @@ _OPTIONS: tuple[_Option, ...] = (
         "Auto compaction retention length. 0 means disable auto compaction.",
     ),
     _Option(
+        "auto-compaction-revision-interval",
+        parse_duration,
+        "fastetcd only: how often 'revision' mode auto compaction runs (etcd's fixed interval is 5m).",
+    ),
+    _Option(
         "experimental-watch-progress-notify-interval",
         parse_duration,
         "Duration of periodical watch progress notification (Go duration, e.g. 10m, 100ms).",
@@ -242,10 +247,37 @@ def parse_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Confi
     return Config(**values), warnings
 
 
+def snapshot_main(argv: Sequence[str]) -> int:
+    """``fastetcd snapshot restore FILE [--data-dir DIR] [--name NAME]`` (etcd's ``snapshot restore``)."""
+    parser = argparse.ArgumentParser(prog="fastetcd snapshot", description="Restore a snapshot.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("restore", help="create a data dir from a snapshot saved with etcdctl snapshot save")
+    p.add_argument("file")
+    p.add_argument("--name", default="default", help="member name; the data dir defaults to NAME.etcd")
+    p.add_argument("--data-dir", default=None, help="the new data dir (must not exist, or be empty)")
+    try:
+        ns = parser.parse_args(argv)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    from fastetcd.snapshot_restore import RestoreError, restore  # late: needs the store built
+
+    data_dir = ns.data_dir or f"{ns.name}.etcd"
+    try:
+        snap = restore(ns.file, data_dir)
+    except RestoreError as e:
+        print(f"fastetcd: error: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"restored snapshot at revision {snap.revision} into {data_dir}")
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the server; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["snapshot"]:
+        return snapshot_main(argv[1:])
     try:
-        config, warnings = parse_config(sys.argv[1:] if argv is None else argv, os.environ)
+        config, warnings = parse_config(argv, os.environ)
     except (ConfigError, _UsageError) as e:
         print(f"fastetcd: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -277,7 +309,7 @@ def run(config: Config) -> int:
         # stream; what it reports (a failed bind, say) reaches us as exceptions anyway. An explicit
         # GRPC_VERBOSITY still wins. Must happen before grpc is first imported.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-    from fastetcd.server.app import serve  # late: --help and flag errors must not need the server built
+    from fastetcd.app import serve  # late: --help and flag errors must not need the server built
 
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:

@@ -151,6 +151,8 @@ class Config:
     auto_compaction_mode: str = "periodic"
     # periodic: a Go duration or a bare integer meaning hours; revision: a revision count; "0" = off.
     auto_compaction_retention: str = "0"
+    # fastetcd only: how often revision-mode auto-compaction checks (etcd's is fixed at 5 minutes).
+    auto_compaction_revision_interval: float = 300.0  # seconds
     experimental_watch_progress_notify_interval: float = DEFAULT_PROGRESS_NOTIFY_INTERVAL  # seconds
     cosmos_endpoint: str = ""
     # Secret: kept out of repr() and log_fields(). Empty means "use an Azure AD credential".

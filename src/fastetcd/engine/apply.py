@@ -8,9 +8,10 @@ mutation, as in etcd, so a request either applies whole or not at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
-from fastetcd import errors
-from fastetcd._core import MVCC, encode_kv
+from fastetcd import errors, metrics
+from fastetcd._core import MVCC, KeyVersion, encode_kv
 from fastetcd.engine.go_sort import go_sort
 from fastetcd.engine.lessor import Lessor
 from fastetcd.proto import rpc_pb2 as pb
@@ -19,13 +20,13 @@ _NONE = pb.RangeRequest.NONE
 _ASCEND = pb.RangeRequest.ASCEND
 _KEY = pb.RangeRequest.KEY
 
-# Indexes into the tuples of MVCC.range_items: (key, create, mod, version, lease, value, encoded)
+# Sort target -> the KeyVersion field it sorts by
 _SORT_FIELD = {
-    pb.RangeRequest.KEY: 0,
-    pb.RangeRequest.CREATE: 1,
-    pb.RangeRequest.MOD: 2,
-    pb.RangeRequest.VERSION: 3,
-    pb.RangeRequest.VALUE: 5,
+    pb.RangeRequest.KEY: attrgetter("key"),
+    pb.RangeRequest.CREATE: attrgetter("create_revision"),
+    pb.RangeRequest.MOD: attrgetter("mod_revision"),
+    pb.RangeRequest.VERSION: attrgetter("version"),
+    pb.RangeRequest.VALUE: attrgetter("value"),
 }
 
 
@@ -46,56 +47,67 @@ def range_kvs(core: MVCC, r: pb.RangeRequest, cur_rev: int) -> RangeResult:
         rev = cur_rev
     if rev < core.compact_rev:
         raise errors.COMPACTED
-    key, end = r.key, r.range_end
     if r.count_only:
-        return RangeResult([], False, core.count(key, end, rev), cur_rev)
-
+        return RangeResult([], False, core.count(r.key, r.range_end, rev), cur_rev)
     filtered = r.min_mod_revision or r.max_mod_revision or r.min_create_revision or r.max_create_revision
+    if r.sort_order == _NONE and r.sort_target == _KEY and not filtered:
+        return _range_in_key_order(core, r, rev, cur_rev)
+    return _range_sorted(core, r, rev, cur_rev, bool(filtered))
+
+
+def _range_in_key_order(core: MVCC, r: pb.RangeRequest, rev: int, cur_rev: int) -> RangeResult:
+    """The common Range: the core's encoded KeyValues as they are, in key order."""
+    limit = r.limit
+    # one more than the limit tells whether there is `more`
+    kvs, count = core.range(r.key, r.range_end, rev, limit + 1 if limit > 0 else 0, r.keys_only)
+    more = 0 < limit < len(kvs)
+    if more:
+        del kvs[limit:]
+    return RangeResult(kvs, more, count, cur_rev)
+
+
+def _range_sorted(core: MVCC, r: pb.RangeRequest, rev: int, cur_rev: int, filtered: bool) -> RangeResult:
+    """A Range that sorts or filters: on KeyVersion records, encoded only at the end."""
     sort_order = r.sort_order
     limit = r.limit
-    # etcd fetches everything when it must sort or filter, else one more than the limit to learn `more`.
+    # etcd fetches everything to sort or filter; a non-key target with order NONE (below) is etcd's quirk:
+    # it fetches one more than the limit in key order and sorts only those.
     fetch = 0 if (sort_order != _NONE or filtered) else (limit + 1 if limit > 0 else 0)
-    if sort_order == _NONE and r.sort_target == _KEY and not filtered:
-        kvs, count = core.range(key, end, rev, fetch, r.keys_only)
-        more = False
-        if 0 < limit < len(kvs):
-            del kvs[limit:]
-            more = True
-        return RangeResult(kvs, more, count, cur_rev)
-
-    items, count = core.range_items(key, end, rev, fetch)
+    items, count = core.range_items(r.key, r.range_end, rev, fetch)
     if filtered:
         items = [
             it
             for it in items
-            if not (r.max_mod_revision and it[2] > r.max_mod_revision)
-            and not (r.min_mod_revision and it[2] < r.min_mod_revision)
-            and not (r.max_create_revision and it[1] > r.max_create_revision)
-            and not (r.min_create_revision and it[1] < r.min_create_revision)
+            if not (r.max_mod_revision and it.mod_revision > r.max_mod_revision)
+            and not (r.min_mod_revision and it.mod_revision < r.min_mod_revision)
+            and not (r.max_create_revision and it.create_revision > r.max_create_revision)
+            and not (r.min_create_revision and it.create_revision < r.min_create_revision)
         ]
     if r.sort_target != _KEY and sort_order == _NONE:
         sort_order = _ASCEND  # etcd's quirk: a non-key target sorts ascending even with order NONE
     if sort_order != _NONE:
         f = _SORT_FIELD[r.sort_target]
         if sort_order == _ASCEND:
-            go_sort(items, lambda a, b: a[f] < b[f])
+            go_sort(items, lambda a, b: f(a) < f(b))
         else:
-            go_sort(items, lambda a, b: b[f] < a[f])
-    more = False
-    if 0 < limit < len(items):
+            go_sort(items, lambda a, b: f(b) < f(a))
+    more = 0 < limit < len(items)
+    if more:
         del items[limit:]
-        more = True
     if r.keys_only:
-        kvs = [encode_kv(it[0], it[1], it[2], it[3], b"", it[4]) for it in items]
+        kvs = [
+            encode_kv(it.key, it.create_revision, it.mod_revision, it.version, b"", it.lease) for it in items
+        ]
     else:
-        kvs = [it[6] for it in items]
+        kvs = [it.kv for it in items]
     return RangeResult(kvs, more, count, cur_rev)
 
 
-class Writer:
+class WriteTxn:
     """One write request being applied at revision ``core.rev + 1`` (etcd's storeTxnWrite).
 
-    It also keeps lease attachments in step with the keys it writes and deletes.
+    It also keeps lease attachments in step with the keys it writes and deletes. (Not to be confused with
+    the single writer task in state_machine.py, which runs many of these per batch.)
     """
 
     __slots__ = ("core", "lessor", "begin", "rev", "sub")
@@ -107,18 +119,19 @@ class Writer:
         self.rev = self.begin + 1
         self.sub = 0
 
-    @property
-    def changed(self) -> bool:
-        return self.sub > 0
+    def current_rev(self) -> int:
+        """etcd's storeTxnWrite.Rev(): ``rev`` once this write changed a key, else the revision before it.
 
-    def read_rev(self) -> int:
-        """Reads inside a write see its own earlier changes."""
+        Reads inside the write see its own earlier changes at this revision, and it is the header revision
+        the response reports (a delete that matched nothing reports the unchanged revision).
+        """
         return self.rev if self.sub else self.begin
 
     def put(self, key: bytes, value: bytes, lease: int) -> int:
-        old = self.core.lease_of(key, self.read_rev())
+        old = self.core.lease_of(key, self.current_rev())
         self.core.put(key, value, lease, self.rev, self.sub)
         self.sub += 1
+        metrics.MVCC_PUT.inc()
         if old != lease:
             if old:
                 self.lessor.detach(old, key)
@@ -133,10 +146,7 @@ class Writer:
         self.sub += n
         for k, lease in leased:
             self.lessor.detach(lease, k)
-        return n, (self.rev if self.sub else self.begin)
-
-    def end_rev(self) -> int:
-        return self.rev if self.sub else self.begin
+        return n, self.current_rev()
 
 
 def _header(rev: int) -> pb.ResponseHeader:
@@ -148,40 +158,40 @@ class Applier:
 
     def __init__(self, core: MVCC, lessor: Lessor) -> None:
         self.core = core
-        self.leases = lessor
+        self.lessor = lessor
 
     # -------------------------------------------------------------- writes
 
     def put(self, p: pb.PutRequest) -> pb.PutResponse:
-        if p.lease and not self.leases.exists(p.lease):
+        if p.lease and not self.lessor.exists(p.lease):
             raise errors.LEASE_NOT_FOUND
-        return self._put(Writer(self.core, self.leases), p)
+        return self._put(WriteTxn(self.core, self.lessor), p)
 
-    def _put(self, w: Writer, p: pb.PutRequest) -> pb.PutResponse:
+    def _put(self, w: WriteTxn, p: pb.PutRequest) -> pb.PutResponse:
         resp = pb.PutResponse(header=pb.ResponseHeader())
         value, lease = p.value, p.lease
         prev = None
         if p.ignore_value or p.ignore_lease or p.prev_kv:
-            prev = self.core.get(p.key, w.read_rev())
+            prev = self.core.get(p.key, w.current_rev())
         if p.ignore_value or p.ignore_lease:
             if prev is None:
                 raise errors.KEY_NOT_FOUND
             if p.ignore_value:
-                value = prev[4]
+                value = prev.value
             if p.ignore_lease:
-                lease = prev[3]
+                lease = prev.lease
         if p.prev_kv and prev is not None:
-            resp.prev_kv.MergeFromString(self.core.get_kv(p.key, w.read_rev()))
+            resp.prev_kv.MergeFromString(prev.kv)
         resp.header.revision = w.put(p.key, value, lease)
         return resp
 
     def delete_range(self, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        return self._delete_range(Writer(self.core, self.leases), d)
+        return self._delete_range(WriteTxn(self.core, self.lessor), d)
 
-    def _delete_range(self, w: Writer, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
+    def _delete_range(self, w: WriteTxn, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
         resp = pb.DeleteRangeResponse(header=pb.ResponseHeader())
         if d.prev_kv:
-            kvs, _ = self.core.range(d.key, d.range_end, w.read_rev(), 0, False)
+            kvs, _ = self.core.range(d.key, d.range_end, w.current_rev(), 0, False)
             for kv in kvs:
                 resp.prev_kvs.add().MergeFromString(kv)
         resp.deleted, resp.header.revision = w.delete_range(d.key, d.range_end)
@@ -190,28 +200,28 @@ class Applier:
     # -------------------------------------------------------------- leases
 
     def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
-        lease = self.leases.grant(r.ID, r.TTL)
+        lease = self.lessor.grant(r.ID, r.TTL)
         return pb.LeaseGrantResponse(header=_header(self.core.rev), ID=lease.id, TTL=lease.ttl)
 
     def lease_revoke(
         self, r: pb.LeaseRevokeRequest, *, only_if_expired: bool = False
     ) -> pb.LeaseRevokeResponse:
         """Delete the lease's keys (sorted, in one revision) and the lease itself."""
-        lease = self.leases.get(r.ID)
+        lease = self.lessor.get(r.ID)
         if lease is None:
             raise errors.LEASE_NOT_FOUND
-        if only_if_expired and lease.remaining(self.leases.clock()) > 0:
+        if only_if_expired and lease.remaining(self.lessor.clock()) > 0:
             return pb.LeaseRevokeResponse(header=_header(self.core.rev))  # renewed while queued
-        w = Writer(self.core, self.leases)
+        w = WriteTxn(self.core, self.lessor)
         for key in sorted(lease.keys):
             self.core.delete(key, w.rev, w.sub)
             w.sub += 1
-        self.leases.revoke(r.ID)
-        return pb.LeaseRevokeResponse(header=_header(w.end_rev()))
+        self.lessor.revoke(r.ID)
+        return pb.LeaseRevokeResponse(header=_header(w.current_rev()))
 
     def lease_checkpoint(self, checkpoints: list[tuple[int, int]]) -> None:
         for lease_id, remaining in checkpoints:
-            self.leases.set_checkpoint(lease_id, remaining)
+            self.lessor.set_checkpoint(lease_id, remaining)
 
     # -------------------------------------------------------------- txn
 
@@ -225,9 +235,9 @@ class Applier:
             self._check_requests(t, path, 0, self._check_put, view)
         self._check_requests(t, path, 0, self._check_range, view)
         if write:
-            w = Writer(core, self.leases)
+            w = WriteTxn(core, self.lessor)
             resp, _ = self._apply_txn(w, t, path, 0, view)
-            resp.header.revision = w.end_rev()
+            resp.header.revision = w.current_rev()
         else:
             resp, _ = self._apply_txn(None, t, path, 0, view)
             resp.header.revision = view
@@ -266,7 +276,7 @@ class Applier:
         p = op.request_put
         if (p.ignore_value or p.ignore_lease) and self.core.get(p.key, view) is None:
             raise errors.KEY_NOT_FOUND
-        if p.lease and not self.leases.exists(p.lease):
+        if p.lease and not self.lessor.exists(p.lease):
             raise errors.LEASE_NOT_FOUND
 
     def _check_range(self, op: pb.RequestOp, view: int) -> None:
@@ -281,7 +291,7 @@ class Applier:
             raise errors.COMPACTED
 
     def _apply_txn(
-        self, w: Writer | None, t: pb.TxnRequest, path: list[bool], i: int, view: int
+        self, w: WriteTxn | None, t: pb.TxnRequest, path: list[bool], i: int, view: int
     ) -> tuple[pb.TxnResponse, int]:
         ok = path[i]
         used = 1
@@ -290,7 +300,7 @@ class Applier:
             kind = op.WhichOneof("request")
             out = resp.responses.add()
             if kind == "request_range":
-                cur = w.read_rev() if w is not None else view
+                cur = w.current_rev() if w is not None else view
                 rr = range_kvs(self.core, op.request_range, cur)
                 rresp = out.response_range
                 rresp.header.revision = rr.rev
@@ -309,22 +319,22 @@ class Applier:
         return resp, used
 
 
-# Compare target -> (index in a range_items tuple, its target_union field, the value of an absent key)
+# Compare target -> its field, named alike in KeyVersion and in target_union, and the value of an absent key
 _COMPARE_TARGET = {
-    pb.Compare.VALUE: (5, "value", b""),
-    pb.Compare.CREATE: (1, "create_revision", 0),
-    pb.Compare.MOD: (2, "mod_revision", 0),
-    pb.Compare.VERSION: (3, "version", 0),
-    pb.Compare.LEASE: (4, "lease", 0),
+    pb.Compare.VALUE: ("value", b""),
+    pb.Compare.CREATE: ("create_revision", 0),
+    pb.Compare.MOD: ("mod_revision", 0),
+    pb.Compare.VERSION: ("version", 0),
+    pb.Compare.LEASE: ("lease", 0),
 }
 
 
-def _compare_kv(c: pb.Compare, item: tuple | None) -> bool:
+def _compare_kv(c: pb.Compare, item: KeyVersion | None) -> bool:
     spec = _COMPARE_TARGET.get(c.target)
     if spec is None:
         return True
-    index, field, zero = spec
-    mine = item[index] if item else zero
+    field, zero = spec
+    mine = getattr(item, field) if item else zero
     # a target_union naming another field compares against zero, as etcd's type switch does
     theirs = getattr(c, field) if c.WhichOneof("target_union") == field else zero
     result = c.result

@@ -12,6 +12,7 @@ import heapq
 import struct
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from fastetcd import errors
 from fastetcd.engine.log_entry import LEASE_CHECKPOINT, LEASE_GRANT, LEASE_REVOKE
@@ -36,6 +37,15 @@ class Lease:
         return self.expiry - now
 
 
+class LeaseStatus(NamedTuple):
+    """What LeaseTimeToLive reports of one lease."""
+
+    id: int
+    remaining: int  # whole seconds left (etcd truncates)
+    granted: int  # the TTL the lease was granted with
+    keys: list[bytes]  # attached keys, sorted
+
+
 class Lessor:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -52,9 +62,12 @@ class Lessor:
     def get(self, lease_id: int) -> Lease | None:
         return self.leases.get(lease_id)
 
-    def remaining_ttl(self, lease: Lease) -> int:
+    def status(self, lease_id: int) -> LeaseStatus | None:
+        lease = self.leases.get(lease_id)
+        if lease is None:
+            return None
         # etcd truncates the remaining duration to whole seconds
-        return int(lease.remaining(self.clock()))
+        return LeaseStatus(lease.id, int(lease.remaining(self.clock())), lease.ttl, sorted(lease.keys))
 
     def by_expiry(self) -> list[Lease]:
         return sorted(self.leases.values(), key=lambda le: le.expiry)
@@ -70,9 +83,6 @@ class Lessor:
             if lease is not None and lease.expiry == expiry:
                 out.append(lease_id)
         return out
-
-    def next_deadline(self) -> float | None:
-        return self._heap[0][0] if self._heap else None
 
     # -------------------------------------------------------------- writer-side mutations
 

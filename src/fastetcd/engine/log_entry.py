@@ -1,8 +1,9 @@
 """Log entries: the unit the store makes durable and a replica (or a restart) replays.
 
 One entry per request that changed anything: the etcd revision it created (0 for none, e.g. a lease grant),
-the core's record of that revision's key-value writes, and the lease operations it performed. Entries are
-numbered by a contiguous log index, independent of revisions.
+the core's record of that revision's key-value writes, and the other state operations it performed (lease
+grants, revokes and checkpoints; alarm changes). Entries are numbered by a contiguous log index,
+independent of revisions.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass, field
 LEASE_GRANT = 1  # id, ttl
 LEASE_REVOKE = 2  # id
 LEASE_CHECKPOINT = 3  # id, remaining ttl (0 = back to the full ttl)
+ALARM_ACTIVATE = 4  # member id, alarm type
+ALARM_DEACTIVATE = 5  # member id, alarm type
 
 _U64 = (1 << 64) - 1
 
@@ -20,7 +23,7 @@ _U64 = (1 << 64) - 1
 class Entry:
     rev: int = 0  # revision this entry created, 0 if none
     kv: bytes = b""  # MVCC.take_record() of that revision
-    lease_ops: list[tuple[int, int, int]] = field(default_factory=list)  # (op, id, arg)
+    ops: list[tuple[int, int, int]] = field(default_factory=list)  # (op, id, arg): lease and alarm ops
 
 
 def _varint(out: bytearray, v: int) -> None:
@@ -50,9 +53,9 @@ def encode(e: Entry) -> bytes:
     _varint(out, e.rev)
     _varint(out, len(e.kv))
     out += e.kv
-    for op, lease_id, arg in e.lease_ops:
+    for op, target, arg in e.ops:
         out.append(op)
-        _varint(out, lease_id)
+        _varint(out, target)
         if op != LEASE_REVOKE:
             _varint(out, arg)
     return bytes(out)
@@ -66,9 +69,9 @@ def decode(data: bytes) -> Entry:
     ops = []
     while pos < len(data):
         op = data[pos]
-        lease_id, pos = _read_varint(data, pos + 1)
+        target, pos = _read_varint(data, pos + 1)
         arg = 0
         if op != LEASE_REVOKE:
             arg, pos = _read_varint(data, pos)
-        ops.append((op, lease_id, arg))
+        ops.append((op, target, arg))
     return Entry(rev, kv, ops)

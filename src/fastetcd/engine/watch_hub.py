@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
-from fastetcd._core import MVCC, WatchIndex, encode_event
+from fastetcd._core import MVCC, encode_event
+from fastetcd._watch_index import WatchIndex
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,12 @@ class WatchHub:
         self._ring_start = committed_rev + 1
         self._ring_bytes: list[int] = []
         self._ring_total = 0
+
+    def watcher_count(self) -> int:
+        return sum(self._refs.values())
+
+    def ring_bytes(self) -> int:
+        return self._ring_total
 
     # -------------------------------------------------------------- streams and watchers
 

@@ -8,59 +8,86 @@ transport can sit beside this one behind the same services.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from fastetcd import errors
+from fastetcd import errors, metrics
+from fastetcd.metrics import RpcMetrics
+from fastetcd.server.routes import UNARY, Bidi, Routes, Unary
 
 log = logging.getLogger(__name__)
-
-Unary = Callable[[bytes], Awaitable[bytes]]
-# A bidirectional stream: the request bytes as they arrive, and a coroutine that sends one response.
-Bidi = Callable[[AsyncIterator[bytes], Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 
 # etcd accepts gRPC messages this much larger than --max-request-bytes, so that an oversized request
 # reaches its own size check and gets "request is too large" instead of a transport error.
 GRPC_OVERHEAD_BYTES = 512 * 1024
 
 
-def _unary(fn: Unary) -> grpc.RpcMethodHandler:
+def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        rpc.started.inc()
+        metrics.GRPC_RECEIVED_BYTES.inc(len(request))
         try:
-            return await fn(request)
+            response = await fn(request)
         except errors.EtcdError as e:
+            rpc.handled(e.code)
             await context.abort(grpc.StatusCode[e.code], e.message)
         except DecodeError as e:
+            rpc.handled("INTERNAL")
             await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {e}")
+        else:
+            rpc.handled("OK")
+            metrics.GRPC_SENT_BYTES.inc(len(response))
+            return response
         raise AssertionError("unreachable")  # context.abort raises
 
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def _bidi(fn: Bidi) -> grpc.RpcMethodHandler:
+def _bidi(fn: Bidi, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        rpc.started.inc()
+
+        async def counted() -> AsyncIterator[bytes]:
+            async for request in requests:
+                metrics.GRPC_RECEIVED_BYTES.inc(len(request))
+                yield request
+
+        async def send(response: bytes) -> None:
+            metrics.GRPC_SENT_BYTES.inc(len(response))
+            await context.write(response)
+
+        code = "CANCELLED"  # unless the handler finishes one way or another below
         try:
-            await fn(requests, context.write)
+            await fn(counted(), send)
+            code = "OK"
         except errors.EtcdError as e:
+            code = e.code
             await context.abort(grpc.StatusCode[e.code], e.message)
         except DecodeError as e:
+            code = "INTERNAL"
             await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {e}")
+        finally:
+            rpc.handled(code)
 
     return grpc.stream_stream_rpc_method_handler(handler)
 
 
-def service_handler(
-    name: str, unary: dict[str, Unary], bidi: dict[str, Bidi] | None = None
-) -> grpc.GenericRpcHandler:
-    """A generic handler for service ``name`` (e.g. "etcdserverpb.KV") with raw-bytes methods."""
-    handlers = {m: _unary(fn) for m, fn in unary.items()}
-    handlers.update({m: _bidi(fn) for m, fn in (bidi or {}).items()})
-    return grpc.method_handlers_generic_handler(name, handlers)
+def _generic_handlers(routes: Routes) -> list[grpc.GenericRpcHandler]:
+    """One generic handler per gRPC service ("etcdserverpb.KV"), with raw-bytes methods."""
+    services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+    for path, (kind, fn) in routes.items():
+        service, method = path.lstrip("/").split("/")
+        if kind == UNARY:
+            handler = _unary(fn, RpcMetrics("unary", path))  # type: ignore[arg-type]
+        else:
+            handler = _bidi(fn, RpcMetrics("bidi_stream", path))  # type: ignore[arg-type]
+        services.setdefault(service, {})[method] = handler
+    return [grpc.method_handlers_generic_handler(name, methods) for name, methods in services.items()]
 
 
-def build_server(handlers: list[grpc.GenericRpcHandler], *, max_request_bytes: int) -> grpc.aio.Server:
+def build_server(routes: Routes, *, max_request_bytes: int) -> grpc.aio.Server:
     limit = max_request_bytes + GRPC_OVERHEAD_BYTES
     server = grpc.aio.server(
         options=[
@@ -72,5 +99,5 @@ def build_server(handlers: list[grpc.GenericRpcHandler], *, max_request_bytes: i
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ]
     )
-    server.add_generic_rpc_handlers(handlers)
+    server.add_generic_rpc_handlers(_generic_handlers(routes))
     return server

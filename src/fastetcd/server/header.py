@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
-from fastetcd._core import encode_header
 from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server._wire import encode_header
 
 # A single-member cluster that has elected itself once: etcd 3.5 reports term 2 after its first start.
 RAFT_TERM = 2

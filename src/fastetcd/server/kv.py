@@ -7,10 +7,10 @@ the apply rules live in engine/apply.py.
 from __future__ import annotations
 
 from fastetcd import errors
-from fastetcd._core import encode_range_response
 from fastetcd.engine.apply import is_txn_readonly
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server._wire import encode_range_response
 from fastetcd.server.header import Header
 
 _SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
@@ -45,18 +45,17 @@ class KVService:
         return encode_range_response(self.header.encode(rr.rev), rr.kvs, rr.more, rr.count)
 
     async def put(self, raw: bytes) -> bytes:
-        r = pb.PutRequest.FromString(raw)
-        check_put(r)
-        self._check_size(raw)
-        resp = await self.sm.put(r)
-        self.header.fill(resp.header)
-        return resp.SerializeToString()
+        return await self._write(raw, pb.PutRequest.FromString(raw), check_put, self.sm.put)
 
     async def delete_range(self, raw: bytes) -> bytes:
         r = pb.DeleteRangeRequest.FromString(raw)
-        check_delete(r)
+        return await self._write(raw, r, check_delete, self.sm.delete_range)
+
+    async def _write(self, raw: bytes, r, check, submit) -> bytes:
+        """etcd's order for a write: request checks, then the size limit, then the state machine."""
+        check(r)
         self._check_size(raw)
-        resp = await self.sm.delete_range(r)
+        resp = await submit(r)
         self.header.fill(resp.header)
         return resp.SerializeToString()
 

@@ -27,20 +27,18 @@ class LeaseService:
 
     async def time_to_live(self, raw: bytes) -> bytes:
         r = pb.LeaseTimeToLiveRequest.FromString(raw)
-        lessor = self.sm.lessor
-        lease = lessor.get(r.ID)
-        if lease is None:
+        status = self.sm.lease_status(r.ID)
+        if status is None:
             # etcd answers an unknown lease with TTL -1, not an error
             return self._fill(pb.LeaseTimeToLiveResponse(ID=r.ID, TTL=-1))
-        resp = pb.LeaseTimeToLiveResponse(ID=lease.id, TTL=lessor.remaining_ttl(lease), grantedTTL=lease.ttl)
+        resp = pb.LeaseTimeToLiveResponse(ID=status.id, TTL=status.remaining, grantedTTL=status.granted)
         if r.keys:
-            resp.keys.extend(sorted(lease.keys))
+            resp.keys.extend(status.keys)
         return self._fill(resp)
 
     async def leases(self, raw: bytes) -> bytes:
         pb.LeaseLeasesRequest.FromString(raw)
-        resp = pb.LeaseLeasesResponse(leases=[pb.LeaseStatus(ID=le.id) for le in self.sm.lessor.by_expiry()])
-        return self._fill(resp)
+        return self._fill(pb.LeaseLeasesResponse(leases=[pb.LeaseStatus(ID=i) for i in self.sm.lease_ids()]))
 
     async def keep_alive(
         self, requests: AsyncIterator[bytes], send: Callable[[bytes], Awaitable[None]]

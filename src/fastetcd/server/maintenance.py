@@ -1,31 +1,133 @@
-"""The Maintenance service (etcdserverpb.Maintenance): Status so far."""
+"""The Maintenance service (etcdserverpb.Maintenance), as etcd's v3rpc/maintenance.go answers it."""
 
 from __future__ import annotations
 
-from fastetcd import ETCD_COMPAT_VERSION
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastetcd import ETCD_CLUSTER_VERSION, ETCD_COMPAT_VERSION, errors
+from fastetcd.engine import alarms as alarm_types
+from fastetcd.engine.snapshot_file import SnapshotFile
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server.header import Header
+
+# etcd sends a snapshot in pieces of this size, then one message with the sha256 of what it sent.
+SNAPSHOT_PIECE = 32 * 1024
+
+BAD_LEADER_TRANSFEREE = errors.EtcdError("FAILED_PRECONDITION", "etcdserver: bad leader transferee")
+WRONG_DOWNGRADE_FORMAT = errors.EtcdError(
+    "INVALID_ARGUMENT", "etcdserver: wrong downgrade target version format"
+)
+INVALID_DOWNGRADE_TARGET = errors.EtcdError(
+    "INVALID_ARGUMENT", "etcdserver: invalid downgrade target version"
+)
+DOWNGRADE_IN_PROGRESS = errors.EtcdError(
+    "FAILED_PRECONDITION", "etcdserver: cluster has a downgrade job in progress"
+)
+NO_INFLIGHT_DOWNGRADE = errors.EtcdError("FAILED_PRECONDITION", "etcdserver: no inflight downgrade job")
+UNKNOWN_METHOD = errors.EtcdError("UNKNOWN", "etcdserver: unknown method")
+# coreos/go-semver's grammar, which etcd parses a downgrade target with (after trying VERSION + ".0")
+_SEMVER = re.compile(r"^(\d+)\.(\d+)\.\d+(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
+
+
+def downgrade_target(version: str) -> tuple[int, int]:
+    """etcd's convertToClusterVersion: "3.4" and "3.4.2" both mean cluster version 3.4."""
+    m = _SEMVER.match(version) or _SEMVER.match(version + ".0")
+    if m is None:
+        raise WRONG_DOWNGRADE_FORMAT
+    return int(m.group(1)), int(m.group(2))
+
+
+def alarm_text(member_id: int, alarm: int) -> str:
+    """An AlarmMember as etcd prints it in Status.errors (gogoproto's compact text form)."""
+    return f"memberID:{member_id} alarm:{alarm_types.NAMES[alarm]} "
 
 
 class MaintenanceService:
     def __init__(self, sm: StateMachine, header: Header) -> None:
         self.sm = sm
         self.header = header
+        # etcd's downgrade job: enabling one only marks the cluster as allowed to run the previous minor
+        # version's binaries; fastetcd has none, so the mark changes nothing but the answers below.
+        self._downgrading = False
+
+    def _fill(self, resp) -> bytes:
+        resp.header.SetInParent()
+        self.header.fill(resp.header, self.sm.committed_rev)
+        return resp.SerializeToString()
 
     async def status(self, raw: bytes) -> bytes:
         pb.StatusRequest.FromString(raw)
-        size = self.sm.store.size()
         resp = pb.StatusResponse(
             version=ETCD_COMPAT_VERSION,
-            dbSize=size,
+            dbSize=self.sm.db_size(),
             leader=self.header.member_id,
             # A single member applies every entry it commits: the raft index follows the revision.
             raftIndex=self.sm.committed_rev,
             raftTerm=self.header.raft_term,
             raftAppliedIndex=self.sm.committed_rev,
-            dbSizeInUse=size,
+            errors=[alarm_text(m, a) for m, a in self.sm.active_alarms()],
+            dbSizeInUse=self.sm.db_size_in_use(),
         )
-        resp.header.SetInParent()
-        self.header.fill(resp.header, self.sm.committed_rev)
-        return resp.SerializeToString()
+        return self._fill(resp)
+
+    async def alarm(self, raw: bytes) -> bytes:
+        r = pb.AlarmRequest.FromString(raw)
+        found = await self.sm.alarm(r.action, r.memberID, r.alarm)
+        return self._fill(pb.AlarmResponse(alarms=[pb.AlarmMember(memberID=m, alarm=a) for m, a in found]))
+
+    async def defragment(self, raw: bytes) -> bytes:
+        pb.DefragmentRequest.FromString(raw)
+        await self.sm.defragment()
+        return self._fill(pb.DefragmentResponse())
+
+    async def hash(self, raw: bytes) -> bytes:
+        pb.HashRequest.FromString(raw)
+        return self._fill(pb.HashResponse(hash=self.sm.hash_all()))
+
+    async def hash_kv(self, raw: bytes) -> bytes:
+        r = pb.HashKVRequest.FromString(raw)
+        h, current, compact = self.sm.hash_kv(r.revision)
+        resp = pb.HashKVResponse(header=pb.ResponseHeader(revision=current), hash=h, compact_revision=compact)
+        return self._fill(resp)
+
+    async def move_leader(self, raw: bytes) -> bytes:
+        r = pb.MoveLeaderRequest.FromString(raw)
+        # The only member is the leader already: moving leadership to it is done; anyone else is unknown.
+        if r.targetID != self.header.member_id:
+            raise BAD_LEADER_TRANSFEREE
+        return self._fill(pb.MoveLeaderResponse())
+
+    async def downgrade(self, raw: bytes) -> bytes:
+        r = pb.DowngradeRequest.FromString(raw)
+        cluster = tuple(int(p) for p in ETCD_CLUSTER_VERSION.split(".")[:2])
+        if r.action == pb.DowngradeRequest.CANCEL:
+            if not self._downgrading:
+                raise NO_INFLIGHT_DOWNGRADE
+            self._downgrading = False
+            return self._fill(pb.DowngradeResponse(version=ETCD_CLUSTER_VERSION))
+        if r.action not in (pb.DowngradeRequest.VALIDATE, pb.DowngradeRequest.ENABLE):
+            raise UNKNOWN_METHOD
+        if downgrade_target(r.version) != (cluster[0], cluster[1] - 1):
+            raise INVALID_DOWNGRADE_TARGET
+        if self._downgrading:
+            raise DOWNGRADE_IN_PROGRESS
+        self._downgrading = r.action == pb.DowngradeRequest.ENABLE
+        return self._fill(pb.DowngradeResponse(version=ETCD_CLUSTER_VERSION))
+
+    async def snapshot(
+        self, requests: AsyncIterator[bytes], send: Callable[[bytes], Awaitable[None]]
+    ) -> None:
+        """etcd's Snapshot: the state in pieces with the bytes remaining, then the sha256 trailer's piece."""
+        async for raw in requests:
+            pb.SnapshotRequest.FromString(raw)
+            break
+        sm = self.sm
+        data = SnapshotFile(sm.committed_rev, sm.compact_rev, sm.applied_index, sm.snapshot_bytes()).encode()
+        body, total = memoryview(data)[:-32], len(data) - 32
+        for start in range(0, total, SNAPSHOT_PIECE):
+            piece = body[start : start + SNAPSHOT_PIECE]
+            resp = pb.SnapshotResponse(remaining_bytes=total - start - len(piece), blob=bytes(piece))
+            await send(resp.SerializeToString())
+        await send(pb.SnapshotResponse(remaining_bytes=0, blob=data[-32:]).SerializeToString())

@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
-from fastetcd._core import encode_watch_response
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.engine.watch_hub import Watcher, WatchHub
 from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server._wire import encode_watch_response
 from fastetcd.server.header import Header
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,16 @@ _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 ERR_EMPTY_RANGE = "mvcc: watcher range is empty"
 ERR_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+
+
+class _Cycle:
+    """What one sender cycle did: responses sent, and whether every watcher reached the cycle's revision."""
+
+    __slots__ = ("sent", "caught_up")
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.caught_up = True
 
 
 class WatchStream:
@@ -151,63 +161,75 @@ class WatchStream:
     # -------------------------------------------------------------- sender
 
     async def outgoing(self) -> AsyncIterator[bytes]:
-        hub = self.hub
+        """The stream's responses, one cycle at a time: control answers, then events, then progress."""
         while not self.closed:
             self._wake.clear()
             # Answers to creates and cancels go first, and only here: their header revisions were taken
             # when they arrived, so sending them mid-cycle could put them ahead of this cycle's `upto`.
             while self._control:
                 yield self._control.popleft()
-            upto = hub.committed_rev
-            behind = [w for w in self.watchers.values() if w.next_rev <= upto]
-            groups: dict[tuple, list[Watcher]] = {}
-            for w in behind:
-                groups.setdefault(w.signature(), []).append(w)
-            caught_up = True
-            sent = 0
-            # Every response of this cycle says revision `upto`, as etcd's history replay does: a watcher
-            # still catching up must not make the stream's header revision go backwards.
-            header = self.header.encode(upto)
-            for ws in groups.values():
-                got = hub.collect(ws[0], upto, RESPONSE_BYTES)
-                if got is None:
-                    for w in ws:
-                        if self.watchers.pop(w.watch_id, None) is not None:
-                            hub.unwatch(self.sid, w)
-                            self._dead.add(w.watch_id)
-                            yield self._compacted(w.watch_id)
-                    continue
-                events, last = got
-                if last < upto:
-                    caught_up = False
-                for w in ws:
-                    if self.watchers.get(w.watch_id) is not w:
-                        continue  # canceled while we were sending
-                    w.next_rev = last + 1
-                    if events:
-                        w.quiet = False
-                        for msg in self._responses(header, w, events):
-                            sent += 1
-                            yield msg
-            if sent:
+            upto = self.hub.committed_rev
+            cycle = _Cycle()
+            for msg in self._event_responses(upto, cycle):
+                yield msg
+            if cycle.sent:
                 # Each gRPC message costs tens of microseconds in grpcio, whatever it carries. A stream that
                 # just sent many gathers events a little longer, so its next responses carry more revisions
                 # each: throughput scales with events, not messages, at a latency cost of a few ms.
-                await asyncio.sleep(min(MAX_GATHER_DELAY, sent * GATHER_DELAY_PER_MESSAGE))
-            if not caught_up:
+                await asyncio.sleep(min(MAX_GATHER_DELAY, cycle.sent * GATHER_DELAY_PER_MESSAGE))
+            if not cycle.caught_up:
                 continue
-            if self._progress_requested and all(w.next_rev > upto for w in self.watchers.values()):
-                self._progress_requested = False
-                yield encode_watch_response(self.header.encode(upto), -1, [])
-            if self._progress_tick:
-                self._progress_tick = False
-                for w in list(self.watchers.values()):
-                    if w.progress_notify and w.next_rev > upto:
-                        if w.quiet:
-                            yield encode_watch_response(self.header.encode(upto), w.watch_id, [])
-                        w.quiet = True
+            for msg in self._progress_responses(upto):
+                yield msg
             if not self._control and not self._wake.is_set():
                 await self._wake.wait()
+
+    def _event_responses(self, upto: int, cycle: _Cycle) -> Iterator[bytes]:
+        """Events up to ``upto`` for every watcher behind it; lazily, as a cancel may land between two."""
+        hub = self.hub
+        groups: dict[tuple, list[Watcher]] = {}
+        for w in self.watchers.values():
+            if w.next_rev <= upto:
+                groups.setdefault(w.signature(), []).append(w)
+        # Every response of this cycle says revision `upto`, as etcd's history replay does: a watcher
+        # still catching up must not make the stream's header revision go backwards.
+        header = self.header.encode(upto)
+        for ws in groups.values():
+            got = hub.collect(ws[0], upto, RESPONSE_BYTES)
+            if got is None:
+                for w in ws:
+                    if self.watchers.pop(w.watch_id, None) is not None:
+                        hub.unwatch(self.sid, w)
+                        self._dead.add(w.watch_id)
+                        yield self._compacted(w.watch_id)
+                continue
+            events, last = got
+            if last < upto:
+                cycle.caught_up = False
+            for w in ws:
+                if self.watchers.get(w.watch_id) is not w:
+                    continue  # canceled while we were sending
+                w.next_rev = last + 1
+                if events:
+                    w.quiet = False
+                    for msg in self._responses(header, w, events):
+                        cycle.sent += 1
+                        yield msg
+
+    def _progress_responses(self, upto: int) -> list[bytes]:
+        """Progress answers, once every watcher is past ``upto`` (so none overtakes an event)."""
+        out = []
+        if self._progress_requested and all(w.next_rev > upto for w in self.watchers.values()):
+            self._progress_requested = False
+            out.append(encode_watch_response(self.header.encode(upto), -1, []))
+        if self._progress_tick:
+            self._progress_tick = False
+            for w in self.watchers.values():
+                if w.progress_notify and w.next_rev > upto:
+                    if w.quiet:
+                        out.append(encode_watch_response(self.header.encode(upto), w.watch_id, []))
+                    w.quiet = True
+        return out
 
     def _responses(self, header: bytes, w: Watcher, events: list[bytes]) -> list[bytes]:
         resp = encode_watch_response(header, w.watch_id, events)
@@ -234,14 +256,13 @@ class WatchService:
     def __init__(
         self,
         sm: StateMachine,
-        hub: WatchHub,
         header: Header,
         *,
         max_request_bytes: int,
         progress_interval: float,
     ) -> None:
         self.sm = sm
-        self.hub = hub
+        self.hub = sm.watch_hub
         self.header = header
         self.max_request_bytes = max_request_bytes
         self.progress_interval = progress_interval

@@ -1,8 +1,11 @@
 """The Store protocol: what the engine needs from durable storage.
 
-The engine is the single writer. It hands the store batches of log records, one record per etcd
-revision, and treats a batch as committed only when ``append`` returns. A store therefore never sees a
-revision twice and never sees a gap: records are contiguous and strictly increasing.
+The engine is the single writer. It hands the store batches of log entries and treats a batch as
+committed only when ``append`` returns. Entries are numbered by their **log index**, not by etcd revision:
+most entries carry one revision, but some carry none (a lease grant or a TTL checkpoint changes no key).
+Example: put a (rev 2), grant lease L, put b (rev 3) are log indexes 1, 2, 3. A store therefore never sees
+an index twice and never sees a gap: indexes are contiguous and strictly increasing, which
+``check_append`` guards in every store.
 """
 
 from __future__ import annotations
@@ -32,10 +35,10 @@ class Throttled(StoreError):
 class Recovered:
     """What ``Store.open`` found on disk: the newest snapshot plus every record after it."""
 
-    snapshot_rev: int = 0
+    snapshot_index: int = 0  # log index the snapshot covers (0: no snapshot)
     snapshot: bytes | None = None  # opaque bytes written by save_snapshot (the core's dump)
-    compact_rev: int = -1  # -1: never compacted (etcd allows a first Compact at revision 0)
-    records: list[tuple[int, bytes]] = field(default_factory=list)  # (revision, record), ascending
+    compact_rev: int = -1  # a revision, not an index; -1: never compacted (etcd allows Compact(0) first)
+    entries: list[tuple[int, bytes]] = field(default_factory=list)  # (log index, entry), ascending
 
 
 class Store(Protocol):
@@ -46,17 +49,41 @@ class Store(Protocol):
     async def open(self) -> Recovered:
         """Open (creating if needed) and return the recovered state."""
 
-    async def append(self, records: list[tuple[int, bytes]]) -> None:
-        """Make ``records`` durable in one atomic step; raise StoreError if it did not happen."""
+    async def append(self, entries: list[tuple[int, bytes]]) -> None:
+        """Make ``entries`` (log index, entry) durable in one atomic step; raise StoreError if it did not."""
 
     async def compact(self, rev: int) -> None:
         """Persist that revisions below ``rev`` are compacted (survives restart)."""
 
-    async def save_snapshot(self, rev: int, chunks: Iterable[bytes]) -> None:
-        """Persist a snapshot of the state at ``rev``; records <= rev may then be dropped."""
+    async def save_snapshot(self, index: int, chunks: Iterable[bytes]) -> None:
+        """Persist a snapshot of the state after log index ``index``; entries <= index may then be dropped."""
 
     def size(self) -> int:
         """Bytes the store occupies (etcd's db size)."""
 
+    def size_in_use(self) -> int:
+        """Bytes of ``size`` that hold live data (etcd's dbSizeInUse)."""
+
+    async def defragment(self) -> None:
+        """Give the space that dropped log entries and snapshots left behind back to the file system."""
+
     async def close(self) -> None:
         """Flush and release everything."""
+
+
+def check_append(entries: list[tuple[int, bytes]], last_index: int | None) -> None:
+    """A bug guard, not a feature: the engine must hand over contiguous indexes right after the stored ones.
+
+    ``last_index`` is the newest index stored (log or snapshot); None for a store that holds nothing, where
+    any first index >= 1 may start the log. Appending 7, 8 after 6 passes; 8 after 6 (a gap), 6 after 6
+    (a repeat) or 7, 9 (a hole inside the batch) raise StoreError.
+    """
+    first = entries[0][0]
+    if last_index is None:
+        if first < 1:
+            raise StoreError(f"append of invalid index {first}")
+    elif first != last_index + 1:
+        raise StoreError(f"append of index {first} does not follow stored index {last_index}")
+    for i, (index, _) in enumerate(entries):
+        if index != first + i:
+            raise StoreError(f"append batch is not contiguous: index {index} at position {i} after {first}")

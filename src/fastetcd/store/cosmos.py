@@ -52,6 +52,7 @@ import os
 import secrets
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -69,7 +70,8 @@ except ImportError as e:  # pragma: no cover - depends on the installation
         f"the Cosmos DB store needs azure-cosmos and aiohttp (pip install 'fastetcd[cosmos]'): {e}"
     ) from e
 
-from fastetcd.store.base import Fenced, Recovered, StoreError, Throttled, Uncertain
+from fastetcd import metrics
+from fastetcd.store.base import Fenced, Recovered, StoreError, Throttled, Uncertain, check_append
 
 _log = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ class _Loaded:
     snapshot_prev: str | None = None
     snapshot_segment: int = 0
     compact_rev: int = -1
-    records: list[tuple[int, bytes]] = field(default_factory=list)
+    entries: list[tuple[int, bytes]] = field(default_factory=list)
     segment_starts: dict[int, int] = field(default_factory=dict)
     batch_sizes: list[tuple[int, int]] = field(default_factory=list)  # (last index, payload bytes)
     # The log cursor: the segment read last and the next index expected.
@@ -215,7 +217,6 @@ class CosmosStore:
         self._segment_starts: dict[int, int] = {}  # segment -> first index stored in it
         self._meta: dict[str, tuple[dict[str, Any] | None, str | None]] = {}  # id -> (doc, etag)
         self._snapshot_index = 0
-        self._snapshot_spk: str | None = None
         self._snapshot_bytes = 0
         self._batch_sizes: deque[tuple[int, int]] = deque()
         self._log_bytes = 0
@@ -246,15 +247,15 @@ class CosmosStore:
                 "writer": self.writer_id,
                 "snapshot-index": loaded.snapshot_index,
                 "compact-revision": loaded.compact_rev,
-                "log-records": len(loaded.records),
+                "log-entries": len(loaded.entries),
                 "last-index": loaded.last,
             },
         )
         return Recovered(
-            snapshot_rev=loaded.snapshot_index,
+            snapshot_index=loaded.snapshot_index,
             snapshot=loaded.snapshot,
             compact_rev=loaded.compact_rev,
-            records=loaded.records,
+            entries=loaded.entries,
         )
 
     async def close(self) -> None:
@@ -388,7 +389,6 @@ class CosmosStore:
         self._last = loaded.last
         self._segment_starts = loaded.segment_starts
         self._snapshot_index = loaded.snapshot_index
-        self._snapshot_spk = loaded.snapshot_spk
         self._snapshot_bytes = len(loaded.snapshot or b"")
         self._batch_sizes = deque(loaded.batch_sizes)
         self._log_bytes = sum(n for _, n in loaded.batch_sizes)
@@ -465,7 +465,7 @@ class CosmosStore:
                     payload = b"".join(pieces)
                     out.used.add((first, it["t"]))
                 entries = _unpack(payload, first, last, pk)
-                out.records.extend(e for e in entries if e[0] >= expected)
+                out.entries.extend(e for e in entries if e[0] >= expected)
                 out.segment_starts.setdefault(segment, first)
                 out.batch_sizes.append((last, len(payload)))
                 out.expected = last + 1
@@ -497,19 +497,13 @@ class CosmosStore:
 
     # ----------------------------------------------------------------- append
 
-    async def append(self, records: list[tuple[int, bytes]]) -> None:
-        if not records:
+    async def append(self, entries: list[tuple[int, bytes]]) -> None:
+        if not entries:
             return
         self._check_usable()
-        first, last = records[0][0], records[-1][0]
-        if first != self._last + 1:
-            raise StoreError(f"append of index {first} does not follow stored index {self._last}")
-        for i, (index, _) in enumerate(records):
-            if index != first + i:
-                raise StoreError(
-                    f"append batch is not contiguous: index {index} at position {i} after {first}"
-                )
-        payload = b"".join(b for _, data in records for b in (_U32.pack(len(data)), data))
+        check_append(entries, self._last)
+        first, last = entries[0][0], entries[-1][0]
+        payload = b"".join(b for _, data in entries for b in (_U32.pack(len(data)), data))
         segment = self._segment(first)
         pk = _log_pk(segment)
         creating = segment != self._head_segment
@@ -532,6 +526,7 @@ class CosmosStore:
         head_op: tuple[Any, ...] = (
             ("create", (head,)) if creating else ("replace", (HEAD, head), {"if_match_etag": self._head_etag})
         )
+        t0 = time.perf_counter()
         try:
             results = await self._container.execute_item_batch(
                 [head_op, ("create", (item,))], partition_key=pk
@@ -544,6 +539,8 @@ class CosmosStore:
         else:
             self._head_etag = results[0]["eTag"]
             self._head_segment = segment
+            metrics.BACKEND_COMMIT.observe(time.perf_counter() - t0)
+            self._count_request_units()
         self._last = last
         self._segment_starts.setdefault(segment, first)
         self._batch_sizes.append((last, len(payload)))
@@ -682,10 +679,9 @@ class CosmosStore:
 
         await self._cas_meta("compact", body)
 
-    async def save_snapshot(self, rev: int, chunks: Iterable[bytes]) -> None:
+    async def save_snapshot(self, index: int, chunks: Iterable[bytes]) -> None:
         # Joined before the first await: the engine may hand a view of live state.
         data = b"".join(chunks)
-        index = rev
         self._check_usable()
         if index > self._last:
             raise StoreError(f"snapshot at index {index} is ahead of the stored log ({self._last})")
@@ -741,7 +737,7 @@ class CosmosStore:
             if not written:
                 await self._forget_partition(spk)
                 return
-            self._snapshot_index, self._snapshot_spk, self._snapshot_bytes = index, spk, len(data)
+            self._snapshot_index, self._snapshot_bytes = index, len(data)
             while self._batch_sizes and self._batch_sizes[0][0] <= index:
                 self._log_bytes -= self._batch_sizes.popleft()[1]
             # Only now, with the new pointer durable, may what it makes unnecessary go.
@@ -868,6 +864,12 @@ class CosmosStore:
     def size(self) -> int:
         return self._snapshot_bytes + self._log_bytes
 
+    def size_in_use(self) -> int:
+        return self.size()  # dropped items free their space in Cosmos at once: nothing to give back
+
+    async def defragment(self) -> None:
+        """Nothing to do: Cosmos reclaims deleted items' space itself."""
+
     async def _query(self, pk: str, sql: str, **params: Any) -> list[dict[str, Any]]:
         # `c.pk = @pk` in every WHERE: harmless for Cosmos, required by some emulators.
         parameters = [{"name": "@pk", "value": pk}] + [
@@ -889,6 +891,13 @@ class CosmosStore:
             raise self._error(f"reading {item_id} in {pk}", e) from e
         except (AzureError, OSError, aiohttp.ClientError) as e:
             raise self._error(f"reading {item_id} in {pk}", e) from e
+
+    def _count_request_units(self) -> None:
+        headers = getattr(getattr(self._container, "client_connection", None), "last_response_headers", None)
+        try:
+            metrics.COSMOS_REQUEST_UNITS.inc(float((headers or {}).get("x-ms-request-charge", 0)))
+        except (TypeError, ValueError):
+            pass  # a header we cannot read costs us a sample, not an append
 
     def _error(self, what: str, e: BaseException) -> StoreError:
         if _status(e) == 429:

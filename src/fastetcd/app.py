@@ -1,0 +1,204 @@
+"""Startup wiring, as etcd's ``embed`` package: store → state machine → services → transports.
+
+Nothing here serves a request. It opens the store the config names, recovers the state machine from it,
+builds the transport-neutral services over the engine, routes gRPC method paths to them, and runs a
+transport until told to stop; then it drains in the reverse order, so that whatever was acknowledged is
+durable before the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from prometheus_client import REGISTRY
+
+from fastetcd import __version__
+from fastetcd.config import Config
+from fastetcd.engine.compactor import Compactor
+from fastetcd.engine.state_machine import StateMachine
+from fastetcd.engine.state_metrics import StateCollector
+from fastetcd.server import grpc_transport
+from fastetcd.server.auth import AuthService
+from fastetcd.server.cluster import ClusterService
+from fastetcd.server.election import ElectionService
+from fastetcd.server.header import Header, member_id_for
+from fastetcd.server.health import HealthService
+from fastetcd.server.http_endpoints import HttpEndpoints
+from fastetcd.server.http_listener import HttpListener
+from fastetcd.server.kv import KVService
+from fastetcd.server.lease import LeaseService
+from fastetcd.server.lock import LockService
+from fastetcd.server.maintenance import MaintenanceService
+from fastetcd.server.routes import BIDI, UNARY, Bidi, Routes, Unary
+from fastetcd.server.watch import WatchService
+
+if TYPE_CHECKING:
+    import grpc
+
+    from fastetcd.server.native_transport import NativeServer
+from fastetcd.store.base import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def open_store(config: Config) -> Store:
+    if config.store == "embedded":
+        from fastetcd.store.embedded import EmbeddedStore
+
+        return EmbeddedStore(config.data_dir)
+    if config.store == "cosmos":
+        try:
+            from fastetcd.store.cosmos import CosmosStore
+        except ImportError as e:
+            raise StoreError(f"--store cosmos needs: pip install 'fastetcd[cosmos]' ({e})") from e
+        return CosmosStore(
+            config.cosmos_endpoint, config.cosmos_key, config.cosmos_database, config.cosmos_container
+        )
+    raise StoreError(f"unknown store {config.store!r}")
+
+
+def etcd_routes(
+    kv: KVService, watch: WatchService, lease: LeaseService, maintenance: MaintenanceService,
+    cluster: ClusterService, auth: AuthService, lock: LockService, election: ElectionService,
+) -> Routes:
+    """etcd's gRPC method paths → the services' raw-bytes handlers, for any transport."""
+    methods: dict[str, dict[str, Unary | Bidi]] = {
+        "KV": {"Range": kv.range, "Put": kv.put, "DeleteRange": kv.delete_range, "Txn": kv.txn,
+               "Compact": kv.compact},
+        "Watch": {"Watch": watch.watch},
+        "Lease": {"LeaseGrant": lease.grant, "LeaseRevoke": lease.revoke, "LeaseKeepAlive": lease.keep_alive,
+                  "LeaseTimeToLive": lease.time_to_live, "LeaseLeases": lease.leases},
+        "Maintenance": {"Status": maintenance.status, "Alarm": maintenance.alarm,
+                        "Defragment": maintenance.defragment, "Hash": maintenance.hash,
+                        "HashKV": maintenance.hash_kv, "Snapshot": maintenance.snapshot,
+                        "MoveLeader": maintenance.move_leader, "Downgrade": maintenance.downgrade},
+        "Cluster": {"MemberList": cluster.member_list},
+        "Auth": {"Authenticate": auth.authenticate, "AuthStatus": auth.auth_status,
+                 "UserList": auth.user_list, "RoleList": auth.role_list},
+    }
+    health = HealthService()
+    # Snapshot and health Watch stream only responses; served as bidi streams, they look the same on the wire.
+    streams = {"Watch", "LeaseKeepAlive", "Snapshot"}
+    routes: Routes = {
+        f"/etcdserverpb.{service}/{method}": (BIDI if method in streams else UNARY, fn)
+        for service, handlers in methods.items()
+        for method, fn in handlers.items()
+    }
+    routes["/grpc.health.v1.Health/Check"] = (UNARY, health.check)
+    routes["/grpc.health.v1.Health/Watch"] = (BIDI, health.watch)
+    # etcd's server-side concurrency recipes (server/etcdserver/api/v3lock, v3election)
+    routes["/v3lockpb.Lock/Lock"] = (UNARY, lock.lock)
+    routes["/v3lockpb.Lock/Unlock"] = (UNARY, lock.unlock)
+    for method, fn in (("Campaign", election.campaign), ("Proclaim", election.proclaim),
+                       ("Leader", election.leader), ("Resign", election.resign)):
+        routes[f"/v3electionpb.Election/{method}"] = (UNARY, fn)
+    routes["/v3electionpb.Election/Observe"] = (BIDI, election.observe)  # a server stream, as Snapshot
+    return routes
+
+
+async def _start_grpcio(config: Config, routes: Routes) -> grpc.aio.Server:
+    server = grpc_transport.build_server(routes, max_request_bytes=config.max_request_bytes)
+    for url in config.client_urls:
+        try:
+            bound = server.add_insecure_port(url.address)
+        except RuntimeError as e:  # grpcio reports a failed bind this way
+            raise OSError(f"cannot listen on {url}: {e}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {url}: address in use or not available")
+    await server.start()
+    return server
+
+
+async def _start_native(config: Config, routes: Routes) -> NativeServer:
+    # Imported here: the grpcio transport must work where the nghttp2 extension was not built.
+    from fastetcd.server.native_transport import NativeServer
+
+    server = NativeServer(routes, max_request_bytes=config.max_request_bytes)
+    for url in config.client_urls:
+        try:
+            await server.start(url.host, url.port)
+        except OSError as e:
+            await server.stop(0)
+            raise OSError(f"cannot listen on {url}: {e.strerror or e}") from None
+    return server
+
+
+async def serve(config: Config, stop: asyncio.Event) -> None:
+    """Serve until ``stop`` is set, then drain and flush. Raises StoreError/OSError if it cannot start."""
+    store = open_store(config)
+    member_id = member_id_for(config.name, config.advertise_client_urls)
+    sm = StateMachine(
+        store,
+        snapshot_count=config.snapshot_count,
+        quota_bytes=max(config.quota_backend_bytes, 0),
+        member_id=member_id,
+    )
+    await sm.start()
+    compactor = Compactor(
+        sm,
+        period=config.auto_compaction_period,
+        revisions=config.auto_compaction_revisions,
+        revision_interval=config.auto_compaction_revision_interval,
+    )
+    compactor.start()
+    state_metrics = StateCollector(sm)
+    REGISTRY.register(state_metrics)
+    http = HttpListener(HttpEndpoints(sm))
+    watch = None
+    try:
+        header = Header(cluster_id=member_id ^ 0x5A5A5A5A5A5A5A5A, member_id=member_id)
+        kv = KVService(
+            sm, header, max_request_bytes=config.max_request_bytes, max_txn_ops=config.max_txn_ops
+        )
+        watch = WatchService(
+            sm,
+            header,
+            max_request_bytes=config.max_request_bytes,
+            progress_interval=config.experimental_watch_progress_notify_interval,
+        )
+        watch.start()
+        routes = etcd_routes(
+            kv,
+            watch,
+            LeaseService(sm, header),
+            MaintenanceService(sm, header),
+            ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls),
+            AuthService(sm, header),
+            LockService(sm, header, max_request_bytes=config.max_request_bytes),
+            ElectionService(sm, header, max_request_bytes=config.max_request_bytes),
+        )
+        if config.transport == "native":
+            server: grpc.aio.Server | NativeServer = await _start_native(config, routes)
+        else:
+            server = await _start_grpcio(config, routes)
+        log.info(
+            "serving client traffic insecurely",
+            extra={"address": ",".join(config.listen_client_urls), "version": __version__,
+                   "revision": sm.committed_rev},
+        )
+        for url in config.metrics_urls:
+            await http.listen(url.host, url.port)
+        if config.metrics_urls:
+            log.info("serving metrics and health", extra={"address": ",".join(config.listen_metrics_urls)})
+        try:
+            stopped = asyncio.ensure_future(stop.wait())
+            halted = asyncio.ensure_future(sm.halt.wait())
+            await asyncio.wait([stopped, halted], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            halted.cancel()
+        finally:
+            log.info("stopping server")
+            await http.stop()
+            await server.stop(2)
+    finally:
+        REGISTRY.unregister(state_metrics)
+        await compactor.stop()
+        if watch is not None:
+            await watch.stop()
+        await sm.stop()
+        await store.close()
+        log.info("stopped", extra={"revision": sm.committed_rev})
+    if sm.halted is not None:
+        raise StoreError(sm.halted)

@@ -1,0 +1,94 @@
+"""Prometheus metrics, under etcd's names where etcd has the concept, and fastetcd's own beside them.
+
+The objects here are incremented where things happen (the transports, the writer, the stores); values
+that already live in the engine (db size, keys, watchers) are read at scrape time by
+``engine/state_metrics.py`` instead of being copied on every request. Everything is registered in
+prometheus_client's default registry, which also carries the process metrics
+(``process_resident_memory_bytes`` and friends).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, disable_created_metrics
+
+# etcd exposes no *_created series; scrapers comparing the two should see the same families.
+disable_created_metrics()
+
+# etcd's disk histograms: 1 ms doubling up to about 8 s.
+_DISK_BUCKETS = tuple(0.001 * 2**i for i in range(14))
+
+MVCC_PUT = Counter("etcd_mvcc_put_total", "Total number of puts seen by this member.")
+WAL_FSYNC = Histogram(
+    "etcd_disk_wal_fsync_duration_seconds",
+    "The latency distributions of fsync called by WAL.",
+    buckets=_DISK_BUCKETS,
+)
+BACKEND_COMMIT = Histogram(
+    "etcd_disk_backend_commit_duration_seconds",
+    "The latency distributions of commit called by backend.",
+    buckets=_DISK_BUCKETS,
+)
+GRPC_RECEIVED_BYTES = Counter(
+    "etcd_network_client_grpc_received_bytes_total", "The total number of bytes received from grpc clients."
+)
+GRPC_SENT_BYTES = Counter(
+    "etcd_network_client_grpc_sent_bytes_total", "The total number of bytes sent to grpc clients."
+)
+GRPC_STARTED = Counter(
+    "grpc_server_started_total",
+    "Total number of RPCs started on the server.",
+    ["grpc_type", "grpc_service", "grpc_method"],
+)
+GRPC_HANDLED = Counter(
+    "grpc_server_handled_total",
+    "Total number of RPCs completed on the server, regardless of success or failure.",
+    ["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+)
+
+# fastetcd's own
+BATCH_SIZE = Histogram(
+    "fastetcd_group_commit_batch_requests",
+    "Requests applied together in one group commit (one durable store step).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+STORE_APPEND = Histogram(
+    "fastetcd_store_append_duration_seconds",
+    "Latency of one durable append of a group commit to the store.",
+    buckets=_DISK_BUCKETS,
+)
+STORE_THROTTLED = Counter(
+    "fastetcd_store_throttled_total",
+    "Group commits the store refused for load (Cosmos DB 429s beyond the SDK's retries).",
+)
+COSMOS_REQUEST_UNITS = Counter(
+    "fastetcd_cosmos_request_units_total", "Cosmos DB request units charged for log appends."
+)
+
+# grpc-go's names for status codes, as grpc_server_handled_total's grpc_code label carries them.
+GO_CODE_NAMES = {
+    "OK": "OK", "CANCELLED": "Canceled", "UNKNOWN": "Unknown", "INVALID_ARGUMENT": "InvalidArgument",
+    "DEADLINE_EXCEEDED": "DeadlineExceeded", "NOT_FOUND": "NotFound", "ALREADY_EXISTS": "AlreadyExists",
+    "PERMISSION_DENIED": "PermissionDenied", "RESOURCE_EXHAUSTED": "ResourceExhausted",
+    "FAILED_PRECONDITION": "FailedPrecondition", "ABORTED": "Aborted", "OUT_OF_RANGE": "OutOfRange",
+    "UNIMPLEMENTED": "Unimplemented", "INTERNAL": "Internal", "UNAVAILABLE": "Unavailable",
+    "DATA_LOSS": "DataLoss", "UNAUTHENTICATED": "Unauthenticated",
+}
+
+
+class RpcMetrics:
+    """The counters of one gRPC method, resolved once so that a call costs no label lookups."""
+
+    __slots__ = ("_labels", "started", "_handled")
+
+    def __init__(self, grpc_type: str, path: str) -> None:
+        service, method = path.lstrip("/").split("/")
+        self._labels = (grpc_type, service, method)
+        self.started = GRPC_STARTED.labels(*self._labels)
+        self._handled: dict[str, Counter] = {}
+
+    def handled(self, code: str) -> None:
+        """Count a finished call; ``code`` is a grpc.StatusCode name (``OK``, ``INVALID_ARGUMENT``, ...)."""
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = GRPC_HANDLED.labels(*self._labels, GO_CODE_NAMES.get(code, code))
+        child.inc()
