@@ -775,3 +775,30 @@ def test_cancelled_watch_streams_are_cleaned_up(native: LoopThread, tmp_path: An
             assert native.run(lambda: etcd.server.buffered_bytes()) == 0
     finally:
         etcd.close()
+
+
+def test_rpc_metrics_count_calls_as_grpcio_does(native: LoopThread, channel: grpc.Channel) -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, method: str, code: str | None = None, kind: str = "unary") -> float:
+        labels = {"grpc_type": kind, "grpc_service": "t.S", "grpc_method": method}
+        if code is not None:
+            labels["grpc_code"] = code
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    before = (sample("grpc_server_started_total", "Echo"), sample("grpc_server_handled_total", "Echo", "OK"),
+              sample("grpc_server_handled_total", "Fail", "InvalidArgument"),
+              sample("grpc_server_handled_total", "BidiHold", "Canceled", "bidi_stream"),
+              REGISTRY.get_sample_value("etcd_network_client_grpc_received_bytes_total") or 0.0)
+    for _ in range(3):
+        unary(channel, "Echo", b"12345")
+    status(channel, "Fail")
+    call = channel.stream_stream("/t.S/BidiHold")(iter([b"x"]), timeout=30)
+    assert next(call) == b"x"
+    call.cancel()
+    assert native.rec.finally_ran.wait(5)
+    after = (sample("grpc_server_started_total", "Echo"), sample("grpc_server_handled_total", "Echo", "OK"),
+             sample("grpc_server_handled_total", "Fail", "InvalidArgument"),
+             sample("grpc_server_handled_total", "BidiHold", "Canceled", "bidi_stream"),
+             REGISTRY.get_sample_value("etcd_network_client_grpc_received_bytes_total") or 0.0)
+    assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3, 1, 1, 3 * 5 + 0 + 1]

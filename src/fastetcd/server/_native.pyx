@@ -31,7 +31,8 @@ import zlib
 
 from google.protobuf.message import DecodeError
 
-from fastetcd import errors
+from fastetcd import errors, metrics
+from fastetcd.metrics import RpcMetrics
 from fastetcd.server import http1
 
 log = logging.getLogger("fastetcd.server.native")
@@ -40,12 +41,17 @@ log = logging.getLogger("fastetcd.server.native")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
+GRPC_CANCELLED = 1
 STATUS_CODES = {
     "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
     "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
     "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13,
     "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
 }
+CODE_NAMES = {number: name for name, number in STATUS_CODES.items()}
+cdef object RECEIVED_BYTES = metrics.GRPC_RECEIVED_BYTES
+cdef object SENT_BYTES = metrics.GRPC_SENT_BYTES
+
 cdef enum:
     GRPC_OK = 0
     GRPC_UNKNOWN = 2
@@ -172,7 +178,7 @@ class StreamClosed(ConnectionError):
 cdef class ServerConfig:
     """What every connection of one NativeServer shares: routes, limits, and the live connections."""
 
-    cdef dict routes  # bytes path -> (int kind, handler)
+    cdef dict routes  # bytes path -> (int kind, handler, RpcMetrics)
     cdef readonly Py_ssize_t max_message_bytes
     cdef readonly Py_ssize_t stream_buffer_bytes
     cdef readonly uint32_t max_concurrent_streams
@@ -186,7 +192,9 @@ cdef class ServerConfig:
         for path, (kind, fn) in routes.items():
             if kind not in _KINDS:
                 raise ValueError(f"route {path}: unknown kind {kind!r} (use {', '.join(_KINDS)})")
-            self.routes[path.encode() if isinstance(path, str) else path] = (_KINDS[kind], fn)
+            name = path.decode() if isinstance(path, bytes) else path
+            rpc = RpcMetrics("bidi_stream" if kind == "bidi" else "unary", name)
+            self.routes[name.encode()] = (_KINDS[kind], fn, rpc)
         self.max_message_bytes = max_message_bytes
         self.stream_buffer_bytes = stream_buffer_bytes
         self.max_concurrent_streams = max_concurrent_streams
@@ -289,6 +297,8 @@ cdef class Stream:
     # Received DATA bytes not yet given back to the peer's stream window (at most the bytes of the
     # requests queued for a bidi handler; everything else is given back as it arrives).
     cdef Py_ssize_t unconsumed
+    cdef object rpc       # RpcMetrics of the method (None for an unknown one, as grpcio counts)
+    cdef bint counted     # grpc_server_handled_total has this call
 
     def __cinit__(self, Connection conn, int32_t sid):
         self.conn = conn
@@ -369,6 +379,7 @@ cdef class Stream:
             msg = self.decompress(msg)
             if msg is None:
                 return
+        RECEIVED_BYTES.inc(len(msg))
         if self.kind == KIND_BIDI:
             self.requests.push(msg, wire_bytes)
         elif self.first_message is None:
@@ -489,6 +500,7 @@ cdef class Stream:
 
     cdef enqueue(self, bytes msg):
         cdef Py_ssize_t n = len(msg)
+        SENT_BYTES.inc(n)
         self.outq.append(b"\x00" + n.to_bytes(4, "big"))
         if n:
             self.outq.append(msg)
@@ -538,6 +550,7 @@ cdef class Stream:
                 self.task.cancel()
             return
         self.finished = True
+        self.count(code)
         self.cancel_deadline()
         if self.task is not None:
             self.task.cancel()
@@ -557,11 +570,18 @@ cdef class Stream:
             self.fail(code, message)  # nothing sent yet: a trailers-only answer
             return
         self.finished = True
+        self.count(code)
         self.cancel_deadline()
         self.trailers = status_trailers(code, message)
         self.start_or_resume()  # submits the headers if no message went out (an empty OK stream)
         self.wake_sender()
         self.conn.schedule_flush()
+
+    cdef void count(self, int code) except *:
+        """grpc_server_handled_total, once per call."""
+        if self.rpc is not None and not self.counted:
+            self.counted = True
+            self.rpc.handled(CODE_NAMES.get(code, "UNKNOWN"))
 
     cdef void cancel_deadline(self):
         if self.deadline is not None:
@@ -610,6 +630,8 @@ cdef class Stream:
     cdef on_close(self, uint32_t error_code):
         """nghttp2 closed the stream: stop the handler unless it already finished."""
         self.closed = True
+        if not self.finished:
+            self.count(GRPC_CANCELLED)
         self.cancel_deadline()
         self.conn.buffered -= self.pending
         self.pending = 0
@@ -970,7 +992,8 @@ cdef class Connection:
         if route is None:
             s.fail(GRPC_UNIMPLEMENTED, MSG_METHOD_NOT_FOUND)
             return
-        s.kind, s.handler = route
+        s.kind, s.handler, s.rpc = route
+        s.rpc.started.inc()
         if s.timeout_value is not None:
             timeout = parse_timeout(s.timeout_value)
             if timeout is None:
