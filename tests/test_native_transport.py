@@ -802,3 +802,27 @@ def test_rpc_metrics_count_calls_as_grpcio_does(native: LoopThread, channel: grp
              sample("grpc_server_handled_total", "BidiHold", "Canceled", "bidi_stream"),
              REGISTRY.get_sample_value("etcd_network_client_grpc_received_bytes_total") or 0.0)
     assert [a - b for a, b in zip(after, before, strict=True)] == [3, 3, 1, 1, 3 * 5 + 0 + 1]
+
+
+def test_http1_answers_come_from_the_responder() -> None:
+    seen = []
+
+    def respond(method: str, target: str) -> tuple[int, str, bytes]:
+        seen.append((method, target))
+        if target == "/boom":
+            raise RuntimeError("responder failed")
+        return 503, "application/json", b'{"health":"false","reason":"ALARM NOSPACE"}'
+
+    lt = LoopThread(http_respond=respond)
+    try:
+        resp = http1(lt.port, b"GET /health?exclude=NOSPACE HTTP/1.1\r\nConnection: close\r\n\r\n")
+        head, body = resp.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+        assert body == b'{"health":"false","reason":"ALARM NOSPACE"}'
+        resp = http1(lt.port, b"HEAD /health HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert resp.endswith(b"Content-Length: 43\r\n\r\n")  # HEAD: headers only
+        resp = http1(lt.port, b"GET /boom HTTP/1.1\r\nConnection: close\r\n\r\n")
+        assert resp.startswith(b"HTTP/1.1 500 Internal Server Error\r\n")
+        assert seen == [("GET", "/health?exclude=NOSPACE"), ("HEAD", "/health"), ("GET", "/boom")]
+    finally:
+        lt.close()

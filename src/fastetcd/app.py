@@ -111,11 +111,12 @@ async def _start_grpcio(config: Config, routes: Routes) -> grpc.aio.Server:
     return server
 
 
-async def _start_native(config: Config, routes: Routes) -> NativeServer:
+async def _start_native(config: Config, routes: Routes, endpoints: HttpEndpoints) -> NativeServer:
     # Imported here: the grpcio transport must work where the nghttp2 extension was not built.
     from fastetcd.server.native_transport import NativeServer
 
-    server = NativeServer(routes, max_request_bytes=config.max_request_bytes)
+    # The client port also answers HTTP/1.1 (/health, /version, /metrics...), as etcd's does.
+    server = NativeServer(routes, max_request_bytes=config.max_request_bytes, http_respond=endpoints.respond)
     for url in config.client_urls:
         try:
             await server.start(url.host, url.port)
@@ -145,7 +146,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     compactor.start()
     state_metrics = StateCollector(sm)
     REGISTRY.register(state_metrics)
-    http = HttpListener(HttpEndpoints(sm))
+    endpoints = HttpEndpoints(sm)
+    http = HttpListener(endpoints)
     watch = None
     try:
         header = Header(cluster_id=member_id ^ 0x5A5A5A5A5A5A5A5A, member_id=member_id)
@@ -170,7 +172,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             ElectionService(sm, header, max_request_bytes=config.max_request_bytes),
         )
         if config.transport == "native":
-            server: grpc.aio.Server | NativeServer = await _start_native(config, routes)
+            server: grpc.aio.Server | NativeServer = await _start_native(config, routes, endpoints)
         else:
             server = await _start_grpcio(config, routes)
         log.info(

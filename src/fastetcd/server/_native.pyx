@@ -185,9 +185,11 @@ cdef class ServerConfig:
     cdef readonly int32_t window_bytes
     cdef readonly double min_ping_interval
     cdef readonly set connections
+    cdef object http_respond  # HTTP/1.x responder: (method, target) -> (status, content type, body)
 
     def __init__(self, dict routes, Py_ssize_t max_message_bytes, Py_ssize_t stream_buffer_bytes,
-                 uint32_t max_concurrent_streams, int32_t window_bytes, double min_ping_interval):
+                 uint32_t max_concurrent_streams, int32_t window_bytes, double min_ping_interval,
+                 http_respond=None):
         self.routes = {}
         for path, (kind, fn) in routes.items():
             if kind not in _KINDS:
@@ -201,6 +203,7 @@ cdef class ServerConfig:
         self.window_bytes = window_bytes
         self.min_ping_interval = min_ping_interval
         self.connections = set()
+        self.http_respond = http_respond if http_respond is not None else http1.static_respond
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -846,7 +849,7 @@ cdef class Connection:
         if 0 < i < 16 and buf[i] == 32:
             self.sniffed = b""
             self.mode = MODE_H1
-            self.h1 = http1.Http1Session()
+            self.h1 = http1.Http1Session(self.config.http_respond)
             self.feed_h1(buf)
             return
         log.debug("native transport: closing a connection that speaks neither HTTP/2 nor HTTP/1")

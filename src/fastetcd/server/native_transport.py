@@ -10,7 +10,8 @@ signatures grpc_transport.py takes:
 
 Errors: ``EtcdError`` → its code and message; protobuf ``DecodeError`` → INTERNAL "grpc: error
 unmarshalling request: ..."; anything else → UNKNOWN, as grpcio reports it. The same port answers
-HTTP/1.x ``GET /health`` and ``GET /version`` (see http1.py).
+HTTP/1.x: ``http_respond(method, target) -> (status, content type, body)`` answers (the server passes
+``HttpEndpoints.respond``); without one, ``GET /health`` and ``GET /version`` (see http1.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 from fastetcd.server import _native
 from fastetcd.server.grpc_transport import GRPC_OVERHEAD_BYTES
+from fastetcd.server.http1 import Responder
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class NativeServer:
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
         window_bytes: int = WINDOW_BYTES,
         min_ping_interval: float = MIN_PING_INTERVAL,
+        http_respond: Responder | None = None,
     ) -> None:
         self._config = _native.ServerConfig(
             routes,
@@ -61,6 +64,7 @@ class NativeServer:
             max_concurrent_streams,
             window_bytes,
             min_ping_interval,
+            http_respond,
         )
         self._servers: list[asyncio.base_events.Server] = []
 
