@@ -3,6 +3,8 @@
 `--subject=etcd` swaps fastetcd for a second real etcd, which validates the harness itself: every
 comparison must then pass.
 
+`--transport=native` starts every fastetcd on the native (libnghttp2) transport instead of grpcio.
+
 `--store=cosmos` runs every fastetcd the fixtures start on the Cosmos store: one Cosmos test server
 (tests/cosmos_server) for the whole session, and a fresh container per fastetcd data dir (the same one
 again when a test restarts fastetcd on the same dir).
@@ -48,6 +50,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="operations per watch/lease differential sequence")
     group.addoption("--subject", choices=("fastetcd", "etcd"), default="fastetcd",
                     help="server under test; 'etcd' checks the harness against the oracle itself")
+    group.addoption("--transport", choices=("grpcio", "native"), default="grpcio",
+                    help="client transport of every fastetcd the fixtures start (fastetcd --transport)")
     group.addoption("--store", choices=("embedded", "cosmos"), default="embedded",
                     help="fastetcd's store; 'cosmos' uses one Cosmos test server for the session and a "
                          "fresh container per data dir")
@@ -81,6 +85,17 @@ def fastetcd_store(request: pytest.FixtureRequest) -> Iterator[str]:
         yield store
     finally:
         servers.set_default_cosmos(None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fastetcd_transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The client transport every fastetcd started by the fixtures uses ("grpcio" or "native")."""
+    transport = request.config.getoption("--transport")
+    servers.set_default_transport(transport)
+    try:
+        yield transport
+    finally:
+        servers.set_default_transport("grpcio")
 
 
 @pytest.fixture

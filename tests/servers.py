@@ -166,6 +166,16 @@ def set_default_cosmos(provider: Callable[[], CosmosTarget] | None) -> None:
     _default_cosmos = provider
 
 
+# Set by conftest for `--transport`: the client transport of every fastetcd that does not choose its own.
+_default_transport = "grpcio"
+
+
+def set_default_transport(transport: str) -> None:
+    """Make every fastetcd started without an explicit --transport use ``transport``."""
+    global _default_transport
+    _default_transport = transport
+
+
 def default_store() -> str:
     return "embedded" if _default_cosmos is None else "cosmos"
 
@@ -225,6 +235,7 @@ def start_fastetcd(data_dir: Path, extra_args: Sequence[str] = (), port: int | N
         "--listen-client-urls", f"http://{client}",
         "--advertise-client-urls", f"http://{client}",
         *store_args,
+        *([] if "--transport" in extra_args else ["--transport", _default_transport]),
         *extra_args,
     ]
     server = _spawn("fastetcd", argv, client, data_dir, data_dir / "fastetcd.log", env=env)

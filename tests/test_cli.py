@@ -188,6 +188,7 @@ def test_listen_without_advertise_is_refused_like_etcd():
         (["--max-txn-ops", "0"], {}, "--max-txn-ops must be positive"),
         (["--log-level", "loud"], {}, "--log-level"),
         (["--store", "redis"], {}, "--store"),
+        (["--transport", "h3"], {}, "--transport"),
         (["--experimental-watch-progress-notify-interval", "10"], {}, "missing unit"),
         ([], {"FASTETCD_MAX_REQUEST_BYTES": "x"}, "environment variable FASTETCD_MAX_REQUEST_BYTES"),
         (["--listen-client-urls", "http://h", "--advertise-client-urls", "http://h:1"], {}, "host:port"),
@@ -220,7 +221,7 @@ def test_help_lists_every_flag_with_env_and_default():
         "--max-request-bytes", "--max-txn-ops", "--quota-backend-bytes", "--snapshot-count", "--log-level",
         "--auto-compaction-mode", "--auto-compaction-retention",
         "--experimental-watch-progress-notify-interval", "--store", "--cosmos-endpoint", "--cosmos-key",
-        "--cosmos-database", "--cosmos-container", "--version",
+        "--cosmos-database", "--cosmos-container", "--transport", "--version",
     ]:
         assert flag in out, flag
     assert "FASTETCD_EXPERIMENTAL_WATCH_PROGRESS_NOTIFY_INTERVAL" in out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY
 
@@ -32,6 +33,11 @@ from fastetcd.server.lock import LockService
 from fastetcd.server.maintenance import MaintenanceService
 from fastetcd.server.routes import BIDI, UNARY, Bidi, Routes, Unary
 from fastetcd.server.watch import WatchService
+
+if TYPE_CHECKING:
+    import grpc
+
+    from fastetcd.server.native_transport import NativeServer
 from fastetcd.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -92,6 +98,34 @@ def etcd_routes(
     return routes
 
 
+async def _start_grpcio(config: Config, routes: Routes) -> grpc.aio.Server:
+    server = grpc_transport.build_server(routes, max_request_bytes=config.max_request_bytes)
+    for url in config.client_urls:
+        try:
+            bound = server.add_insecure_port(url.address)
+        except RuntimeError as e:  # grpcio reports a failed bind this way
+            raise OSError(f"cannot listen on {url}: {e}") from None
+        if bound == 0:
+            raise OSError(f"cannot listen on {url}: address in use or not available")
+    await server.start()
+    return server
+
+
+async def _start_native(config: Config, routes: Routes, endpoints: HttpEndpoints) -> NativeServer:
+    # Imported here: the grpcio transport must work where the nghttp2 extension was not built.
+    from fastetcd.server.native_transport import NativeServer
+
+    # The client port also answers HTTP/1.1 (/health, /version, /metrics...), as etcd's does.
+    server = NativeServer(routes, max_request_bytes=config.max_request_bytes, http_respond=endpoints.respond)
+    for url in config.client_urls:
+        try:
+            await server.start(url.host, url.port)
+        except OSError as e:
+            await server.stop(0)
+            raise OSError(f"cannot listen on {url}: {e.strerror or e}") from None
+    return server
+
+
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then drain and flush. Raises StoreError/OSError if it cannot start."""
     store = open_store(config)
@@ -112,7 +146,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     compactor.start()
     state_metrics = StateCollector(sm)
     REGISTRY.register(state_metrics)
-    http = HttpListener(HttpEndpoints(sm))
+    endpoints = HttpEndpoints(sm)
+    http = HttpListener(endpoints)
     watch = None
     try:
         header = Header(cluster_id=member_id ^ 0x5A5A5A5A5A5A5A5A, member_id=member_id)
@@ -136,15 +171,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             LockService(sm, header, max_request_bytes=config.max_request_bytes),
             ElectionService(sm, header, max_request_bytes=config.max_request_bytes),
         )
-        server = grpc_transport.build_server(routes, max_request_bytes=config.max_request_bytes)
-        for url in config.client_urls:
-            try:
-                bound = server.add_insecure_port(url.address)
-            except RuntimeError as e:  # grpcio reports a failed bind this way
-                raise OSError(f"cannot listen on {url}: {e}") from None
-            if bound == 0:
-                raise OSError(f"cannot listen on {url}: address in use or not available")
-        await server.start()
+        if config.transport == "native":
+            server: grpc.aio.Server | NativeServer = await _start_native(config, routes, endpoints)
+        else:
+            server = await _start_grpcio(config, routes)
         log.info(
             "serving client traffic insecurely",
             extra={"address": ",".join(config.listen_client_urls), "version": __version__,
@@ -163,7 +193,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         finally:
             log.info("stopping server")
             await http.stop()
-            await server.stop(grace=2)
+            await server.stop(2)
     finally:
         REGISTRY.unregister(state_metrics)
         await compactor.stop()

@@ -22,6 +22,7 @@ from fastetcd.config import (
     COMPACTION_MODES,
     LOG_LEVELS,
     STORES,
+    TRANSPORTS,
     Config,
     ConfigError,
     format_duration,
@@ -124,6 +125,12 @@ _OPTIONS: tuple[_Option, ...] = (
         "Duration of periodical watch progress notification (Go duration, e.g. 10m, 100ms).",
     ),
     _Option("store", _parse_str, f"Where data lives: {' or '.join(STORES)}."),
+    _Option(
+        "transport",
+        _parse_str,
+        f"Client port's HTTP/2 + gRPC implementation: {' or '.join(TRANSPORTS)} (native: libnghttp2, "
+        "which also answers HTTP/1.1 /health and /version on the client port).",
+    ),
     _Option(
         "cosmos-endpoint",
         _parse_str,

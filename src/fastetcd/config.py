@@ -18,6 +18,7 @@ DEFAULT_SNAPSHOT_COUNT = 100_000
 DEFAULT_PROGRESS_NOTIFY_INTERVAL = 600.0
 LOG_LEVELS = ("debug", "info", "warn", "error", "panic", "fatal")
 STORES = ("embedded", "cosmos")
+TRANSPORTS = ("grpcio", "native")
 COMPACTION_MODES = ("periodic", "revision")
 
 
@@ -145,6 +146,8 @@ class Config:
     snapshot_count: int = DEFAULT_SNAPSHOT_COUNT  # 0 means the default, as in etcd
     log_level: str = "info"
     store: str = "embedded"
+    # The client port's HTTP/2 + gRPC implementation: grpcio, or libnghttp2 (server/native_transport.py).
+    transport: str = "grpcio"
     auto_compaction_mode: str = "periodic"
     # periodic: a Go duration or a bare integer meaning hours; revision: a revision count; "0" = off.
     auto_compaction_retention: str = "0"
@@ -184,6 +187,10 @@ class Config:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(
                 f"--log-level: unrecognized level {self.log_level!r} (use {'|'.join(LOG_LEVELS)})"
+            )
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(
+                f"--transport: unknown transport {self.transport!r} (use {'|'.join(TRANSPORTS)})"
             )
         if self.store not in STORES:
             raise ConfigError(f"--store: unknown store {self.store!r} (use {'|'.join(STORES)})")

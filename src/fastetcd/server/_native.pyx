@@ -1,0 +1,1093 @@
+# cython: language_level=3
+"""HTTP/2 + gRPC server connections on libnghttp2, driven by an asyncio Protocol (works under uvloop).
+
+One ``Connection`` per accepted socket owns one server-side ``nghttp2_session``. Bytes read from the
+socket go through ``nghttp2_session_mem_recv``; the callbacks below assemble gRPC requests (5-byte
+length-prefixed messages, split across DATA frames or several to a frame), route them by ``:path`` and
+run the transport-neutral services. Frames to send are pulled with ``nghttp2_session_mem_send`` and
+written to the transport in batches.
+
+Outgoing message bytes wait in a per-stream queue that nghttp2's data provider pulls only as the peer's
+flow-control window allows; a bidi handler's ``send()`` waits while its stream has more than
+``stream_buffer_bytes`` queued, and the connection stops pulling (and stops reading) while the socket's
+write buffer is above its high-water mark. So a client that does not read costs a bounded amount of
+memory: nothing grows without the peer's consent.
+
+Errors follow grpcio's transport (fastetcd's reference): the same status codes and texts.
+"""
+
+from libc.stdint cimport int32_t, uint8_t, uint32_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcmp, memcpy
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+
+from fastetcd.server._nghttp2 cimport *
+
+import asyncio
+import collections
+import logging
+import time
+import zlib
+
+from google.protobuf.message import DecodeError
+
+from fastetcd import errors, metrics
+from fastetcd.metrics import RpcMetrics
+from fastetcd.server import http1
+
+log = logging.getLogger("fastetcd.server.native")
+
+# ------------------------------------------------------------------------------------------ constants
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+GRPC_CANCELLED = 1
+STATUS_CODES = {
+    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
+    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
+    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12, "INTERNAL": 13,
+    "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
+}
+CODE_NAMES = {number: name for name, number in STATUS_CODES.items()}
+cdef object RECEIVED_BYTES = metrics.GRPC_RECEIVED_BYTES
+cdef object SENT_BYTES = metrics.GRPC_SENT_BYTES
+
+cdef enum:
+    GRPC_OK = 0
+    GRPC_UNKNOWN = 2
+    GRPC_DEADLINE_EXCEEDED = 4
+    GRPC_RESOURCE_EXHAUSTED = 8
+    GRPC_UNIMPLEMENTED = 12
+    GRPC_INTERNAL = 13
+
+# grpcio's own texts, so that both transports answer the same malformed call the same way.
+MSG_METHOD_NOT_FOUND = "Method not found!"
+MSG_DEADLINE = "Deadline Exceeded"
+MSG_BAD_TIMEOUT = "Error parsing 'grpc-timeout' metadata"
+MSG_COMPRESSED_NO_ENCODING = "Compression bit set but no encoding configured"
+MSG_NO_REQUEST = "Missing request message"  # grpcio never answers a unary call without a message
+
+# Route kinds. "unary_sync" is the seam for handlers that answer without a coroutine: a plain function
+# bytes -> bytes, called inside data_received (no task, no loop round trip).
+cdef enum:
+    KIND_UNARY = 1
+    KIND_BIDI = 2
+    KIND_UNARY_SYNC = 3
+_KINDS = {"unary": KIND_UNARY, "bidi": KIND_BIDI, "unary_sync": KIND_UNARY_SYNC}
+
+# Stream states of the request side.
+cdef enum:
+    REQ_HEADERS = 0    # receiving request headers
+    REQ_BODY = 1       # receiving messages
+    REQ_DONE = 2       # the client half-closed
+    REQ_IGNORED = 3    # answered already (an error): further request bytes are dropped
+
+cdef enum:
+    WRITE_CHUNK = 65536
+    MAX_PING_STRIKES = 2  # grpc-go's maxPingStrikes: the third early ping earns a GOAWAY
+
+cdef bytes H_STATUS = b":status"
+cdef bytes H_200 = b"200"
+cdef bytes H_CONTENT_TYPE = b"content-type"
+cdef bytes H_GRPC = b"application/grpc"
+cdef bytes H_ACCEPT_ENCODING = b"grpc-accept-encoding"
+cdef bytes H_ENCODINGS = b"identity, deflate, gzip"
+cdef bytes H_GRPC_STATUS = b"grpc-status"
+cdef bytes H_GRPC_MESSAGE = b"grpc-message"
+cdef list RESPONSE_HEADERS = [(H_STATUS, H_200), (H_CONTENT_TYPE, H_GRPC), (H_ACCEPT_ENCODING, H_ENCODINGS)]
+cdef list OK_TRAILERS = [(H_GRPC_STATUS, b"0")]
+
+_TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6,
+                  ord("n"): 1e-9}
+
+
+def percent_encode(str message):
+    """grpc-message encoding (gRPC's HTTP/2 spec): UTF-8, then %XX for bytes outside 0x20-0x7E and '%'."""
+    cdef bytes raw = message.encode("utf-8", "replace")
+    cdef bytearray out
+    cdef unsigned char c
+    for c in raw:
+        if c < 0x20 or c > 0x7E or c == 0x25:
+            break
+    else:
+        return raw
+    out = bytearray()
+    for c in raw:
+        if c < 0x20 or c > 0x7E or c == 0x25:
+            out += b"%%%02X" % c
+        else:
+            out.append(c)
+    return bytes(out)
+
+
+def parse_timeout(bytes value):
+    """Seconds from a grpc-timeout value ("100m", "5S"), or None when it is malformed."""
+    cdef Py_ssize_t n = len(value)
+    if not 2 <= n <= 9 or not value[:n - 1].isdigit():
+        return None
+    unit = _TIMEOUT_UNITS.get(value[n - 1])
+    if unit is None:
+        return None
+    return int(value[:n - 1]) * unit
+
+
+cdef tuple status_for(BaseException exc):
+    """(grpc status code, message) for an exception a service raised, as grpc_transport.py maps them."""
+    if isinstance(exc, errors.EtcdError):
+        return STATUS_CODES.get(exc.code, GRPC_UNKNOWN), exc.message
+    if isinstance(exc, DecodeError):
+        return GRPC_INTERNAL, f"grpc: error unmarshalling request: {exc}"
+    log.error("unexpected error in a gRPC handler", exc_info=exc)
+    return GRPC_UNKNOWN, f"Unexpected {type(exc)}: {exc}"
+
+
+cdef list status_trailers(int code, str message):
+    if code == GRPC_OK and not message:
+        return OK_TRAILERS
+    cdef list t = [(H_GRPC_STATUS, str(code).encode())]
+    if message:
+        t.append((H_GRPC_MESSAGE, percent_encode(message)))
+    return t
+
+
+cdef nghttp2_nv *make_nva(list headers) except NULL:
+    """A C array over ``headers`` (a list of (bytes, bytes)); valid while the list lives. Free it."""
+    cdef size_t n = len(headers)
+    cdef nghttp2_nv *nva = <nghttp2_nv *>malloc(sizeof(nghttp2_nv) * (n if n else 1))
+    if nva == NULL:
+        raise MemoryError()
+    cdef size_t i = 0
+    cdef bytes name, value
+    for name, value in headers:
+        nva[i].name = <uint8_t *>PyBytes_AS_STRING(name)
+        nva[i].namelen = PyBytes_GET_SIZE(name)
+        nva[i].value = <uint8_t *>PyBytes_AS_STRING(value)
+        nva[i].valuelen = PyBytes_GET_SIZE(value)
+        nva[i].flags = NGHTTP2_NV_FLAG_NONE
+        i += 1
+    return nva
+
+
+class StreamClosed(ConnectionError):
+    """The client reset the stream or the connection went away: nothing more can be sent on it."""
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+cdef class ServerConfig:
+    """What every connection of one NativeServer shares: routes, limits, and the live connections."""
+
+    cdef dict routes  # bytes path -> (int kind, handler, RpcMetrics)
+    cdef readonly Py_ssize_t max_message_bytes
+    cdef readonly Py_ssize_t stream_buffer_bytes
+    cdef readonly uint32_t max_concurrent_streams
+    cdef readonly int32_t window_bytes
+    cdef readonly double min_ping_interval
+    cdef readonly set connections
+    cdef object http_respond  # HTTP/1.x responder: (method, target) -> (status, content type, body)
+
+    def __init__(self, dict routes, Py_ssize_t max_message_bytes, Py_ssize_t stream_buffer_bytes,
+                 uint32_t max_concurrent_streams, int32_t window_bytes, double min_ping_interval,
+                 http_respond=None):
+        self.routes = {}
+        for path, (kind, fn) in routes.items():
+            if kind not in _KINDS:
+                raise ValueError(f"route {path}: unknown kind {kind!r} (use {', '.join(_KINDS)})")
+            name = path.decode() if isinstance(path, bytes) else path
+            rpc = RpcMetrics("bidi_stream" if kind == "bidi" else "unary", name)
+            self.routes[name.encode()] = (_KINDS[kind], fn, rpc)
+        self.max_message_bytes = max_message_bytes
+        self.stream_buffer_bytes = stream_buffer_bytes
+        self.max_concurrent_streams = max_concurrent_streams
+        self.window_bytes = window_bytes
+        self.min_ping_interval = min_ping_interval
+        self.connections = set()
+        self.http_respond = http_respond if http_respond is not None else http1.static_respond
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+
+cdef class RequestIterator:
+    """A bidi stream's request messages as an async iterator; ends when the client half-closes.
+
+    Each message's bytes count against the stream's HTTP/2 receive window until the handler takes it,
+    so a client cannot queue more than a window's worth of requests that the handler does not read.
+    """
+
+    cdef object items
+    cdef object sizes  # wire bytes of each queued message (with its 5-byte prefix)
+    cdef object waiter
+    cdef object loop
+    cdef bint ended
+    cdef object error
+    cdef Stream stream  # None once the stream is closed
+    cdef readonly Py_ssize_t queued_bytes
+
+    def __cinit__(self, loop, Stream stream):
+        self.items = collections.deque()
+        self.sizes = collections.deque()
+        self.loop = loop
+        self.stream = stream
+
+    cdef void push(self, bytes msg, Py_ssize_t wire_bytes):
+        self.items.append(msg)
+        self.sizes.append(wire_bytes)
+        self.queued_bytes += wire_bytes
+        self._wake()
+
+    cdef void end(self, error=None):
+        self.ended = True
+        if error is not None and self.error is None:
+            self.error = error
+            self.stream = None
+        self._wake()
+
+    cdef void _wake(self):
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        while not self.items:
+            if self.error is not None:
+                raise self.error
+            if self.ended:
+                raise StopAsyncIteration
+            self.waiter = self.loop.create_future()
+            await self.waiter
+        self.queued_bytes -= self.sizes.popleft()
+        if self.stream is not None:
+            self.stream.release_window()
+        return self.items.popleft()
+
+
+# ------------------------------------------------------------------------------------------ streams
+
+
+cdef class Stream:
+    """One gRPC call: its request state, its handler task and its queue of outgoing bytes."""
+
+    cdef Connection conn
+    cdef int32_t sid
+    cdef int req_state
+    cdef bytes path
+    cdef bytes encoding
+    cdef bytes timeout_value
+    cdef int kind
+    cdef object handler
+    cdef bytearray inbuf
+    cdef object first_message   # unary: the request (later messages are ignored, as grpcio does)
+    cdef RequestIterator requests
+    cdef object task
+    cdef object deadline
+    # Output: a queue of bytes objects, the read offset into the first, and the bytes not yet pulled.
+    cdef object outq
+    cdef Py_ssize_t out_off
+    cdef readonly Py_ssize_t pending
+    cdef bint response_started  # response HEADERS submitted (with the data provider)
+    cdef bint finished          # the status is decided; trailers go out once the queue drains
+    cdef bint deferred          # the data provider returned NGHTTP2_ERR_DEFERRED
+    cdef readonly bint closed   # nghttp2 closed the stream (done, reset, or connection gone)
+    cdef list trailers
+    cdef object send_waiter
+    # Received DATA bytes not yet given back to the peer's stream window (at most the bytes of the
+    # requests queued for a bidi handler; everything else is given back as it arrives).
+    cdef Py_ssize_t unconsumed
+    cdef object rpc       # RpcMetrics of the method (None for an unknown one, as grpcio counts)
+    cdef bint counted     # grpc_server_handled_total has this call
+
+    def __cinit__(self, Connection conn, int32_t sid):
+        self.conn = conn
+        self.sid = sid
+        self.outq = collections.deque()
+
+    # ---- request side
+
+    cdef int on_data(self, const uint8_t *data, size_t n) except -1:
+        """Take a DATA payload: its messages go to the call, its bytes back to the window when due."""
+        self.unconsumed += n
+        if self.req_state != REQ_BODY:
+            self.release_window()
+            return 0
+        try:
+            return self.split_messages(data, n)
+        finally:
+            self.release_window()
+
+    cdef int split_messages(self, const uint8_t *data, size_t n) except -1:
+        """Split a DATA payload into gRPC messages (whole ones straight from nghttp2's buffer)."""
+        cdef Py_ssize_t limit = self.conn.config.max_message_bytes
+        cdef size_t length, pos = 0
+        cdef uint8_t flag
+        cdef const uint8_t *p
+        if self.inbuf is None or len(self.inbuf) == 0:
+            # Fast path: parse in place; only a trailing partial message is copied.
+            while n - pos >= 5:
+                p = data + pos
+                flag = p[0]
+                length = (<size_t>p[1] << 24) | (<size_t>p[2] << 16) | (<size_t>p[3] << 8) | p[4]
+                if length > <size_t>limit:
+                    return self.too_large(length)
+                if n - pos - 5 < length:
+                    break
+                self.on_message(flag, PyBytes_FromStringAndSize(<const char *>p + 5, length))
+                pos += 5 + length
+                if self.req_state != REQ_BODY:
+                    return 0
+            if pos < n:
+                if self.inbuf is None:
+                    self.inbuf = bytearray()
+                self.inbuf += (<const char *>data)[pos:n]
+                return self.check_header()
+            return 0
+        self.inbuf += (<const char *>data)[:n]
+        while self.req_state == REQ_BODY:
+            if self.check_header() < 0 or len(self.inbuf) < 5:
+                return 0
+            length = int.from_bytes(self.inbuf[1:5], "big")
+            if len(self.inbuf) < 5 + <Py_ssize_t>length:
+                return 0
+            flag = self.inbuf[0]
+            msg = bytes(self.inbuf[5:5 + length])
+            del self.inbuf[:5 + length]
+            self.on_message(flag, msg)
+        return 0
+
+    cdef int check_header(self) except -2:
+        """Refuse an oversized message as soon as its length prefix is in (not after buffering it)."""
+        cdef size_t length
+        if len(self.inbuf) >= 5:
+            length = int.from_bytes(self.inbuf[1:5], "big")
+            if length > <size_t>self.conn.config.max_message_bytes:
+                self.too_large(length)
+                return -1
+        return 0
+
+    cdef int too_large(self, size_t length) except -1:
+        self.fail(GRPC_RESOURCE_EXHAUSTED,
+                  f"SERVER: Received message larger than max ({length} vs. "
+                  f"{self.conn.config.max_message_bytes})")
+        return 0
+
+    cdef on_message(self, uint8_t flag, bytes msg):
+        cdef Py_ssize_t wire_bytes = 5 + len(msg)
+        if flag & 1:
+            msg = self.decompress(msg)
+            if msg is None:
+                return
+        RECEIVED_BYTES.inc(len(msg))
+        if self.kind == KIND_BIDI:
+            self.requests.push(msg, wire_bytes)
+        elif self.first_message is None:
+            self.first_message = msg
+
+    cdef object decompress(self, bytes msg):
+        cdef Py_ssize_t limit = self.conn.config.max_message_bytes
+        enc = self.encoding
+        if enc is None or enc == b"identity":
+            self.fail(GRPC_INTERNAL, MSG_COMPRESSED_NO_ENCODING)
+            return None
+        if enc == b"gzip":
+            d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif enc == b"deflate":
+            d = zlib.decompressobj()
+        else:
+            # grpc-go's answer (etcd's); grpcio refuses the header itself with INTERNAL.
+            self.fail(GRPC_UNIMPLEMENTED,
+                      f'grpc: Decompressor is not installed for grpc-encoding "{enc.decode("latin-1")}"')
+            return None
+        try:
+            out = d.decompress(msg, limit + 1)
+        except zlib.error as e:
+            self.fail(GRPC_INTERNAL, f"grpc: failed to decompress the received message: {e}")
+            return None
+        if len(out) > limit or d.unconsumed_tail:
+            self.fail(GRPC_RESOURCE_EXHAUSTED,
+                      f"SERVER: Received message larger than max ({len(out)} vs. {limit})")
+            return None
+        return out
+
+    cdef void release_window(self) except *:
+        """Give the peer back the stream window for every received byte not held by a queued request."""
+        cdef Py_ssize_t held = 0, give
+        if self.requests is not None and self.req_state != REQ_IGNORED:
+            held = self.requests.queued_bytes
+        give = self.unconsumed - held
+        if give <= 0 or self.closed or self.conn.session == NULL:
+            return
+        self.unconsumed = held
+        nghttp2_session_consume_stream(self.conn.session, self.sid, give)
+        self.conn.schedule_flush()
+
+    cdef on_request_end(self):
+        """The client half-closed: a unary call runs now; a bidi stream's iterator ends."""
+        if self.req_state == REQ_IGNORED:
+            return
+        self.req_state = REQ_DONE
+        if self.kind == KIND_BIDI:
+            self.requests.end()
+            return
+        msg = self.first_message
+        self.first_message = None
+        if msg is None:
+            self.fail(GRPC_INTERNAL, MSG_NO_REQUEST)
+            return
+        if self.kind == KIND_UNARY_SYNC:
+            try:
+                resp = self.handler(msg)
+            except Exception as e:
+                code, text = status_for(e)
+                self.fail(code, text)
+                return
+            self.respond(resp)
+            return
+        self.task = self.conn.loop.create_task(self.run_unary(msg))
+
+    async def run_unary(self, bytes msg):
+        try:
+            resp = await self.handler(msg)
+        except asyncio.CancelledError:
+            return  # the client went away or the deadline passed (already answered)
+        except Exception as e:
+            # Dropping the task first: fail() must not cancel the task it runs in, and the
+            # stream → task → coroutine → stream cycle is broken without waiting for the GC.
+            self.task = None
+            code, text = status_for(e)
+            self.fail(code, text)
+            return
+        self.task = None
+        self.respond(resp)
+
+    async def run_bidi(self):
+        cdef int code = GRPC_OK
+        cdef str text = ""
+        try:
+            await self.handler(self.requests, self.send)
+        except asyncio.CancelledError:
+            return
+        except StreamClosed:
+            return
+        except Exception as e:
+            code, text = status_for(e)
+        self.task = None  # as in run_unary
+        self.finish(code, text)
+
+    def on_deadline(self):
+        self.deadline = None
+        if self.finished or self.closed:
+            return
+        self.fail(GRPC_DEADLINE_EXCEEDED, MSG_DEADLINE)
+
+    # ---- response side
+
+    async def send(self, bytes msg):
+        """A bidi handler's send: waits while this stream has stream_buffer_bytes or more queued."""
+        cdef Py_ssize_t limit = self.conn.config.stream_buffer_bytes
+        while self.pending >= limit and not self.closed and not self.finished:
+            self.send_waiter = self.conn.loop.create_future()
+            try:
+                await self.send_waiter
+            finally:
+                self.send_waiter = None
+        if self.closed or self.finished:
+            raise StreamClosed("the stream is closed")
+        self.enqueue(msg)
+        self.conn.schedule_flush()
+
+    cdef enqueue(self, bytes msg):
+        cdef Py_ssize_t n = len(msg)
+        SENT_BYTES.inc(n)
+        self.outq.append(b"\x00" + n.to_bytes(4, "big"))
+        if n:
+            self.outq.append(msg)
+        self.pending += 5 + n
+        self.conn.buffered += 5 + n
+        self.start_or_resume()
+
+    cdef start_or_resume(self):
+        cdef nghttp2_data_provider prd
+        cdef nghttp2_nv *nva
+        cdef int rv
+        if self.conn.session == NULL or self.closed:
+            return
+        if not self.response_started:
+            self.response_started = True
+            prd.source.ptr = <void *>self
+            prd.read_callback = data_source_read
+            nva = make_nva(RESPONSE_HEADERS)
+            rv = nghttp2_submit_response(self.conn.session, self.sid, nva, len(RESPONSE_HEADERS), &prd)
+            free(nva)
+            if rv != 0:
+                log.debug("nghttp2_submit_response: %s", nghttp2_strerror(rv).decode())
+        elif self.deferred:
+            self.deferred = False
+            nghttp2_session_resume_data(self.conn.session, self.sid)
+
+    cdef respond(self, bytes msg):
+        """A unary call's answer: headers, the message, OK trailers."""
+        if self.finished or self.closed:
+            return
+        self.enqueue(msg)
+        self.finish(GRPC_OK, "")
+
+    cdef fail(self, int code, str message):
+        """End the call with an error status; before any response bytes this is a trailers-only answer."""
+        cdef nghttp2_nv *nva
+        cdef list headers
+        if self.req_state != REQ_DONE:
+            self.req_state = REQ_IGNORED
+        if self.kind == KIND_BIDI and self.requests is not None:
+            self.requests.end()
+        if self.finished or self.closed:
+            return
+        if self.response_started:
+            self.finish(code, message)
+            if self.task is not None:
+                self.task.cancel()
+            return
+        self.finished = True
+        self.count(code)
+        self.cancel_deadline()
+        if self.task is not None:
+            self.task.cancel()
+        if self.conn.session == NULL:
+            return
+        headers = [(H_STATUS, H_200), (H_CONTENT_TYPE, H_GRPC)] + status_trailers(code, message)
+        nva = make_nva(headers)
+        nghttp2_submit_response(self.conn.session, self.sid, nva, len(headers), NULL)
+        free(nva)
+        self.conn.schedule_flush()
+
+    cdef finish(self, int code, str message):
+        """Trailers follow once the queued messages are pulled (see data_source_read)."""
+        if self.finished or self.closed:
+            return
+        if not self.response_started and code != GRPC_OK:
+            self.fail(code, message)  # nothing sent yet: a trailers-only answer
+            return
+        self.finished = True
+        self.count(code)
+        self.cancel_deadline()
+        self.trailers = status_trailers(code, message)
+        self.start_or_resume()  # submits the headers if no message went out (an empty OK stream)
+        self.wake_sender()
+        self.conn.schedule_flush()
+
+    cdef void count(self, int code) except *:
+        """grpc_server_handled_total, once per call."""
+        if self.rpc is not None and not self.counted:
+            self.counted = True
+            self.rpc.handled(CODE_NAMES.get(code, "UNKNOWN"))
+
+    cdef void cancel_deadline(self):
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    cdef void wake_sender(self):
+        w = self.send_waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    cdef ssize_t read(self, uint8_t *buf, size_t length, uint32_t *data_flags) except -1:
+        """nghttp2 pulls up to ``length`` bytes of DATA for this stream."""
+        cdef size_t copied = 0, take, avail
+        cdef bytes chunk
+        cdef nghttp2_nv *nva
+        cdef Py_ssize_t limit
+        while copied < length and self.outq:
+            chunk = self.outq[0]
+            avail = PyBytes_GET_SIZE(chunk) - self.out_off
+            take = avail if avail <= length - copied else length - copied
+            memcpy(buf + copied, PyBytes_AS_STRING(chunk) + self.out_off, take)
+            copied += take
+            if take == avail:
+                self.outq.popleft()
+                self.out_off = 0
+            else:
+                self.out_off += take
+        self.pending -= copied
+        self.conn.buffered -= copied
+        if copied and self.send_waiter is not None:
+            limit = self.conn.config.stream_buffer_bytes
+            if self.pending < limit:
+                self.wake_sender()
+        if not self.outq and self.finished:
+            data_flags[0] |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM
+            nva = make_nva(self.trailers)
+            nghttp2_submit_trailer(self.conn.session, self.sid, nva, len(self.trailers))
+            free(nva)
+            return copied
+        if copied == 0:
+            self.deferred = True
+            return NGHTTP2_ERR_DEFERRED
+        return copied
+
+    cdef on_close(self, uint32_t error_code):
+        """nghttp2 closed the stream: stop the handler unless it already finished."""
+        self.closed = True
+        if not self.finished:
+            self.count(GRPC_CANCELLED)
+        self.cancel_deadline()
+        self.conn.buffered -= self.pending
+        self.pending = 0
+        self.outq.clear()
+        if self.requests is not None:
+            self.requests.end(StreamClosed("the stream was reset"))
+        if self.task is not None and not self.task.done() and not self.finished:
+            self.task.cancel()
+        self.wake_sender()
+
+
+# ------------------------------------------------------------------------------------------ callbacks
+# Plain C functions for nghttp2; each hands over to the Connection (user_data) and turns a Python
+# exception into a session failure, which drops the connection.
+
+
+cdef int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,
+                          void *user_data) noexcept:
+    try:
+        return (<Connection>user_data).begin_headers(frame)
+    except BaseException as e:
+        log.error("native transport: error in on_begin_headers", exc_info=e)
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
+                   size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
+                   void *user_data) noexcept:
+    try:
+        return (<Connection>user_data).header(frame, name, namelen, value, valuelen)
+    except BaseException as e:
+        log.error("native transport: error in on_header", exc_info=e)
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id,
+                            const uint8_t *data, size_t length, void *user_data) noexcept:
+    try:
+        return (<Connection>user_data).data_chunk(stream_id, data, length)
+    except BaseException as e:
+        log.error("native transport: error in on_data_chunk_recv", exc_info=e)
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    try:
+        return (<Connection>user_data).frame_recv(frame)
+    except BaseException as e:
+        log.error("native transport: error in on_frame_recv", exc_info=e)
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) noexcept:
+    try:
+        return (<Connection>user_data).frame_send(frame)
+    except BaseException as e:
+        log.error("native transport: error in on_frame_send", exc_info=e)
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code,
+                         void *user_data) noexcept:
+    try:
+        return (<Connection>user_data).stream_close(stream_id, error_code)
+    except BaseException as e:
+        log.error("native transport: error in on_stream_close", exc_info=e)
+        return NGHTTP2_ERR_CALLBACK_FAILURE
+
+
+cdef ssize_t data_source_read(nghttp2_session *session, int32_t stream_id, uint8_t *buf, size_t length,
+                              uint32_t *data_flags, nghttp2_data_source *source,
+                              void *user_data) noexcept:
+    try:
+        return (<Stream>source.ptr).read(buf, length, data_flags)
+    except BaseException as e:
+        log.error("native transport: error in the data provider", exc_info=e)
+        return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
+
+
+cdef nghttp2_session_callbacks *CALLBACKS = NULL
+cdef nghttp2_option *OPTION = NULL
+
+
+cdef void init_library() except *:
+    global CALLBACKS, OPTION
+    if nghttp2_session_callbacks_new(&CALLBACKS) != 0 or nghttp2_option_new(&OPTION) != 0:
+        raise MemoryError()
+    nghttp2_session_callbacks_set_on_begin_headers_callback(CALLBACKS, on_begin_headers)
+    nghttp2_session_callbacks_set_on_header_callback(CALLBACKS, on_header)
+    nghttp2_session_callbacks_set_on_data_chunk_recv_callback(CALLBACKS, on_data_chunk_recv)
+    nghttp2_session_callbacks_set_on_frame_recv_callback(CALLBACKS, on_frame_recv)
+    nghttp2_session_callbacks_set_on_frame_send_callback(CALLBACKS, on_frame_send)
+    nghttp2_session_callbacks_set_on_stream_close_callback(CALLBACKS, on_stream_close)
+    # Closed streams are kept only for priority bookkeeping, which gRPC does not use.
+    nghttp2_option_set_no_closed_streams(OPTION, 1)
+    # Receive windows are given back by hand, so that unread requests hold the client back.
+    nghttp2_option_set_no_auto_window_update(OPTION, 1)
+
+
+init_library()
+
+
+# ------------------------------------------------------------------------------------------ connection
+
+cdef enum:
+    MODE_SNIFF = 0
+    MODE_H2 = 1
+    MODE_H1 = 2
+    MODE_CLOSED = 3
+
+
+cdef class Connection:
+    """asyncio Protocol for one client connection: HTTP/2 (gRPC) or, by its first bytes, HTTP/1.x."""
+
+    cdef ServerConfig config
+    cdef object loop
+    cdef object transport
+    cdef nghttp2_session *session
+    cdef dict streams
+    cdef int mode
+    cdef bytes sniffed
+    cdef object h1
+    cdef readonly Py_ssize_t buffered    # message bytes queued on this connection's streams
+    cdef bint write_paused
+    cdef bint flush_scheduled
+    cdef bint draining                   # final GOAWAY sent: close once the last stream is done
+    cdef bint close_after_flush
+    # grpc-go's keepalive enforcement (ping strikes), per connection
+    cdef double last_ping
+    cdef int ping_strikes
+    cdef bint reset_ping_strikes
+    # the write batch
+    cdef uint8_t *wbuf
+    cdef size_t wlen, wcap
+
+    def __cinit__(self, ServerConfig config):
+        self.config = config
+        self.streams = {}
+        self.sniffed = b""
+
+    def __dealloc__(self):
+        if self.session != NULL:
+            nghttp2_session_del(self.session)
+            self.session = NULL
+        if self.wbuf != NULL:
+            free(self.wbuf)
+            self.wbuf = NULL
+
+    # ---- asyncio Protocol
+
+    def connection_made(self, transport):
+        self.transport = transport
+        self.loop = asyncio.get_running_loop()
+        self.config.connections.add(self)  # asyncio and uvloop set TCP_NODELAY themselves
+
+    def connection_lost(self, exc):
+        self.mode = MODE_CLOSED
+        self.config.connections.discard(self)
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for s in streams:
+            (<Stream>s).on_close(NGHTTP2_CANCEL)
+        if self.session != NULL:
+            nghttp2_session_del(self.session)
+            self.session = NULL
+        self.transport = None
+
+    def pause_writing(self):
+        # The socket is not draining: stop producing frames and stop reading requests (which would
+        # produce more) until it is.
+        self.write_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self):
+        self.write_paused = False
+        if self.transport is not None:
+            self.transport.resume_reading()
+            self.flush()
+
+    def eof_received(self):
+        return False  # close our side too
+
+    def data_received(self, bytes data):
+        if self.mode == MODE_H2:
+            self.feed(data)
+        elif self.mode == MODE_SNIFF:
+            self.sniff(data)
+        elif self.mode == MODE_H1:
+            self.feed_h1(data)
+
+    # ---- protocol detection
+
+    cdef sniff(self, bytes data):
+        cdef bytes buf = self.sniffed + data
+        cdef Py_ssize_t n = min(len(buf), len(PREFACE))
+        if buf[:n] == PREFACE[:n]:
+            if n < len(PREFACE):
+                self.sniffed = buf
+                return
+            self.sniffed = b""
+            self.start_h2()
+            self.feed(buf)
+            return
+        # An HTTP/1.x request starts with an upper-case method token and a space.
+        cdef Py_ssize_t i = 0
+        while i < len(buf) and i < 16 and 65 <= buf[i] <= 90:
+            i += 1
+        if i == len(buf) and i < 16:
+            self.sniffed = buf  # could still be a method name
+            return
+        if 0 < i < 16 and buf[i] == 32:
+            self.sniffed = b""
+            self.mode = MODE_H1
+            self.h1 = http1.Http1Session(self.config.http_respond)
+            self.feed_h1(buf)
+            return
+        log.debug("native transport: closing a connection that speaks neither HTTP/2 nor HTTP/1")
+        self.mode = MODE_CLOSED
+        self.transport.close()
+
+    cdef feed_h1(self, bytes data):
+        out = self.h1.feed(data)
+        if out:
+            self.transport.write(out)
+        if self.h1.closed:
+            self.mode = MODE_CLOSED
+            self.transport.close()
+
+    # ---- HTTP/2
+
+    cdef start_h2(self):
+        cdef nghttp2_settings_entry iv[2]
+        cdef int rv = nghttp2_session_server_new2(&self.session, CALLBACKS, <void *>self, OPTION)
+        if rv != 0:
+            raise MemoryError(nghttp2_strerror(rv).decode())
+        self.mode = MODE_H2
+        iv[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
+        iv[0].value = self.config.max_concurrent_streams
+        iv[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+        iv[1].value = <uint32_t>self.config.window_bytes
+        nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, 2)
+        # The connection window, too: large requests (1.5 MiB puts) must not wait a round trip per 64 KiB.
+        nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0, self.config.window_bytes)
+
+    cdef feed(self, bytes data):
+        cdef ssize_t rv = nghttp2_session_mem_recv(
+            self.session, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        if rv < 0:
+            log.debug("native transport: HTTP/2 session error: %s", nghttp2_strerror(<int>rv).decode())
+            self.close_after_flush = True
+        self.flush()
+
+    cdef void schedule_flush(self):
+        if not self.flush_scheduled and self.mode == MODE_H2:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    cpdef flush(self):
+        """Serialize what nghttp2 has to send and write it, unless the socket is backed up."""
+        cdef const uint8_t *data
+        cdef ssize_t n
+        self.flush_scheduled = False
+        if self.session == NULL or self.transport is None or self.mode == MODE_CLOSED:
+            return
+        while not self.write_paused:
+            n = nghttp2_session_mem_send(self.session, &data)
+            if n < 0:
+                log.debug("native transport: nghttp2_session_mem_send: %s", nghttp2_strerror(<int>n).decode())
+                self.write_out()
+                self.mode = MODE_CLOSED
+                self.transport.close()
+                return
+            if n == 0:
+                break
+            self.append_out(data, n)
+            if self.wlen >= WRITE_CHUNK:
+                self.write_out()  # may call pause_writing
+        self.write_out()
+        if self.transport is None:
+            return
+        if (self.close_after_flush or (self.draining and not self.streams)
+                or (not nghttp2_session_want_read(self.session)
+                    and not nghttp2_session_want_write(self.session))):
+            self.mode = MODE_CLOSED
+            self.transport.close()
+
+    cdef void append_out(self, const uint8_t *data, size_t n) except *:
+        cdef size_t cap
+        cdef uint8_t *grown
+        if self.wlen + n > self.wcap:
+            cap = max(self.wcap * 2, self.wlen + n, <size_t>WRITE_CHUNK)
+            grown = <uint8_t *>realloc(self.wbuf, cap)
+            if grown == NULL:
+                raise MemoryError()
+            self.wbuf = grown
+            self.wcap = cap
+        memcpy(self.wbuf + self.wlen, data, n)
+        self.wlen += n
+
+    cdef void write_out(self) except *:
+        if self.wlen:
+            out = PyBytes_FromStringAndSize(<const char *>self.wbuf, self.wlen)
+            self.wlen = 0
+            self.transport.write(out)
+
+    # nghttp2 callbacks, via the C trampolines above
+
+    cdef int begin_headers(self, const nghttp2_frame *frame) except -1:
+        if frame.hd.type == NGHTTP2_HEADERS and frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+            self.streams[frame.hd.stream_id] = Stream(self, frame.hd.stream_id)
+        return 0
+
+    cdef int header(self, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
+                    const uint8_t *value, size_t valuelen) except -1:
+        cdef Stream s
+        if frame.hd.type != NGHTTP2_HEADERS or frame.headers.cat != NGHTTP2_HCAT_REQUEST:
+            return 0  # request trailers carry nothing gRPC servers read
+        s = self.streams.get(frame.hd.stream_id)
+        if s is None:
+            return 0
+        if namelen == 5 and memcmp(name, b":path", 5) == 0:
+            s.path = PyBytes_FromStringAndSize(<const char *>value, valuelen)
+        elif namelen == 13 and memcmp(name, b"grpc-encoding", 13) == 0:
+            s.encoding = PyBytes_FromStringAndSize(<const char *>value, valuelen)
+        elif namelen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
+            s.timeout_value = PyBytes_FromStringAndSize(<const char *>value, valuelen)
+        return 0
+
+    cdef int data_chunk(self, int32_t stream_id, const uint8_t *data, size_t length) except -1:
+        # The connection window is given back at once (memory is bounded per stream, below); the
+        # stream's window only as its requests are taken (Stream.release_window).
+        cdef Stream s
+        nghttp2_session_consume_connection(self.session, length)
+        s = self.streams.get(stream_id)
+        if s is not None:
+            s.on_data(data, length)
+        return 0
+
+    cdef int frame_recv(self, const nghttp2_frame *frame) except -1:
+        cdef Stream s
+        cdef uint8_t t = frame.hd.type
+        if t == NGHTTP2_HEADERS or t == NGHTTP2_DATA:
+            s = self.streams.get(frame.hd.stream_id)
+            if s is None:
+                return 0
+            if t == NGHTTP2_HEADERS and frame.headers.cat == NGHTTP2_HCAT_REQUEST:
+                self.start_call(s)
+            if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+                s.on_request_end()
+        elif t == NGHTTP2_PING and not (frame.hd.flags & NGHTTP2_FLAG_ACK):
+            self.on_ping()
+        return 0
+
+    cdef start_call(self, Stream s):
+        route = self.config.routes.get(s.path)
+        s.req_state = REQ_BODY
+        if route is None:
+            s.fail(GRPC_UNIMPLEMENTED, MSG_METHOD_NOT_FOUND)
+            return
+        s.kind, s.handler, s.rpc = route
+        s.rpc.started.inc()
+        if s.timeout_value is not None:
+            timeout = parse_timeout(s.timeout_value)
+            if timeout is None:
+                s.fail(GRPC_INTERNAL, MSG_BAD_TIMEOUT)
+                return
+            s.deadline = self.loop.call_later(timeout, s.on_deadline)
+        if s.kind == KIND_BIDI:
+            s.requests = RequestIterator(self.loop, s)
+            s.task = self.loop.create_task(s.run_bidi())
+
+    cdef int frame_send(self, const nghttp2_frame *frame) except -1:
+        cdef Stream s
+        cdef uint8_t t = frame.hd.type
+        if t == NGHTTP2_HEADERS or t == NGHTTP2_DATA:
+            self.reset_ping_strikes = True  # grpc-go: sending data makes the client's pings legitimate
+            if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
+                # We answered before the client finished sending: tell it to stop (as grpc-go does).
+                s = self.streams.get(frame.hd.stream_id)
+                if s is not None and not nghttp2_session_get_stream_remote_close(self.session, s.sid):
+                    nghttp2_submit_rst_stream(self.session, NGHTTP2_FLAG_NONE, s.sid, NGHTTP2_NO_ERROR)
+        return 0
+
+    cdef int stream_close(self, int32_t stream_id, uint32_t error_code) except -1:
+        s = self.streams.pop(stream_id, None)
+        if s is not None:
+            (<Stream>s).on_close(error_code)
+        if self.draining and not self.streams:
+            self.schedule_flush()  # flush() closes the drained connection
+        return 0
+
+    cdef on_ping(self):
+        """grpc-go's policy: a ping sooner than min_ping_interval after the last, with no data sent in
+        between, is a strike; the third strike closes the connection with ENHANCE_YOUR_CALM."""
+        cdef double now = time.monotonic()
+        cdef double last = self.last_ping
+        self.last_ping = now
+        if self.reset_ping_strikes:
+            self.reset_ping_strikes = False
+            self.ping_strikes = 0
+            return
+        if last and now - last < self.config.min_ping_interval:
+            self.ping_strikes += 1
+            if self.ping_strikes > MAX_PING_STRIKES:
+                log.warning("native transport: too many pings from a client, closing its connection")
+                nghttp2_submit_goaway(self.session, NGHTTP2_FLAG_NONE,
+                                      nghttp2_session_get_last_proc_stream_id(self.session),
+                                      NGHTTP2_ENHANCE_YOUR_CALM, <const uint8_t *><const char *>b"too_many_pings", 14)
+                self.close_after_flush = True
+
+    # ---- graceful stop (driven by NativeServer)
+
+    def shutdown_notice(self):
+        """First GOAWAY: no new streams please (in-flight ones carry on)."""
+        if self.mode == MODE_H2 and self.session != NULL:
+            nghttp2_submit_shutdown_notice(self.session)
+            self.flush()
+        elif self.mode != MODE_CLOSED and self.transport is not None:
+            self.mode = MODE_CLOSED  # sniffing or HTTP/1: nothing in flight worth waiting for
+            self.transport.close()
+
+    def goaway(self):
+        """Final GOAWAY with the last stream we took; close once those streams are done."""
+        if self.mode == MODE_H2 and self.session != NULL:
+            nghttp2_submit_goaway(self.session, NGHTTP2_FLAG_NONE,
+                                  nghttp2_session_get_last_proc_stream_id(self.session),
+                                  NGHTTP2_NO_ERROR, NULL, 0)
+            self.draining = True
+            self.flush()
+
+    def abort(self):
+        """Grace is over: drop the connection (connection_lost cancels what still runs)."""
+        if self.transport is not None:
+            self.transport.abort()
+
+    @property
+    def closed(self):
+        return self.transport is None
+
+    @property
+    def write_buffer_size(self):
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
+
+    @property
+    def stream_count(self):
+        return len(self.streams)
+
+    @property
+    def queued_request_bytes(self):
+        cdef Stream s
+        cdef Py_ssize_t total = 0
+        for s in self.streams.values():
+            if s.requests is not None:
+                total += s.requests.queued_bytes
+        return total

@@ -1,0 +1,126 @@
+"""The native transport: HTTP/2 + gRPC on libnghttp2 (``_native.pyx``), beside grpc_transport.py.
+
+Routes map a full gRPC method path to its kind and handler, with the same transport-neutral handler
+signatures grpc_transport.py takes:
+
+- ``"unary"``: ``async fn(raw: bytes) -> bytes``
+- ``"bidi"``: ``async fn(requests: AsyncIterator[bytes], send: Callable[[bytes], Awaitable[None]])``
+- ``"unary_sync"``: ``fn(raw: bytes) -> bytes``, called inside ``data_received`` (no task): the seam
+  for a coroutine-free hot path.
+
+Errors: ``EtcdError`` → its code and message; protobuf ``DecodeError`` → INTERNAL "grpc: error
+unmarshalling request: ..."; anything else → UNKNOWN, as grpcio reports it. The same port answers
+HTTP/1.x: ``http_respond(method, target) -> (status, content type, body)`` answers (the server passes
+``HttpEndpoints.respond``); without one, ``GET /health`` and ``GET /version`` (see http1.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from fastetcd.server import _native
+from fastetcd.server.grpc_transport import GRPC_OVERHEAD_BYTES
+from fastetcd.server.http1 import Responder
+
+log = logging.getLogger(__name__)
+
+Route = tuple[str, Callable]  # ("unary" | "bidi" | "unary_sync", handler)
+
+# A bidi stream's send() waits while this many bytes of its messages are queued and not yet taken by
+# the peer's flow-control window (one message is always accepted, so a message may exceed it).
+STREAM_BUFFER_BYTES = 256 * 1024
+# Receive windows (stream and connection): what a client may send before we acknowledge. Requests
+# are consumed as they arrive, so this sets throughput, not memory; 4 MiB is grpcio's choice.
+WINDOW_BYTES = 4 * 1024 * 1024
+# etcd's default --grpc-keepalive-min-time: pings closer than this with no data sent are strikes.
+MIN_PING_INTERVAL = 5.0
+# Wait this long between GOAWAY's shutdown notice and the final GOAWAY, so that requests the client
+# sent before it saw the notice are still taken (grpc-go waits one ping round trip).
+NOTICE_DELAY = 0.05
+MAX_CONCURRENT_STREAMS = 2**31 - 1  # etcd's default is unlimited (math.MaxUint32); grpcio's the same
+
+
+class NativeServer:
+    """gRPC over libnghttp2 on asyncio; one instance serves all its listening sockets."""
+
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        *,
+        max_request_bytes: int,
+        stream_buffer_bytes: int = STREAM_BUFFER_BYTES,
+        max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
+        window_bytes: int = WINDOW_BYTES,
+        min_ping_interval: float = MIN_PING_INTERVAL,
+        http_respond: Responder | None = None,
+    ) -> None:
+        self._config = _native.ServerConfig(
+            routes,
+            max_request_bytes + GRPC_OVERHEAD_BYTES,
+            stream_buffer_bytes,
+            max_concurrent_streams,
+            window_bytes,
+            min_ping_interval,
+            http_respond,
+        )
+        self._servers: list[asyncio.base_events.Server] = []
+
+    @property
+    def max_message_bytes(self) -> int:
+        return self._config.max_message_bytes
+
+    def _protocol(self) -> _native.Connection:
+        return _native.Connection(self._config)
+
+    async def start(self, host: str | None, port: int, *, reuse_port: bool = False) -> list[tuple]:
+        """Listen on ``host:port`` (host None or "" = all interfaces); returns the bound addresses."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            self._protocol, host or None, port, reuse_address=True, reuse_port=reuse_port or None,
+            backlog=1024,
+        )
+        self._servers.append(server)
+        return [sock.getsockname() for sock in server.sockets]
+
+    def buffered_bytes(self) -> int:
+        """Message bytes queued on all streams, not yet handed to nghttp2 (bounded per stream)."""
+        return sum(c.buffered for c in self._config.connections)
+
+    def queued_request_bytes(self) -> int:
+        """Request bytes received for bidi handlers that have not taken them yet (bounded by the window)."""
+        return sum(c.queued_request_bytes for c in self._config.connections)
+
+    def write_buffer_bytes(self) -> int:
+        """Bytes the sockets' transports hold, written by us but not yet taken by the kernel."""
+        return sum(c.write_buffer_size for c in self._config.connections)
+
+    def connection_count(self) -> int:
+        return len(self._config.connections)
+
+    async def stop(self, grace: float) -> None:
+        """Stop listening; GOAWAY every connection; let in-flight calls finish within ``grace``."""
+        deadline = time.monotonic() + grace
+        for server in self._servers:
+            server.close()
+        conns = list(self._config.connections)
+        for conn in conns:
+            conn.shutdown_notice()
+        if conns:
+            await asyncio.sleep(min(NOTICE_DELAY, grace))
+        for conn in list(self._config.connections):
+            conn.goaway()
+        while self._config.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        for conn in list(self._config.connections):
+            conn.abort()
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
+        # Let connection_lost run (it cancels what is still running) before the caller moves on.
+        for _ in range(3):
+            if not self._config.connections:
+                break
+            await asyncio.sleep(0)
