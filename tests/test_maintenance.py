@@ -341,3 +341,12 @@ def test_etcdctl_check_perf_small_load_passes(server_factory: ServerFactory) -> 
     lines = (out + err).replace("\r", "\n").splitlines()
     verdicts = [line for line in lines if line.startswith(("PASS", "FAIL"))]
     assert code == 0 and verdicts[-1] == "PASS", verdicts
+
+
+def test_etcdctl_check_datascale_passes_on_the_native_transport(server_factory: ServerFactory) -> None:
+    """datascale reads /metrics from the client URL: only a transport that answers HTTP/1.1 there can pass."""
+    fe = server_factory("fastetcd", "fe", ["--transport", "native"])
+    code, out, err = run_etcdctl(fe.endpoint, ["check", "datascale", "--load=s"], timeout=300)
+    lines = (out + err).replace("\r", "\n").splitlines()
+    passed = any(line.startswith("PASS: Approximate system memory used") for line in lines)
+    assert code == 0 and passed, lines[-5:]
