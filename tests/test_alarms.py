@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
+from fastetcd import errors
 from fastetcd.engine import log_entry
 from fastetcd.engine.alarms import CORRUPT, NOSPACE, Alarms
+from fastetcd.engine.state_machine import StateMachine
+from fastetcd.proto import kv_pb2
+from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.store.base import Corrupt
+from fastetcd.store.embedded import EmbeddedStore
 
 BIG_MEMBER = 0xF123_4567_89AB_CDEF  # >= 2**63: a uint64 that an int64 reading would turn negative
 
@@ -30,3 +40,46 @@ def test_rollback_undoes_the_batch_only() -> None:
     a.activate(2, CORRUPT)
     a.rollback()
     assert a.get() == [(1, NOSPACE)] and a.take_ops() == []
+
+
+class _DamagedStore:
+    """An embedded store whose appends start failing the way SQLite reports a damaged file."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.damaged = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    async def append(self, entries) -> None:
+        if self.damaged:
+            raise Corrupt("append: fastetcd.db is damaged: database disk image is malformed")
+        await self.inner.append(entries)
+
+
+def test_a_damaged_store_raises_corrupt_and_refuses_writes_but_not_reads(tmp_path) -> None:
+    async def body() -> None:
+        store = _DamagedStore(EmbeddedStore(str(tmp_path)))
+        sm = StateMachine(store, member_id=BIG_MEMBER)  # type: ignore[arg-type]
+        await sm.start()
+        try:
+            await sm.put(pb.PutRequest(key=b"a", value=b"1"))
+            store.damaged = True
+            with pytest.raises(errors.EtcdError) as first:
+                await sm.put(pb.PutRequest(key=b"a", value=b"2"))
+            assert (first.value.code, first.value.message) == ("DATA_LOSS", "etcdserver: corrupt cluster")
+            assert sm.active_alarms() == [(BIG_MEMBER, CORRUPT)]
+            for write in (sm.put(pb.PutRequest(key=b"b", value=b"1")),
+                          sm.delete_range(pb.DeleteRangeRequest(key=b"a")),
+                          sm.lease_grant(pb.LeaseGrantRequest(TTL=10)), sm.compact(1)):
+                with pytest.raises(errors.CORRUPT):
+                    await write
+            # Reads go on, at the last durable revision: the failed put left nothing behind.
+            kvs = sm.range(pb.RangeRequest(key=b"a")).kvs
+            assert len(kvs) == 1 and kv_pb2.KeyValue.FromString(kvs[0]).value == b"1"
+        finally:
+            await sm.stop()
+            await store.close()
+
+    asyncio.run(body())

@@ -350,3 +350,46 @@ def test_etcdctl_check_datascale_passes_on_the_native_transport(server_factory: 
     lines = (out + err).replace("\r", "\n").splitlines()
     passed = any(line.startswith("PASS: Approximate system memory used") for line in lines)
     assert code == 0 and passed, lines[-5:]
+
+
+def _under_corrupt_alarm(endpoint: str) -> list[tuple[str, object]]:
+    """Raise CORRUPT, then try every kind of request and disarm: each answer, in order."""
+    with grpc.insecure_channel(endpoint) as ch:
+        kv, m = rpc_pb2_grpc.KVStub(ch), rpc_pb2_grpc.MaintenanceStub(ch)
+        lease = rpc_pb2_grpc.LeaseStub(ch)
+        kv.Put(rpc_pb2.PutRequest(key=b"a", value=b"1"), timeout=10)
+        member = m.Status(rpc_pb2.StatusRequest(), timeout=10).header.member_id
+
+        def alarm(action: int) -> int:
+            req = rpc_pb2.AlarmRequest(action=action, memberID=member, alarm=rpc_pb2.CORRUPT)
+            return len(m.Alarm(req, timeout=10).alarms)
+
+        alarm(rpc_pb2.AlarmRequest.ACTIVATE)
+        read = rpc_pb2.RequestOp(request_range=rpc_pb2.RangeRequest(key=b"a"))
+        calls = [
+            lambda: kv.Put(rpc_pb2.PutRequest(key=b"a", value=b"2"), timeout=10),
+            lambda: kv.Range(rpc_pb2.RangeRequest(key=b"a"), timeout=10).kvs[0].value,
+            lambda: kv.Range(rpc_pb2.RangeRequest(key=b"a", serializable=True), timeout=10).count,
+            lambda: kv.DeleteRange(rpc_pb2.DeleteRangeRequest(key=b"zz"), timeout=10),
+            lambda: kv.Txn(rpc_pb2.TxnRequest(success=[read]), timeout=10).succeeded,
+            lambda: kv.Compact(rpc_pb2.CompactionRequest(revision=1), timeout=10),
+            lambda: lease.LeaseGrant(rpc_pb2.LeaseGrantRequest(TTL=10), timeout=10),
+            lambda: list(m.Status(rpc_pb2.StatusRequest(), timeout=10).errors)
+            == [f"memberID:{member} alarm:CORRUPT "],
+            lambda: alarm(rpc_pb2.AlarmRequest.DEACTIVATE),
+            lambda: kv.Put(rpc_pb2.PutRequest(key=b"a", value=b"3"), timeout=10).header.revision,
+        ]
+        got: list[tuple[str, object]] = []
+        for call in calls:
+            try:
+                out = call()
+                got.append(("OK", out if isinstance(out, bool | int | bytes) else None))
+            except grpc.RpcError as e:
+                got.append((e.code().name, e.details()))
+        return got
+
+
+def test_corrupt_alarm_refuses_writes_not_reads_until_disarmed_as_etcd(server_factory: ServerFactory) -> None:
+    answers = [_under_corrupt_alarm(server_factory(kind, kind).endpoint) for kind in ("fastetcd", "etcd")]
+    assert answers[0] == answers[1]
+    assert answers[0][0] == ("DATA_LOSS", "etcdserver: corrupt cluster")

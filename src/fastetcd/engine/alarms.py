@@ -43,6 +43,10 @@ class Alarms:
         """Clear ``alarm`` of ``member``; False if it was not raised."""
         return self._set(member, alarm, False)
 
+    def raise_unlogged(self, member: int, alarm: int) -> None:
+        """Raise an alarm that cannot be logged (the store itself is damaged): it lasts until restart."""
+        self.active.add((member, alarm))
+
     def _set(self, member: int, alarm: int, on: bool) -> bool:
         key = (member, alarm)
         if (key in self.active) == on:

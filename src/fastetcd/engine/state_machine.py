@@ -32,7 +32,7 @@ from fastetcd.engine.apply import Applier, RangeResult, range_kvs
 from fastetcd.engine.lessor import LeaseStatus, Lessor
 from fastetcd.engine.watch_hub import WatchHub
 from fastetcd.proto import rpc_pb2 as pb
-from fastetcd.store.base import Fenced, Store, StoreError, Throttled, Uncertain
+from fastetcd.store.base import Corrupt, Fenced, Store, StoreError, Throttled, Uncertain
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,8 @@ class StateMachine:
         self.alarms = Alarms()
         self.applier = Applier(self.core, self.lessor)
         self.member_id = member_id  # whose alarms this node raises
+        # What a CORRUPT alarm still lets through, as etcd's corrupt applier: alarm changes, TTL checkpoints.
+        self._alarm_ops = {self._activate_alarm, self._deactivate_alarm, self.applier.lease_checkpoint}
         self.committed_rev = 1
         self.applied_index = 0
         self.snapshot_count = snapshot_count
@@ -331,6 +333,11 @@ class StateMachine:
         if isinstance(e, Throttled):
             metrics.STORE_THROTTLED.inc()
             return errors.TOO_MANY_REQUESTS()
+        if isinstance(e, Corrupt):
+            if not self.alarms.has(alarm_types.CORRUPT):
+                log.critical("store is damaged: raising CORRUPT, refusing writes", extra={"error": str(e)})
+                self.alarms.raise_unlogged(self.member_id, alarm_types.CORRUPT)
+            return errors.CORRUPT()
         if isinstance(e, Fenced | Uncertain):
             if self.halted is None:
                 self.halted = f"{'fenced' if isinstance(e, Fenced) else 'store outcome unknown'}: {e}"
@@ -439,6 +446,8 @@ class StateMachine:
         lessor = self.lessor
         before = core.rev
         try:
+            if self.alarms.has(alarm_types.CORRUPT) and fn not in self._alarm_ops:
+                raise errors.CORRUPT  # etcd's applierV3Corrupt: every write but alarm changes
             if self.alarms.has(alarm_types.NOSPACE) and self._capped(fn, req):
                 raise errors.NO_SPACE
             return fn(req)
@@ -478,6 +487,8 @@ class StateMachine:
             fut.set_result(res)
 
     async def _compact(self, rev: int) -> int:
+        if self.alarms.has(alarm_types.CORRUPT):
+            raise errors.CORRUPT
         if rev <= self.core.compact_rev:
             raise errors.COMPACTED
         if rev > self.core.rev:

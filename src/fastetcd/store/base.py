@@ -27,6 +27,10 @@ class Fenced(StoreError):
     """Another writer has taken over the store; this node must stop writing."""
 
 
+class Corrupt(StoreError):
+    """The store found its own data damaged: it accepts nothing more until an operator restores it."""
+
+
 class Throttled(StoreError):
     """The store refused the batch for load (Cosmos 429s beyond the retry budget); try again later."""
 

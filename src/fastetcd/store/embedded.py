@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from fastetcd import metrics
-from fastetcd.store.base import Recovered, StoreError, Uncertain, check_append
+from fastetcd.store.base import Corrupt, Recovered, StoreError, Uncertain, check_append
 
 DB_FILE = "fastetcd.db"
 LOCK_FILE = "fastetcd.lock"
@@ -35,6 +35,8 @@ _WAL_SIZE_LIMIT = 64 * 1024 * 1024
 # SQLite primary result codes (the low byte of the extended code).
 _SQLITE_FULL = 13
 _SQLITE_IOERR = 10
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
 
 _log = logging.getLogger(__name__)
 
@@ -299,6 +301,9 @@ class EmbeddedStore:
             if not isinstance(e, sqlite3.Error):
                 raise
             code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+            if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                self._broken = f"database damaged: {e}"
+                raise Corrupt(f"append of log indexes {first}..{last}: {DB_FILE} is damaged: {e}") from e
             if committing and code == _SQLITE_IOERR:
                 # An I/O error inside COMMIT (a failed fsync, typically) may leave a complete commit frame
                 # in the WAL that recovery would honour. We cannot tell, so refuse further writes: reusing
