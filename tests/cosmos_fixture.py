@@ -35,6 +35,8 @@ from typing import Any
 
 import pytest
 
+from fastetcd.testing import stop_process_group
+
 SERVER_DIR = Path(__file__).resolve().parent / "cosmos_server"
 START_TIMEOUT_S = 30.0
 NPM_CI_TIMEOUT_S = 600.0
@@ -161,19 +163,7 @@ class CosmosServer:
 
     def stop(self) -> None:
         """Stop the server by its PID (its own process group) and reap it."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=5)
+        stop_process_group(self.proc, signal.SIGTERM, timeout=5)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
@@ -219,9 +209,7 @@ def start_cosmos_server(
         return server
     finally:
         if server is None:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+            stop_process_group(proc, signal.SIGKILL, timeout=5)
             log_file.close()
 
 

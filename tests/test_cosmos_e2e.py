@@ -22,15 +22,10 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from cosmos_fixture import CosmosServer
-from servers import (
-    UNLIMITED_CHANNEL_OPTIONS,
-    CosmosTarget,
-    ServerFactory,
-    ServerProcess,
-    kv_stub,
-)
+from servers import ServerFactory
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import UNLIMITED_CHANNEL_OPTIONS, CosmosTarget, ServerProcess, kv_stub
 
 WRITERS = 16
 # Two 5 s Cosmos delays in a row can hold a write ~10 s; the rest is slack for a loaded CI box.
@@ -434,7 +429,7 @@ def test_value_of_1_5_mib_round_trips(server_factory: ServerFactory, target: Cos
 
 def test_harness_maps_data_dirs_to_containers(tmp_path) -> None:
     """A restart on the same data dir must find the same container, a new dir a fresh one."""
-    from servers import cosmos_container_for
+    from fastetcd.testing import cosmos_container_for
 
     a, b = tmp_path / "a", tmp_path / "b"
     assert cosmos_container_for(a) == cosmos_container_for(tmp_path / "x" / ".." / "a")

@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from servers import ServerFactory, ServerProcess, kv_stub
+from servers import ServerFactory
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import ServerProcess, kv_stub
 
 PREFIX = b"leased/"
 PREFIX_END = b"leased0"

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerFactory, ServerProcess, fastetcd_env, run_etcdctl, start_fastetcd
+from servers import ServerFactory
 
 from fastetcd.proto import rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import ServerProcess, fastetcd_env, run_etcdctl, start_fastetcd
 
 
 def ctl(server: ServerProcess, *args: str, ok: bool = True) -> str:

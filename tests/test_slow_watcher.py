@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from servers import UNLIMITED_CHANNEL_OPTIONS, ServerProcess, kv_stub
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import UNLIMITED_CHANNEL_OPTIONS, ServerProcess, kv_stub
 
 EVENTS = 10_000
 VALUE_SIZE = 2048
