@@ -39,8 +39,10 @@ from pathlib import Path
 
 from compare import (
     REPO,
+    SERVER_PYTHONPATH,
     FastetcdServer,
     Workload,
+    add_common_args,
     calibrate_total,
     default_conns,
     ensure_tool,
@@ -51,6 +53,8 @@ from compare import (
     run_tool,
     tree_cpu_seconds,
 )
+
+from fastetcd.testing import CosmosTarget, ServerProcess, start_fastetcd  # noqa: E402  (path: compare)
 
 sys.path.insert(0, str(REPO / "tests"))
 from cosmos_fixture import CosmosServer, start_cosmos_server  # noqa: E402
@@ -68,12 +72,10 @@ class CosmosFastetcd(FastetcdServer):
     cosmos_key: str = ""
     container: str = "bench"
 
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        cmd, env = super().command()
-        cmd += ["--store", "cosmos", "--cosmos-endpoint", self.cosmos_endpoint,
-                "--cosmos-database", DATABASE, "--cosmos-container", self.container]  # fmt: skip
-        env["FASTETCD_COSMOS_KEY"] = self.cosmos_key
-        return cmd, env
+    def launch(self, timeout: float) -> ServerProcess:
+        target = CosmosTarget(self.cosmos_endpoint, self.cosmos_key, DATABASE)
+        return start_fastetcd(self.workdir, self.extra_args, cosmos=target, container=self.container,
+                              python=self.python, pythonpath=SERVER_PYTHONPATH, timeout=timeout)
 
 
 @dataclass
@@ -214,9 +216,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-ms", type=float, default=0.0,
                    help="delay every Cosmos request by this much in the test server (default 0)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of ~1 s each")
-    p.add_argument("--python", default=sys.executable, help="interpreter that runs `-m fastetcd`")
-    p.add_argument("--markdown", action="store_true", help="print a block ready for bench/RESULTS.md")
-    p.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
+    add_common_args(p, servers=False)
     args = p.parse_args(argv)
     if args.quick:
         args.repeat, args.seconds = 1, 1.0
@@ -231,8 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fastetcd-cosmos-bench-") as tmp:
         cosmos = start_cosmos_server(Path(tmp) / "cosmos")
-        server = CosmosFastetcd("fastetcd", Path(tmp), python=args.python, cosmos_endpoint=cosmos.endpoint,
-                                cosmos_key=cosmos.key, container=f"bench-{os.getpid()}")
+        server = CosmosFastetcd("fastetcd", Path(tmp), python=args.python, extra_args=args.fastetcd_arg,
+                                cosmos_endpoint=cosmos.endpoint, cosmos_key=cosmos.key,
+                                container=f"bench-{os.getpid()}")
         try:
             if args.latency_ms > 0:
                 cosmos.fault("delay", ms=args.latency_ms, kind="all")
