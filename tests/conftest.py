@@ -25,7 +25,7 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if importlib.util.find_spec("fastetcd") is None:
     sys.path.insert(0, str(_SRC))
 
-from cosmos_fixture import CosmosServer, start_cosmos_server  # noqa: E402
+from cosmos_fixture import CosmosServer, cosmos_server_running  # noqa: E402
 from servers import ServerFactory, ServerPair  # noqa: E402
 
 from fastetcd.testing import (  # noqa: E402
@@ -63,11 +63,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def cosmos_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosServer]:
     """One Cosmos test server (a node process) for the whole session; tests share it, one container each."""
-    server = start_cosmos_server(tmp_path_factory.mktemp("cosmos-server"))
-    try:
+    with cosmos_server_running(tmp_path_factory.mktemp("cosmos-server")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -5,7 +5,8 @@ tests/cosmos_server/README.md). `npm ci` runs on first use if node_modules is mi
 in its own session on a kernel-chosen loopback port and is stopped by PID; it also exits by itself when
 the test process that holds its stdin goes away, so a crashed test run leaves nothing behind.
 
-Use in a test module (the fixture is registered under the name `cosmos_server`)::
+Use in a test module (the fixture is registered under the name `cosmos_server`; for one server shared by
+a module's tests import `cosmos_fixture, module_cosmos_server` and use the fixture `cosmos`)::
 
     from cosmos_fixture import CosmosServer, cosmos_server_fixture  # noqa: F401
 
@@ -29,6 +30,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -236,11 +238,35 @@ def _read_ready_line(proc: subprocess.Popen[bytes], log_path: Path) -> dict[str,
     return ready
 
 
-@pytest.fixture(name="cosmos_server")
-def cosmos_server_fixture(tmp_path: Path) -> Iterator[CosmosServer]:
-    """A fresh, empty Cosmos test server over plain HTTP, stopped by PID after the test."""
-    server = start_cosmos_server(tmp_path)
+@contextmanager
+def cosmos_server_running(log_dir: Path | None = None, **kwargs: Any) -> Iterator[CosmosServer]:
+    """start_cosmos_server(log_dir, **kwargs), stopped on the way out."""
+    server = start_cosmos_server(log_dir, **kwargs)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(name="cosmos_server")
+def cosmos_server_fixture(tmp_path: Path) -> Iterator[CosmosServer]:
+    """A fresh, empty Cosmos test server over plain HTTP, stopped by PID after the test."""
+    with cosmos_server_running(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_cosmos_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosServer]:
+    """One server for a whole test module (starting one per test costs up to seconds on a loaded machine);
+    its tests use containers of their own."""
+    with cosmos_server_running(tmp_path_factory.mktemp("cosmos")) as server:
+        yield server
+
+
+@pytest.fixture(name="cosmos")
+def cosmos_fixture(module_cosmos_server: CosmosServer) -> Iterator[CosmosServer]:
+    """The module's server, with no fault rules and zeroed statistics (fault rules cleared again after)."""
+    module_cosmos_server.clear_faults()
+    module_cosmos_server.reset_stats()
+    yield module_cosmos_server
+    module_cosmos_server.clear_faults()
