@@ -9,7 +9,7 @@ test plays the transport: request bytes in via on_request, response bytes out of
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -355,6 +355,16 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 60))
 
 
+def run_stream(path: Path, body: Callable[[StateMachine, WatchHub, Client], Awaitable[None]]) -> None:
+    """body(sm, hub, client) with a fresh engine over `path` and one watch stream on it."""
+
+    async def main() -> None:
+        async with serving(path) as (sm, hub):
+            await body(sm, hub, Client(sm, hub))
+
+    run(main())
+
+
 async def put(sm: StateMachine, key: bytes, value: bytes) -> int:
     return (await sm.put(pb.PutRequest(key=key, value=value))).header.revision
 
@@ -364,45 +374,41 @@ async def delete(sm: StateMachine, key: bytes) -> int:
 
 
 def test_stream_answers_create_then_sends_events_in_order(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with serving(tmp_path) as (sm, hub):
-            c = Client(sm, hub)
-            c.create(b"a/", prefix_end(b"a/"), prev_kv=True)
-            created = await c.next()
-            assert (created.created, created.watch_id, created.header.revision) == (True, 0, 1)
-            assert (created.header.cluster_id, created.header.member_id) == (CLUSTER_ID, MEMBER_ID)
-            r1 = await put(sm, b"a/1", b"v1")
-            await put(sm, b"b", b"outside")
-            r3 = await put(sm, b"a/1", b"v2")
-            r4 = await delete(sm, b"a/1")
-            before, progress = await c.until_progress()
-            assert stream_events(before, 0) == [
-                Ev(PUT, b"a/1", b"v1", r1),
-                Ev(PUT, b"a/1", b"v2", r3, b"v1"),
-                Ev(DELETE, b"a/1", b"", r4, b"v2"),
-            ]
-            revisions = [r.header.revision for r in [created, *before, progress]]
-            assert revisions == sorted(revisions)  # a stream's header revision never goes backwards
-            assert progress.header.revision == r4 == sm.committed_rev
+    async def body(sm: StateMachine, hub: WatchHub, c: Client) -> None:
+        c.create(b"a/", prefix_end(b"a/"), prev_kv=True)
+        created = await c.next()
+        assert (created.created, created.watch_id, created.header.revision) == (True, 0, 1)
+        assert (created.header.cluster_id, created.header.member_id) == (CLUSTER_ID, MEMBER_ID)
+        r1 = await put(sm, b"a/1", b"v1")
+        await put(sm, b"b", b"outside")
+        r3 = await put(sm, b"a/1", b"v2")
+        r4 = await delete(sm, b"a/1")
+        before, progress = await c.until_progress()
+        assert stream_events(before, 0) == [
+            Ev(PUT, b"a/1", b"v1", r1),
+            Ev(PUT, b"a/1", b"v2", r3, b"v1"),
+            Ev(DELETE, b"a/1", b"", r4, b"v2"),
+        ]
+        revisions = [r.header.revision for r in [created, *before, progress]]
+        assert revisions == sorted(revisions)  # a stream's header revision never goes backwards
+        assert progress.header.revision == r4 == sm.committed_rev
 
-    run(main())
+    run_stream(tmp_path, body)
 
 
 def test_stream_filters_per_watch(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with serving(tmp_path) as (sm, hub):
-            c = Client(sm, hub)
-            c.create(b"k", filters=[pb.WatchCreateRequest.NOPUT])
-            c.create(b"k", filters=[pb.WatchCreateRequest.NODELETE])
-            created = [await c.next(), await c.next()]
-            assert [(r.watch_id, r.created) for r in created] == [(0, True), (1, True)]
-            r1 = await put(sm, b"k", b"1")
-            r2 = await delete(sm, b"k")
-            before, _ = await c.until_progress()
-            assert stream_events(before, 0) == [Ev(DELETE, b"k", b"", r2)]
-            assert stream_events(before, 1) == [Ev(PUT, b"k", b"1", r1)]
+    async def body(sm: StateMachine, hub: WatchHub, c: Client) -> None:
+        c.create(b"k", filters=[pb.WatchCreateRequest.NOPUT])
+        c.create(b"k", filters=[pb.WatchCreateRequest.NODELETE])
+        created = [await c.next(), await c.next()]
+        assert [(r.watch_id, r.created) for r in created] == [(0, True), (1, True)]
+        r1 = await put(sm, b"k", b"1")
+        r2 = await delete(sm, b"k")
+        before, _ = await c.until_progress()
+        assert stream_events(before, 0) == [Ev(DELETE, b"k", b"", r2)]
+        assert stream_events(before, 1) == [Ev(PUT, b"k", b"1", r1)]
 
-    run(main())
+    run_stream(tmp_path, body)
 
 
 def test_start_revision_replays_history_then_goes_live(tmp_path: Path) -> None:
@@ -445,79 +451,71 @@ def test_compacted_start_is_created_then_canceled_and_keeps_its_id(tmp_path: Pat
 
 
 def test_bad_creates_are_refused(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with serving(tmp_path) as (sm, hub):
-            c = Client(sm, hub)
-            c.create(b"k", watch_id=7)
-            c.create(b"j", watch_id=7)
-            c.create(b"b", b"a")
-            ok, dup, empty = await c.next(), await c.next(), await c.next()
-            assert (ok.watch_id, ok.canceled) == (7, False)
-            assert (dup.watch_id, dup.created, dup.canceled, dup.cancel_reason) == (-1, True, True,
-                                                                                    ERR_DUPLICATE_ID)
-            assert (empty.watch_id, empty.canceled, empty.cancel_reason) == (-1, True, ERR_EMPTY_RANGE)
+    async def body(sm: StateMachine, hub: WatchHub, c: Client) -> None:
+        c.create(b"k", watch_id=7)
+        c.create(b"j", watch_id=7)
+        c.create(b"b", b"a")
+        ok, dup, empty = await c.next(), await c.next(), await c.next()
+        assert (ok.watch_id, ok.canceled) == (7, False)
+        assert (dup.watch_id, dup.created, dup.canceled, dup.cancel_reason) == (-1, True, True,
+                                                                                ERR_DUPLICATE_ID)
+        assert (empty.watch_id, empty.canceled, empty.cancel_reason) == (-1, True, ERR_EMPTY_RANGE)
 
-    run(main())
+    run_stream(tmp_path, body)
 
 
 def test_cancel_stops_a_watch_and_leaves_the_others(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with serving(tmp_path) as (sm, hub):
-            c = Client(sm, hub)
-            c.create(b"k")
-            c.create(b"k")
-            await c.next(), await c.next()
-            await put(sm, b"k", b"1")
-            c.cancel(0)
-            c.cancel(42)  # unknown: etcd answers nothing
-            r2 = await put(sm, b"k", b"2")
-            before, _ = await c.until_progress()
-            canceled = [r.watch_id for r in before if r.canceled]
-            assert canceled == [0]
-            assert [e.value for e in stream_events(before, 1)] == [b"1", b"2"]
-            assert r2 not in [e.rev for e in stream_events(before, 0)]
+    async def body(sm: StateMachine, hub: WatchHub, c: Client) -> None:
+        c.create(b"k")
+        c.create(b"k")
+        await c.next(), await c.next()
+        await put(sm, b"k", b"1")
+        c.cancel(0)
+        c.cancel(42)  # unknown: etcd answers nothing
+        r2 = await put(sm, b"k", b"2")
+        before, _ = await c.until_progress()
+        canceled = [r.watch_id for r in before if r.canceled]
+        assert canceled == [0]
+        assert [e.value for e in stream_events(before, 1)] == [b"1", b"2"]
+        assert r2 not in [e.rev for e in stream_events(before, 0)]
 
-    run(main())
+    run_stream(tmp_path, body)
 
 
 def test_a_stalled_stream_buffers_nothing_and_catches_up_in_few_responses(
         tmp_path: Path, small_ring: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(watch_hub, "CATCH_UP_REVS", 50)
 
-    async def main() -> None:
-        async with serving(tmp_path) as (sm, hub):
-            c = Client(sm, hub)
-            c.create(b"k", prefix_end(b"k"), prev_kv=True)
-            assert (await c.next()).created
-            # Nobody reads the stream while 200 revisions commit (far more than the ring keeps).
-            requests = [pb.PutRequest(key=b"k%d" % (i % 5), value=b"x" * 300 + b"%d" % i) for i in range(200)]
-            writes = await asyncio.gather(*(sm.put(r) for r in requests))
-            assert len({w.header.revision for w in writes}) == 200
-            before, progress = await c.until_progress()
-            got = stream_events(before)
-            assert [e.rev for e in got] == sorted(w.header.revision for w in writes)
-            last_value: dict[bytes, bytes] = {}
-            for e in got:  # prev_kv is each key's previous value, also for events replayed from history
-                assert e.prev == last_value.get(e.key)
-                last_value[e.key] = e.value
-            # Pulled, not pushed: the backlog comes as a few history windows, not a response per revision.
-            assert len(before) <= 10
-            assert progress.header.revision == sm.committed_rev
+    async def body(sm: StateMachine, hub: WatchHub, c: Client) -> None:
+        c.create(b"k", prefix_end(b"k"), prev_kv=True)
+        assert (await c.next()).created
+        # Nobody reads the stream while 200 revisions commit (far more than the ring keeps).
+        requests = [pb.PutRequest(key=b"k%d" % (i % 5), value=b"x" * 300 + b"%d" % i) for i in range(200)]
+        writes = await asyncio.gather(*(sm.put(r) for r in requests))
+        assert len({w.header.revision for w in writes}) == 200
+        before, progress = await c.until_progress()
+        got = stream_events(before)
+        assert [e.rev for e in got] == sorted(w.header.revision for w in writes)
+        last_value: dict[bytes, bytes] = {}
+        for e in got:  # prev_kv is each key's previous value, also for events replayed from history
+            assert e.prev == last_value.get(e.key)
+            last_value[e.key] = e.value
+        # Pulled, not pushed: the backlog comes as a few history windows, not a response per revision.
+        assert len(before) <= 10
+        assert progress.header.revision == sm.committed_rev
 
-    run(main())
+    run_stream(tmp_path, body)
 
 
 def test_close_unregisters_the_stream(tmp_path: Path) -> None:
-    async def main() -> None:
-        async with serving(tmp_path) as (sm, hub):
-            c = Client(sm, hub)
-            c.create(b"k")
-            assert (await c.next()).created
-            assert len(hub.index) == 1
-            c.stream.close()
-            assert len(hub.index) == 0
-            await put(sm, b"k", b"after close")
-            with pytest.raises(StopAsyncIteration):
-                await c.next()
+    async def body(sm: StateMachine, hub: WatchHub, c: Client) -> None:
+        c.create(b"k")
+        assert (await c.next()).created
+        assert len(hub.index) == 1
+        c.stream.close()
+        assert len(hub.index) == 0
+        await put(sm, b"k", b"after close")
+        with pytest.raises(StopAsyncIteration):
+            await c.next()
 
-    run(main())
+    run_stream(tmp_path, body)
