@@ -499,12 +499,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conns", type=int, default=0, help="gRPC connections (default: clients/4, at most 8)")
     p.add_argument("--repeat", type=int, default=3, help="runs per workload and server; median reported")
     p.add_argument("--seconds", type=float, default=5.0, help="target length of one run (default 5)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of ~1 s each")
-    add_common_args(p)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.repeat, args.seconds = 1, 1.0
-    return args
+    return parse_bench_args(p, argv, quick_help="smoke run: 1 repeat of ~1 s each",
+                            quick={"repeat": 1, "seconds": 1.0})
 
 
 def add_common_args(p: argparse.ArgumentParser, *, servers: bool = True, json_out: bool = True) -> None:
@@ -517,6 +513,30 @@ def add_common_args(p: argparse.ArgumentParser, *, servers: bool = True, json_ou
     p.add_argument("--markdown", action="store_true", help="print a block ready for bench/RESULTS.md")
     if json_out:
         p.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
+
+
+def parse_bench_args(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None, *, quick_help: str, quick: dict[str, object],
+    servers: bool = True, json_out: bool = True,
+) -> argparse.Namespace:
+    """Add --quick and the common options (add_common_args) to `p` and parse `argv`; with --quick the
+    `quick` settings replace what was parsed (a smoke run)."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    add_common_args(p, servers=servers, json_out=json_out)
+    args = p.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, value)
+    return args
+
+
+def note_other_cpu(notes: dict[str, str], other_cores: list[float]) -> None:
+    """Record what the rest of the machine used during the runs (the shared box's noise), if any runs."""
+    if other_cores:
+        others = sorted(other_cores)
+        notes["CPU used by other processes during runs"] = (
+            f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})"
+        )
 
 
 def ensure_tool() -> Path:
@@ -566,11 +586,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = compare(servers, workloads, args.repeat, args.seconds, bench)
     elapsed = time.monotonic() - started
     notes["wall time of this comparison"] = f"{elapsed:.0f} s"
-    others = sorted(r.other_cores for cells in results.values() for c in cells.values() for r in c.runs)
-    if others:
-        notes["CPU used by other processes during runs"] = (
-            f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})"
-        )
+    note_other_cpu(notes, [r.other_cores for cells in results.values() for c in cells.values()
+                           for r in c.runs])
     notes["settings"] = (
         f"{KEY_SIZE}-byte keys, {VAL_SIZE}-byte values, puts over {KEY_SPACE:,} random keys, "
         f"conns = {args.conns or 'clients/4 (≤ 8)'}, median of {args.repeat} × ~{args.seconds:g} s runs, "

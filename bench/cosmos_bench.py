@@ -42,13 +42,14 @@ from compare import (
     SERVER_PYTHONPATH,
     FastetcdServer,
     Workload,
-    add_common_args,
     calibrate_total,
     default_conns,
     ensure_tool,
     kv_put,
     log,
     machine_notes,
+    note_other_cpu,
+    parse_bench_args,
     print_markdown,
     run_tool,
     tree_cpu_seconds,
@@ -215,12 +216,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="target length of one run (default 5)")
     p.add_argument("--latency-ms", type=float, default=0.0,
                    help="delay every Cosmos request by this much in the test server (default 0)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of ~1 s each")
-    add_common_args(p, servers=False)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.repeat, args.seconds = 1, 1.0
-    return args
+    return parse_bench_args(p, argv, quick_help="smoke run: 1 repeat of ~1 s each",
+                            quick={"repeat": 1, "seconds": 1.0}, servers=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,10 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cosmos.stop()
     elapsed = time.monotonic() - started
     notes["wall time"] = f"{elapsed:.0f} s"
-    others = sorted(s.other_cores for r in rows for s in r.samples)
-    if others:
-        notes["CPU used by other processes during runs"] = (
-            f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})")
+    note_other_cpu(notes, [s.other_cores for r in rows for s in r.samples])
     notes["settings"] = (
         "etcd benchmark put, 8-byte keys over 100,000 random keys, 256-byte values, "
         "conns = clients/4 (≤ 8), "

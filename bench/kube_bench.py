@@ -51,13 +51,13 @@ from compare import (  # noqa: E402  (bench/ is not a package; compare.py sits b
     Workload,
     _field_bytes,
     _varint,
-    add_common_args,
     compare,
     ensure_tool,
     log,
     machine_busy_seconds,
     machine_notes,
     make_servers,
+    parse_bench_args,
     running,
     table_rows,
 )
@@ -487,12 +487,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--count-calls", type=int, default=20, help="count_only calls per T3 run")
     p.add_argument("--repeat", type=int, default=3, help="runs per server for T2/T3/T6; median reported")
     p.add_argument("--seconds", type=float, default=5.0, help="length of one T6 run (default 5)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 10k / 100k keys, 1 repeat")
-    add_common_args(p, json_out=False)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.keys, args.big_keys, args.repeat, args.seconds, args.count_calls = 10_000, 100_000, 1, 1.0, 5
-    return args
+    return parse_bench_args(p, argv, quick_help="smoke run: 10k / 100k keys, 1 repeat", json_out=False,
+                            quick={"keys": 10_000, "big_keys": 100_000, "repeat": 1, "seconds": 1.0,
+                                   "count_calls": 5})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

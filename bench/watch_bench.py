@@ -39,12 +39,13 @@ from pathlib import Path
 from compare import (
     REPO,
     Server,
-    add_common_args,
     children_cpu_seconds,
     log,
     machine_busy_seconds,
     machine_notes,
     make_servers,
+    note_other_cpu,
+    parse_bench_args,
     print_markdown,
     running,
 )
@@ -274,12 +275,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="fanout: seconds to wait after the last put for the remaining events")
     p.add_argument("--max-puts", type=int, default=3000, help="fanout-max: puts per run")
     p.add_argument("--churn-clients", type=int, default=16, help="lease-churn: concurrent clients")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 2 s, 5 s drain, no warm-up")
-    add_common_args(p)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.repeat, args.seconds, args.drain = 1, 2.0, 5.0
-    return args
+    return parse_bench_args(p, argv, quick_help="smoke run: 1 repeat, 2 s, 5 s drain, no warm-up",
+                            quick={"repeat": 1, "seconds": 2.0, "drain": 5.0})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,11 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = compare_servers(servers, ops, settings, args.repeat, tool, warmup=not args.quick)
     elapsed = time.monotonic() - started
     notes["wall time of this comparison"] = f"{elapsed:.0f} s"
-    others = sorted(r.other_cores for cells in results.values() for runs in cells.values() for r in runs)
-    if others:
-        notes["CPU used by other processes during runs"] = (
-            f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})"
-        )
+    note_other_cpu(notes, [r.other_cores for cells in results.values() for runs in cells.values()
+                           for r in runs])
     notes["settings"] = (
         f"fanout: {args.streams} streams × {args.watch_per_stream} watches on one prefix over {args.conns} "
         f"connections, {args.put_rate:g} puts/s for {args.seconds:g} s (8 putters, open loop), "
