@@ -8,8 +8,6 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["etcd_tool", "etcdctl_env", "run_etcdctl"]
-
 
 def etcd_tool(name: str = "etcd") -> str:
     """The path of ``etcd``, ``etcdctl`` or ``etcdutl``.

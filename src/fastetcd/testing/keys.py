@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-__all__ = ["prefix_end"]
-
 
 def prefix_end(prefix: bytes) -> bytes:
     """etcd's ``GetPrefixRangeEnd``: the range end that selects every key starting with ``prefix``.

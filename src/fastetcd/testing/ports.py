@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import socket
 
-__all__ = ["LOOPBACK", "free_port"]
-
 LOOPBACK = "127.0.0.1"
 
 

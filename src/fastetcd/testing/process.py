@@ -24,28 +24,6 @@ from fastetcd.testing.etcdctl import etcd_tool
 from fastetcd.testing.ports import LOOPBACK, free_port
 from fastetcd.testing.stubs import range_answers
 
-__all__ = [
-    "START_TIMEOUT_S",
-    "CosmosTarget",
-    "FastetcdDefaults",
-    "ServerKind",
-    "ServerProcess",
-    "cosmos_args",
-    "cosmos_container_for",
-    "etcd_command",
-    "fastetcd_argv",
-    "fastetcd_command",
-    "fastetcd_defaults",
-    "fastetcd_env",
-    "set_fastetcd_defaults",
-    "spawn",
-    "start_etcd",
-    "start_fastetcd",
-    "start_server",
-    "stop_process_group",
-    "wait_ready",
-]
-
 START_TIMEOUT_S = 30.0
 ServerKind = Literal["etcd", "fastetcd"]
 

@@ -10,15 +10,6 @@ import grpc
 if TYPE_CHECKING:
     from fastetcd.proto import rpc_pb2_grpc
 
-__all__ = [
-    "UNLIMITED_CHANNEL_OPTIONS",
-    "channel",
-    "kv_stub",
-    "lease_stub",
-    "maintenance_stub",
-    "range_answers",
-    "watch_stub",
-]
 
 # No size limit either way: a client must be able to send what a server is meant to reject as too large,
 # and to read whatever it answers.
