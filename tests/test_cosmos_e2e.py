@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import threading
 import time
 from collections import Counter
@@ -240,13 +239,10 @@ def wait_writable(endpoint: str, key: bytes, within: float) -> float:
 
 
 def stop_gracefully(server: ServerProcess, timeout: float = 20.0) -> int:
-    os.killpg(server.proc.pid, signal.SIGTERM)
     try:
-        return server.proc.wait(timeout=timeout)
-    except Exception:
-        pytest.fail(f"fastetcd did not stop within {timeout}s of SIGTERM; log:\n{server.log_tail()}")
-    finally:
-        server.kill()  # reaps and closes the log
+        return server.stop(timeout=timeout, escalate=False)
+    except TimeoutError as e:
+        pytest.fail(str(e))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -83,8 +83,23 @@ class ServerProcess:
         stop_process_group(self.proc, signal.SIGKILL)
         self._close_log()
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        """Ask the server to shut down with ``sig``; SIGKILL after ``timeout``. Returns its exit code."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0, *, escalate: bool = True) -> int:
+        """Ask the server to shut down with ``sig`` and return its exit code.
+
+        If it is still running after ``timeout`` seconds it is killed; with ``escalate=False`` that is an
+        error (TimeoutError with the log tail), for tests of a clean shutdown.
+        """
+        if not escalate:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                why = f"{self.kind} did not exit within {timeout}s of signal {sig}"
+                raise TimeoutError(f"{why}; log tail:\n{self.log_tail()}") from None
         code = stop_process_group(self.proc, sig, timeout)
         self._close_log()
         return code
