@@ -8,7 +8,6 @@ import logging
 import re
 import signal
 import socket
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,19 +17,11 @@ from fastetcd.config import Config, ConfigError, GiB, parse_duration, parse_url
 from fastetcd.log import setup_logging
 from fastetcd.testing import (
     ServerProcess,
-    fastetcd_argv,
-    fastetcd_env,
     free_port,
     run_etcdctl,
+    run_fastetcd,
     start_fastetcd,
 )
-
-
-def fastetcd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m fastetcd <args>` as given (no serving flags added), in the test's fastetcd env + `env`."""
-    return subprocess.run(fastetcd_argv(*args), capture_output=True, text=True, env=fastetcd_env(extra=env),
-                          timeout=60)
-
 
 # ----------------------------------------------------------------------------- config values
 
@@ -189,7 +180,7 @@ def test_listen_without_advertise_is_refused_like_etcd():
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, env, needle):
-    r = fastetcd(*args, env=env)
+    r = run_fastetcd(*args, env=env)
     assert r.returncode == 2, r
     assert r.stdout == ""
     lines = r.stderr.splitlines()
@@ -206,7 +197,7 @@ def test_bad_secret_value_is_not_echoed():
 
 
 def test_help_lists_every_flag_with_env_and_default():
-    r = fastetcd("--help")
+    r = run_fastetcd("--help")
     assert r.returncode == 0
     out = " ".join(r.stdout.split())  # argparse wraps lines
     for flag in [
@@ -223,7 +214,7 @@ def test_help_lists_every_flag_with_env_and_default():
 
 
 def test_version():
-    r = fastetcd("--version")
+    r = run_fastetcd("--version")
     assert r.returncode == 0
     assert re.search(r"^fastetcd Version: \d+\.\d+\.\d+$", r.stdout, re.M)
     assert re.search(r"^etcd API Version: 3\.5\.\d+$", r.stdout, re.M)

@@ -340,6 +340,14 @@ def fastetcd_argv(*args: str, python: str | None = None) -> list[str]:
     return [python or sys.executable, "-m", "fastetcd", *args]
 
 
+def run_fastetcd(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60.0,
+                 python: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m fastetcd <args>`` to completion (a command, not a server: ``--version``,
+    ``snapshot restore``, a bad flag) in :func:`fastetcd_env` plus ``env``; output captured as text."""
+    return subprocess.run(fastetcd_argv(*args, python=python), capture_output=True, text=True,
+                          env=fastetcd_env(extra=env), timeout=timeout)
+
+
 def fastetcd_command(endpoint: str, data_dir: Path | None, *, name: str | None = "fe",
                      extra_args: Sequence[str] = (), python: str | None = None) -> list[str]:
     """The command line of a fastetcd serving clients on ``endpoint`` (``host:port``).
