@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from fastetcd.testing.etcdctl import etcd_tool
 from fastetcd.testing.ports import LOOPBACK, free_port
@@ -28,7 +28,7 @@ START_TIMEOUT_S = 30.0
 ServerKind = Literal["etcd", "fastetcd"]
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM,
+def stop_process_group(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
                        timeout: float = 10.0) -> int:
     """Send ``sig`` to the process group led by ``proc`` and reap it; SIGKILL if it outlives ``timeout``.
 
