@@ -62,8 +62,7 @@ def anon_rss(root: int) -> int:
 def slow_stream(server: Server, keys: int, delay: float) -> tuple[int, int, int, int, int, float]:
     """Read the prefix as one RangeStream, sleeping `delay` after each chunk, while sampling the server's
     RSS. Returns (baseline RSS, peak RSS, baseline anonymous RSS, its peak, chunks, seconds)."""
-    assert server.proc is not None
-    pid = server.proc.pid
+    pid = server.pid
     base, base_anon = tree_rss(pid), anon_rss(pid)
     peak = [base, base_anon]
     stop = threading.Event()

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import UNLIMITED_CHANNEL_OPTIONS, ServerProcess, free_port, start_fastetcd, wait_ready
 
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.proto import rpc_pb2_grpc
+from fastetcd.testing import UNLIMITED_CHANNEL_OPTIONS, ServerProcess, free_port, start_etcd, start_fastetcd
 
 REPO = Path(__file__).resolve().parents[1]
 ETCD37 = REPO / "bench" / ".bin" / "etcd-3.7"
@@ -53,22 +53,7 @@ def etcd37_binary() -> Path:
 
 
 def start_etcd37(data_dir: Path, extra_args: tuple[str, ...] = ()) -> ServerProcess:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    client, peer = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    argv = [
-        str(etcd37_binary()), "--name", "oracle", "--data-dir", str(data_dir / "etcd"),
-        "--listen-client-urls", f"http://{client}", "--advertise-client-urls", f"http://{client}",
-        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"oracle={peer}",
-        "--log-level", "error", "--unsafe-no-fsync", *extra_args,
-    ]  # fmt: skip
-    log_path = data_dir / "etcd.log"
-    log_file = open(log_path, "ab")  # closed by ServerProcess.kill
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    server = ServerProcess("etcd", proc, client, data_dir, log_path, log_file)
-    wait_ready(server)
-    return server
+    return start_etcd(data_dir, extra_args, binary=str(etcd37_binary()))
 
 
 @pytest.fixture
