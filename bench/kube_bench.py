@@ -62,7 +62,7 @@ from compare import (  # noqa: E402  (bench/ is not a package; compare.py sits b
     table_rows,
 )
 
-from fastetcd.testing import prefix_end  # noqa: E402  (compare put src/ on sys.path)
+from fastetcd.testing import prefix_end, tree_memory  # noqa: E402  (compare put src/ on sys.path)
 
 PREFIX = b"/registry/pods/"
 PAGE = 500
@@ -264,33 +264,8 @@ def count_calls(endpoint: str, expect: int, calls: int, per_call: list[float]) -
     return run
 
 
-def tree_pids(root: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                raw = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            parents.setdefault(int(raw[raw.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(parents.get(pid, ()))
-    return out
-
-
 def tree_rss(root: int) -> int:
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+    return tree_memory(root, "VmRSS")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,9 +38,10 @@ from kube_bench import (  # noqa: E402
     load,
     prefix_end,
     range_request,
-    tree_pids,
     tree_rss,
 )
+
+from fastetcd.testing import tree_memory  # noqa: E402  (compare put src/ on sys.path)
 
 BOUND_MIB = 64
 SLOW_OPTS = [*GRPC_OPTS, ("grpc.http2.bdp_probe", 0)]
@@ -48,15 +49,7 @@ SLOW_OPTS = [*GRPC_OPTS, ("grpc.http2.bdp_probe", 0)]
 
 def anon_rss(root: int) -> int:
     """RssAnon of the process tree: memory the server allocated, without file pages it maps (bbolt's mmap)."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+    return tree_memory(root, "RssAnon")
 
 
 def slow_stream(server: Server, keys: int, delay: float) -> tuple[int, int, int, int, int, float]:

@@ -29,7 +29,14 @@ import pytest
 
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.proto import rpc_pb2_grpc
-from fastetcd.testing import UNLIMITED_CHANNEL_OPTIONS, ServerProcess, free_port, start_etcd, start_fastetcd
+from fastetcd.testing import (
+    UNLIMITED_CHANNEL_OPTIONS,
+    ServerProcess,
+    free_port,
+    process_memory,
+    start_etcd,
+    start_fastetcd,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ETCD37 = REPO / "bench" / ".bin" / "etcd-3.7"
@@ -350,14 +357,6 @@ STALL_S = 3.0
 RSS_BOUND_MIB = 16
 
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def _metric(url: str, name: str, **labels: str) -> float:
     import urllib.request
 
@@ -380,13 +379,13 @@ def test_slow_reader_holds_one_chunk_and_cancel_stops_the_scan(tmp_path: Path) -
             put_many(rpc_pb2_grpc.KVStub(ch), b"mem/", MEM_KEYS, 1024, per_txn=100)
         time.sleep(0.5)
         sent0 = _metric(metrics, "etcd_network_client_grpc_sent_bytes_total")
-        base = _rss_bytes(fe.proc.pid)
+        base = process_memory(fe.pid)
         peak = [base]
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
-                peak[0] = max(peak[0], _rss_bytes(fe.proc.pid))
+                peak[0] = max(peak[0], process_memory(fe.pid))
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)

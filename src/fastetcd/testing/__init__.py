@@ -38,6 +38,7 @@ from fastetcd.testing.process import (
     stop_process_group,
     wait_ready,
 )
+from fastetcd.testing.procfs import process_memory, tree_memory, tree_pids
 from fastetcd.testing.stubs import (
     UNLIMITED_CHANNEL_OPTIONS,
     channel,
@@ -71,6 +72,7 @@ __all__ = [
     "lease_stub",
     "maintenance_stub",
     "prefix_end",
+    "process_memory",
     "range_answers",
     "run_etcdctl",
     "run_fastetcd",
@@ -80,6 +82,8 @@ __all__ = [
     "start_fastetcd",
     "start_server",
     "stop_process_group",
+    "tree_memory",
+    "tree_pids",
     "wait_ready",
     "watch_stub",
 ]
