@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,11 @@ from fastetcd.testing import (
     fastetcd_defaults,
     fastetcd_env,
     prefix_end,
+    process_memory,
     set_fastetcd_defaults,
     start_fastetcd,
+    tree_memory,
+    tree_pids,
 )
 
 
@@ -85,3 +89,20 @@ def test_output_is_per_run_and_a_failed_start_says_why(tmp_path: Path) -> None:
         second.kill()
     with pytest.raises(RuntimeError, match=r"exited with code 2 .*\n.*--max-txn-ops must be positive"):
         start_fastetcd(tmp_path / "bad", ["--max-txn-ops", "0"])
+
+
+def test_procfs_sees_a_process_tree_and_its_memory() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import sys; b = bytearray(64 << 20); sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while process_memory(child.pid) < 64 << 20 and time.monotonic() < deadline:  # its 64 MiB touched
+            time.sleep(0.05)
+        assert child.pid in tree_pids(os.getpid())
+        assert tree_memory(os.getpid()) >= process_memory(os.getpid()) + (64 << 20)
+        assert process_memory(child.pid, "RssAnon") >= 64 << 20
+        with pytest.raises(RuntimeError, match="no NoSuchField"):
+            process_memory(child.pid, "NoSuchField")
+    finally:
+        child.kill()
+        child.wait()
