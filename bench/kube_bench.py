@@ -57,9 +57,12 @@ from compare import (  # noqa: E402  (bench/ is not a package; compare.py sits b
     machine_busy_seconds,
     machine_notes,
     make_servers,
+    parse_bench_args,
     running,
     table_rows,
 )
+
+from fastetcd.testing import prefix_end, tree_memory  # noqa: E402  (compare put src/ on sys.path)
 
 PREFIX = b"/registry/pods/"
 PAGE = 500
@@ -73,10 +76,6 @@ ETCD37_BUILD = REPO / "ci" / "build_etcd37.sh"
 T2S_SERVERS = ("etcd-3.7", "fastetcd")
 TXN = "/etcdserverpb.KV/Txn"
 GRPC_OPTS = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
-
-
-def prefix_end(prefix: bytes) -> bytes:
-    return prefix[:-1] + bytes([prefix[-1] + 1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,10 +236,8 @@ def stream_list(endpoint: str, expect: int) -> Callable[[], str]:
 class Etcd37Server(EtcdServer):
     """etcd v3.7.3 (bench/.bin/etcd-3.7), with the same flags as compare.py's etcd."""
 
-    def command(self) -> tuple[list[str], dict[str, str]]:
-        cmd, env = super().command()
-        cmd[0] = str(ETCD37)
-        return cmd, env
+    def binary(self) -> str | None:
+        return str(ETCD37)
 
 
 def ensure_etcd37() -> None:
@@ -267,33 +264,8 @@ def count_calls(endpoint: str, expect: int, calls: int, per_call: list[float]) -
     return run
 
 
-def tree_pids(root: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                raw = Path(f"/proc/{entry.name}/stat").read_text()
-            except OSError:
-                continue
-            parents.setdefault(int(raw[raw.rindex(")") + 2 :].split()[1]), []).append(int(entry.name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(parents.get(pid, ()))
-    return out
-
-
 def tree_rss(root: int) -> int:
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+    return tree_memory(root, "VmRSS")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -365,15 +337,14 @@ def phase_restart(servers: Sequence[Server], args: argparse.Namespace, res: Resu
         secs = load(s, args.big_keys, 256)
         res.loads[f"{s.name} {args.big_keys:,} × 256 B"] = f"{secs:.1f} s"
         time.sleep(2)  # let background work after the load (group commit tail, GC) settle
-        assert s.proc is not None
-        res.t7[s.name] = Sample(float(tree_rss(s.proc.pid)))
+        res.t7[s.name] = Sample(float(tree_rss(s.pid)))
         log(f"  T7 {s.name:9s} RSS {res.t7[s.name].value / 2**20:.0f} MiB after loading"
             f" {args.big_keys:,} keys"
             f" in {secs:.1f} s")  # fmt: skip
         t0 = time.monotonic()
         s.stop()
         stopped = time.monotonic() - t0
-        # Server.start() polls a Range every 0.2 s, so the restart time is known to about ±0.2 s.
+        # Server.start() polls a Range every 50 ms, so the restart time is known to about ±0.05 s.
         smp = measured_start(s)
         smp.note = f"stop took {stopped:.1f} s"
         res.t8[s.name] = smp
@@ -382,8 +353,7 @@ def phase_restart(servers: Sequence[Server], args: argparse.Namespace, res: Resu
         )
         if check.count != args.big_keys:
             res.errors.append(f"{s.name} after restart counts {check.count} keys, expected {args.big_keys}")
-        assert s.proc is not None
-        res.t7_after_restart[s.name] = tree_rss(s.proc.pid)
+        res.t7_after_restart[s.name] = tree_rss(s.pid)
         log(f"  T8 {s.name:9s} restart {smp.value:.2f} s (server CPU {smp.server_cpu:.2f} s), count ok,"
             f" RSS after restart {res.t7_after_restart[s.name] / 2**20:.0f} MiB")  # fmt: skip
         s.stop()  # the next server loads and restarts alone
@@ -392,7 +362,6 @@ def phase_restart(servers: Sequence[Server], args: argparse.Namespace, res: Resu
 def measured_start(s: Server) -> Sample:
     t0 = time.monotonic()
     s.start(timeout=300)
-    assert s.proc is not None
     return Sample(time.monotonic() - t0, server_cpu=s.cpu_seconds())
 
 
@@ -493,14 +462,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--count-calls", type=int, default=20, help="count_only calls per T3 run")
     p.add_argument("--repeat", type=int, default=3, help="runs per server for T2/T3/T6; median reported")
     p.add_argument("--seconds", type=float, default=5.0, help="length of one T6 run (default 5)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 10k / 100k keys, 1 repeat")
-    p.add_argument("--servers", default="etcd,fastetcd", help="which servers to run (default both)")
-    p.add_argument("--python", default=sys.executable, help="interpreter that runs `-m fastetcd`")
-    p.add_argument("--markdown", action="store_true", help="print blocks ready for bench/RESULTS.md")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.keys, args.big_keys, args.repeat, args.seconds, args.count_calls = 10_000, 100_000, 1, 1.0, 5
-    return args
+    return parse_bench_args(p, argv, quick_help="smoke run: 10k / 100k keys, 1 repeat", json_out=False,
+                            quick={"keys": 10_000, "big_keys": 100_000, "repeat": 1, "seconds": 1.0,
+                                   "count_calls": 5})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -519,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastetcd-kube-bench-") as tmpdir:
         tmp = Path(tmpdir)
         if ops & {"t2", "t3", "t6"}:
-            servers = make_servers(names, tmp, "list", args.python)
+            servers = make_servers(names, tmp, "list", args.python, args.fastetcd_arg)
             with running(servers) as start_errors:
                 res.errors += [f"{n}: {e}" for n, e in start_errors.items()]
                 if ops & {"t2", "t3"}:
@@ -536,12 +500,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             (tmp / "stream-etcd37").mkdir()
             (tmp / "stream-fastetcd").mkdir()
             servers = [Etcd37Server(T2S_SERVERS[0], tmp / "stream-etcd37"),
-                       FastetcdServer(T2S_SERVERS[1], tmp / "stream-fastetcd", python=args.python)]
+                       FastetcdServer(T2S_SERVERS[1], tmp / "stream-fastetcd", python=args.python,
+                                      extra_args=args.fastetcd_arg)]
             with running(servers) as start_errors:
                 res.errors += [f"{n}: {e}" for n, e in start_errors.items()]
                 phase_stream(servers, args, res)
         if "t7" in ops:
-            servers = make_servers(names, tmp, "big", args.python)
+            servers = make_servers(names, tmp, "big", args.python, args.fastetcd_arg)
             with running(servers) as start_errors:
                 res.errors += [f"{n}: {e}" for n, e in start_errors.items()]
                 phase_restart(servers, args, res)
@@ -559,7 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         " per run;"
         f" T6 etcd benchmark put --clients 1 --conns 1, 8-byte keys, 256-byte values; median of {args.repeat}"
         f" runs, servers alternate; T7/T8: {args.big_keys:,} keys × 256 B, each server loaded and restarted"
-        " alone (SIGTERM, restart polled every 0.2 s)"
+        " alone (SIGTERM, restart polled every 50 ms)"
         "; T2s: the T2 data in fresh servers, listed as one KV.RangeStream over the prefix (every chunk"
         f" read), against {ETCD37.relative_to(REPO)} (default flags)"
     )

@@ -38,9 +38,10 @@ from kube_bench import (  # noqa: E402
     load,
     prefix_end,
     range_request,
-    tree_pids,
     tree_rss,
 )
+
+from fastetcd.testing import tree_memory  # noqa: E402  (compare put src/ on sys.path)
 
 BOUND_MIB = 64
 SLOW_OPTS = [*GRPC_OPTS, ("grpc.http2.bdp_probe", 0)]
@@ -48,22 +49,13 @@ SLOW_OPTS = [*GRPC_OPTS, ("grpc.http2.bdp_probe", 0)]
 
 def anon_rss(root: int) -> int:
     """RssAnon of the process tree: memory the server allocated, without file pages it maps (bbolt's mmap)."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
+    return tree_memory(root, "RssAnon")
 
 
 def slow_stream(server: Server, keys: int, delay: float) -> tuple[int, int, int, int, int, float]:
     """Read the prefix as one RangeStream, sleeping `delay` after each chunk, while sampling the server's
     RSS. Returns (baseline RSS, peak RSS, baseline anonymous RSS, its peak, chunks, seconds)."""
-    assert server.proc is not None
-    pid = server.proc.pid
+    pid = server.pid
     base, base_anon = tree_rss(pid), anon_rss(pid)
     peak = [base, base_anon]
     stop = threading.Event()

@@ -44,6 +44,8 @@ from compare import (
     machine_busy_seconds,
     machine_notes,
     make_servers,
+    note_other_cpu,
+    parse_bench_args,
     print_markdown,
     running,
 )
@@ -263,7 +265,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(DEFAULT_WORKLOADS),
                    help=f"comma list from {','.join(WORKLOADS)}")
-    p.add_argument("--servers", default="etcd,fastetcd", help="which servers to run (default both)")
     p.add_argument("--repeat", type=int, default=3, help="runs per workload and server; median reported")
     p.add_argument("--seconds", type=float, default=5.0, help="put phase / churn length of one run")
     p.add_argument("--put-rate", type=float, default=1000.0, help="fanout: puts per second (open loop)")
@@ -274,14 +275,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="fanout: seconds to wait after the last put for the remaining events")
     p.add_argument("--max-puts", type=int, default=3000, help="fanout-max: puts per run")
     p.add_argument("--churn-clients", type=int, default=16, help="lease-churn: concurrent clients")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 repeat, 2 s, 5 s drain, no warm-up")
-    p.add_argument("--python", default=sys.executable, help="interpreter that runs `-m fastetcd`")
-    p.add_argument("--markdown", action="store_true", help="print a block ready for bench/RESULTS.md")
-    p.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.repeat, args.seconds, args.drain = 1, 2.0, 5.0
-    return args
+    return parse_bench_args(p, argv, quick_help="smoke run: 1 repeat, 2 s, 5 s drain, no warm-up",
+                            quick={"repeat": 1, "seconds": 2.0, "drain": 5.0})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,16 +294,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     go = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True).stdout.strip() or "go ?"
     notes["load generator"] = f"bench/loadgen (Go: etcd api/v3 v3.5.21 protos over grpc-go 1.59), {go}"
     with tempfile.TemporaryDirectory(prefix="fastetcd-watchbench-") as tmp:
-        servers = make_servers(names, Path(tmp), "", args.python)
+        servers = make_servers(names, Path(tmp), "", args.python, args.fastetcd_arg)
         with running(servers) as start_errors:
             results = compare_servers(servers, ops, settings, args.repeat, tool, warmup=not args.quick)
     elapsed = time.monotonic() - started
     notes["wall time of this comparison"] = f"{elapsed:.0f} s"
-    others = sorted(r.other_cores for cells in results.values() for runs in cells.values() for r in runs)
-    if others:
-        notes["CPU used by other processes during runs"] = (
-            f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})"
-        )
+    note_other_cpu(notes, [r.other_cores for cells in results.values() for runs in cells.values()
+                           for r in runs])
     notes["settings"] = (
         f"fanout: {args.streams} streams × {args.watch_per_stream} watches on one prefix over {args.conns} "
         f"connections, {args.put_rate:g} puts/s for {args.seconds:g} s (8 putters, open loop), "

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,13 +25,13 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if importlib.util.find_spec("fastetcd") is None:
     sys.path.insert(0, str(_SRC))
 
-import servers  # noqa: E402
-from cosmos_fixture import CosmosServer, start_cosmos_server  # noqa: E402
-from servers import (  # noqa: E402
+from cosmos_fixture import CosmosServer, cosmos_server_running  # noqa: E402
+from servers import ServerFactory, ServerPair  # noqa: E402
+
+from fastetcd.testing import (  # noqa: E402
     CosmosTarget,
-    ServerFactory,
-    ServerPair,
     ServerProcess,
+    set_fastetcd_defaults,
     start_etcd,
     start_server,
 )
@@ -55,47 +55,48 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--store", choices=("embedded", "cosmos"), default="embedded",
                     help="fastetcd's store; 'cosmos' uses one Cosmos test server for the session and a "
                          "fresh container per data dir")
+    group.addoption("--fastetcd-arg", action="append", default=[], metavar="ARG",
+                    help="extra command-line argument for every fastetcd the tests start (repeatable; "
+                         "use --fastetcd-arg=--flag for arguments that start with '-')")
 
 
 @pytest.fixture(scope="session")
 def cosmos_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosServer]:
     """One Cosmos test server (a node process) for the whole session; tests share it, one container each."""
-    server = start_cosmos_server(tmp_path_factory.mktemp("cosmos-server"))
-    try:
+    with cosmos_server_running(tmp_path_factory.mktemp("cosmos-server")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def fastetcd_store(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The store every fastetcd started by the fixtures uses ("embedded" or "cosmos")."""
+def fastetcd_store(request: pytest.FixtureRequest, fastetcd_transport: str) -> Iterator[str]:
+    """The store every fastetcd started by the fixtures uses ("embedded" or "cosmos"); also applies
+    --transport and --fastetcd-arg to every fastetcd command line (fastetcd.testing's defaults)."""
     store = request.config.getoption("--store")
+    provider: Callable[[], CosmosTarget] | None = None
     if store == "cosmos":
         cosmos: CosmosServer = request.getfixturevalue("cosmos_session_server")
         target = CosmosTarget(cosmos.endpoint, cosmos.key)
 
-        def provider() -> CosmosTarget:
+        def cosmos_target() -> CosmosTarget:
             if not cosmos.alive():
                 raise RuntimeError(f"the Cosmos test server died; its log:\n{cosmos.log_tail()}")
             return target
 
-        servers.set_default_cosmos(provider)
+        provider = cosmos_target
+
+    extra_args = ["--transport", fastetcd_transport, *request.config.getoption("--fastetcd-arg")]
+    previous = set_fastetcd_defaults(extra_args, provider)
     try:
         yield store
     finally:
-        servers.set_default_cosmos(None)
+        set_fastetcd_defaults(previous.extra_args, previous.cosmos)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def fastetcd_transport(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The client transport every fastetcd started by the fixtures uses ("grpcio" or "native")."""
-    transport = request.config.getoption("--transport")
-    servers.set_default_transport(transport)
-    try:
-        yield transport
-    finally:
-        servers.set_default_transport("grpcio")
+@pytest.fixture(scope="session")
+def fastetcd_transport(request: pytest.FixtureRequest) -> str:
+    """The client transport every fastetcd started by the fixtures uses ("grpcio" or "native"); it goes
+    first among fastetcd's extra args (fastetcd_store), so a test's own --transport wins."""
+    return request.config.getoption("--transport")
 
 
 @pytest.fixture
@@ -109,7 +110,7 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     started: list[ServerProcess] = []
 
     def start(kind: str, name: str, extra_args: Sequence[str] = (), **kwargs: object) -> ServerProcess:
-        server = start_server(kind, tmp_path / name, extra_args, **kwargs)
+        server = start_server(kind, tmp_path / name, extra_args, **kwargs)  # type: ignore[arg-type]
         started.append(server)
         return server
 
@@ -121,21 +122,13 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 
 
 @pytest.fixture
-def etcd_server(tmp_path: Path) -> Iterator[ServerProcess]:
-    server = start_etcd(tmp_path / "oracle")
-    try:
-        yield server
-    finally:
-        server.kill()
+def etcd_server(server_factory: ServerFactory) -> ServerProcess:
+    return server_factory("etcd", "oracle")
 
 
 @pytest.fixture
-def subject_server(tmp_path: Path, subject_kind: str) -> Iterator[ServerProcess]:
-    server = start_server(subject_kind, tmp_path / "subject")
-    try:
-        yield server
-    finally:
-        server.kill()
+def subject_server(server_factory: ServerFactory, subject_kind: str) -> ServerProcess:
+    return server_factory(subject_kind, "subject")
 
 
 @pytest.fixture

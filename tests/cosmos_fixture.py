@@ -5,7 +5,8 @@ tests/cosmos_server/README.md). `npm ci` runs on first use if node_modules is mi
 in its own session on a kernel-chosen loopback port and is stopped by PID; it also exits by itself when
 the test process that holds its stdin goes away, so a crashed test run leaves nothing behind.
 
-Use in a test module (the fixture is registered under the name `cosmos_server`)::
+Use in a test module (the fixture is registered under the name `cosmos_server`; for one server shared by
+a module's tests import `cosmos_fixture, module_cosmos_server` and use the fixture `cosmos`)::
 
     from cosmos_fixture import CosmosServer, cosmos_server_fixture  # noqa: F401
 
@@ -29,11 +30,14 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from fastetcd.testing import stop_process_group
 
 SERVER_DIR = Path(__file__).resolve().parent / "cosmos_server"
 START_TIMEOUT_S = 30.0
@@ -161,19 +165,7 @@ class CosmosServer:
 
     def stop(self) -> None:
         """Stop the server by its PID (its own process group) and reap it."""
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                self.proc.wait(timeout=5)
+        stop_process_group(self.proc, signal.SIGTERM, timeout=5)
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 stream.close()
@@ -219,9 +211,7 @@ def start_cosmos_server(
         return server
     finally:
         if server is None:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
+            stop_process_group(proc, signal.SIGKILL, timeout=5)
             log_file.close()
 
 
@@ -248,11 +238,35 @@ def _read_ready_line(proc: subprocess.Popen[bytes], log_path: Path) -> dict[str,
     return ready
 
 
-@pytest.fixture(name="cosmos_server")
-def cosmos_server_fixture(tmp_path: Path) -> Iterator[CosmosServer]:
-    """A fresh, empty Cosmos test server over plain HTTP, stopped by PID after the test."""
-    server = start_cosmos_server(tmp_path)
+@contextmanager
+def cosmos_server_running(log_dir: Path | None = None, **kwargs: Any) -> Iterator[CosmosServer]:
+    """start_cosmos_server(log_dir, **kwargs), stopped on the way out."""
+    server = start_cosmos_server(log_dir, **kwargs)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(name="cosmos_server")
+def cosmos_server_fixture(tmp_path: Path) -> Iterator[CosmosServer]:
+    """A fresh, empty Cosmos test server over plain HTTP, stopped by PID after the test."""
+    with cosmos_server_running(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def module_cosmos_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosServer]:
+    """One server for a whole test module (starting one per test costs up to seconds on a loaded machine);
+    its tests use containers of their own."""
+    with cosmos_server_running(tmp_path_factory.mktemp("cosmos")) as server:
+        yield server
+
+
+@pytest.fixture(name="cosmos")
+def cosmos_fixture(module_cosmos_server: CosmosServer) -> Iterator[CosmosServer]:
+    """The module's server, with no fault rules and zeroed statistics (fault rules cleared again after)."""
+    module_cosmos_server.clear_faults()
+    module_cosmos_server.reset_stats()
+    yield module_cosmos_server
+    module_cosmos_server.clear_faults()

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from google.protobuf.message import Message
-from servers import UNLIMITED_CHANNEL_OPTIONS, ServerFactory, ServerPair, kv_stub
+from servers import ServerFactory, ServerPair
 
 from fastetcd.proto import rpc_pb2
+from fastetcd.testing import UNLIMITED_CHANNEL_OPTIONS, kv_stub
 
 DEFAULT_MAX_REQUEST_BYTES = 1572864  # etcd's --max-request-bytes default, 1.5 MiB
 GRPC_OVERHEAD_BYTES = 512 * 1024  # etcd lets gRPC receive up to max-request-bytes + this

@@ -5,39 +5,23 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-import fastetcd as fastetcd_pkg
 from fastetcd.cli import parse_config
 from fastetcd.config import Config, ConfigError, GiB, parse_duration, parse_url
 from fastetcd.log import setup_logging
-
-
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The child runs the same fastetcd package this test imported (installed or a checkout's src/)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTETCD_")}
-    pkg_parent = str(Path(fastetcd_pkg.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
-    env.update(extra or {})
-    return env
-
-
-def fastetcd(*args: str, env: dict[str, str] | None = None, **kw) -> subprocess.CompletedProcess:
-    full_env = child_env(env)
-    return subprocess.run(
-        [sys.executable, "-m", "fastetcd", *args],
-        capture_output=True, text=True, env=full_env, timeout=60, **kw,
-    )
-
+from fastetcd.testing import (
+    ServerProcess,
+    free_port,
+    run_etcdctl,
+    run_fastetcd,
+    start_fastetcd,
+)
 
 # ----------------------------------------------------------------------------- config values
 
@@ -196,7 +180,7 @@ def test_listen_without_advertise_is_refused_like_etcd():
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, env, needle):
-    r = fastetcd(*args, env=env)
+    r = run_fastetcd(*args, env=env)
     assert r.returncode == 2, r
     assert r.stdout == ""
     lines = r.stderr.splitlines()
@@ -213,7 +197,7 @@ def test_bad_secret_value_is_not_echoed():
 
 
 def test_help_lists_every_flag_with_env_and_default():
-    r = fastetcd("--help")
+    r = run_fastetcd("--help")
     assert r.returncode == 0
     out = " ".join(r.stdout.split())  # argparse wraps lines
     for flag in [
@@ -230,7 +214,7 @@ def test_help_lists_every_flag_with_env_and_default():
 
 
 def test_version():
-    r = fastetcd("--version")
+    r = run_fastetcd("--version")
     assert r.returncode == 0
     assert re.search(r"^fastetcd Version: \d+\.\d+\.\d+$", r.stdout, re.M)
     assert re.search(r"^etcd API Version: 3\.5\.\d+$", r.stdout, re.M)
@@ -271,73 +255,36 @@ def test_log_lines_are_zap_shaped_json():
 # These run the whole server (fastetcd.app.serve) and talk to it with etcdctl.
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def etcdctl(server: ServerProcess, *args: str) -> tuple[int, str, str]:
+    return run_etcdctl(server.endpoint, ["--dial-timeout=2s", "--command-timeout=5s", *args], timeout=30)
 
 
-def etcdctl(port: int, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["etcdctl", f"--endpoints=http://127.0.0.1:{port}", "--dial-timeout=2s", "--command-timeout=5s",
-         *args],
-        capture_output=True, text=True, timeout=30,
-    )
-
-
-class Server:
-    def __init__(self, cwd, port: int, *extra: str) -> None:
-        env = child_env()
-        url = f"http://127.0.0.1:{port}"
-        self.port = port
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastetcd",
-             "--listen-client-urls", url, "--advertise-client-urls", url, *extra],
-            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-
-    def wait_ready(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stderr.read()}")
-            if etcdctl(self.port, "get", "health").returncode == 0:
-                return
-            time.sleep(0.2)
-        raise AssertionError("server did not become healthy")
-
-    def stop(self, sig: int = signal.SIGTERM) -> tuple[int, str]:
-        self.proc.send_signal(sig)
-        _, err = self.proc.communicate(timeout=30)
-        return self.proc.returncode, err
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.communicate()
+def serve(workdir: Path, *extra: str, port: int | None = None, wait: bool = True) -> ServerProcess:
+    """fastetcd in `workdir` with only the flags given (so etcd's defaults apply: {name}.etcd there)."""
+    return start_fastetcd(workdir, extra, port=port, explicit_data_dir=False, wait=wait)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_put_stop_restart_keeps_data(tmp_path, sig):
     port = free_port()
-    s = Server(tmp_path, port, "--name", "n1")
+    s = serve(tmp_path, "--name", "n1", port=port)
     try:
-        s.wait_ready()
-        assert etcdctl(port, "put", "foo", "bar").stdout.strip() == "OK"
-        code, err = s.stop(sig)
+        assert etcdctl(s, "put", "foo", "bar")[1].strip() == "OK"
+        code = s.stop(sig, timeout=30)
+        err = s.output()
     finally:
         s.kill()
     assert code == 0, err
-    logs = [json.loads(line) for line in err.splitlines()]  # every stderr line is a JSON log line
+    logs = [json.loads(line) for line in err.splitlines()]  # every line it writes is a JSON log line
     assert {"level", "ts", "caller", "msg"} <= set(logs[0])
     assert (tmp_path / "n1.etcd").is_dir()  # etcd's default data dir: {name}.etcd in the working dir
 
-    s = Server(tmp_path, port, "--name", "n1")
+    s = serve(tmp_path, "--name", "n1", port=port)
     try:
-        s.wait_ready()
-        got = etcdctl(port, "get", "foo", "--print-value-only")
-        assert got.stdout.strip() == "bar"
-        code, err = s.stop()
+        got = etcdctl(s, "get", "foo", "--print-value-only")
+        assert got[1].strip() == "bar"
+        code = s.stop(timeout=30)
+        err = s.output()
     finally:
         s.kill()
     assert code == 0, err
@@ -352,32 +299,32 @@ def _last_line_error(err: str) -> str:
     return lines[-1]
 
 
+def _exit_code_and_output(s: ServerProcess) -> tuple[int, str]:
+    """For a server that is expected to exit by itself."""
+    try:
+        code = s.proc.wait(timeout=60)
+    finally:
+        s.kill()
+    return code, s.output()
+
+
 def test_port_in_use_exits_1_with_one_line(tmp_path):
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
-        port = holder.getsockname()[1]
-        s = Server(tmp_path, port)
-        try:
-            _, err = s.proc.communicate(timeout=60)
-        finally:
-            s.kill()
-    assert s.proc.returncode == 1
+        code, err = _exit_code_and_output(serve(tmp_path, port=holder.getsockname()[1], wait=False))
+    assert code == 1
     _last_line_error(err)
 
 
 def test_data_dir_in_use_exits_1_with_one_line(tmp_path):
-    first = Server(tmp_path, free_port(), "--data-dir", "shared")
+    shared = str(tmp_path / "shared")
+    first = serve(tmp_path / "first", "--data-dir", shared)
     try:
-        first.wait_ready()
-        second = Server(tmp_path, free_port(), "--data-dir", "shared")
-        try:
-            _, err = second.proc.communicate(timeout=60)
-        finally:
-            second.kill()
-        assert second.proc.returncode == 1
+        code, err = _exit_code_and_output(serve(tmp_path / "second", "--data-dir", shared, wait=False))
+        assert code == 1
         assert "in use by another process" in _last_line_error(err)
-        code, err = first.stop()
-        assert code == 0, err
+        code = first.stop(timeout=30)
+        assert code == 0, first.output()
     finally:
         first.kill()

@@ -28,6 +28,7 @@ from mvcc_model import ModelMVCC, Version, in_range
 from fastetcd import _core
 from fastetcd.proto import kv_pb2, rpc_pb2
 from fastetcd.server import _wire
+from fastetcd.testing import prefix_end
 
 MVCC = _core.MVCC
 
@@ -41,14 +42,6 @@ BOUNDS = [*KEYS, b"", b"aa", b"a\xff", b"c", b"\xfe", b"\x01"]
 BIG = bytes(range(256)) * 400  # 100 KiB holding every byte value
 VALUES = [b"", b"v", b"\x00", b"\xff\xfe", b"value-" * 30, BIG]
 LEASES = [0, 1, 127, 128, 16384, 2**31, 2**63 - 1]
-
-
-def prefix_end(key: bytes) -> bytes:
-    """clientv3.GetPrefixRangeEnd: the first key after every key starting with ``key``."""
-    stripped = key.rstrip(b"\xff")
-    if not stripped:
-        return b"\x00"
-    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 keys = st.sampled_from(KEYS)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import signal
 import threading
 import time
 from collections import Counter
@@ -22,15 +21,10 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 from cosmos_fixture import CosmosServer
-from servers import (
-    UNLIMITED_CHANNEL_OPTIONS,
-    CosmosTarget,
-    ServerFactory,
-    ServerProcess,
-    kv_stub,
-)
+from servers import ServerFactory
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import UNLIMITED_CHANNEL_OPTIONS, CosmosTarget, ServerProcess, kv_stub
 
 WRITERS = 16
 # Two 5 s Cosmos delays in a row can hold a write ~10 s; the rest is slack for a loaded CI box.
@@ -245,13 +239,10 @@ def wait_writable(endpoint: str, key: bytes, within: float) -> float:
 
 
 def stop_gracefully(server: ServerProcess, timeout: float = 20.0) -> int:
-    os.killpg(server.proc.pid, signal.SIGTERM)
     try:
-        return server.proc.wait(timeout=timeout)
-    except Exception:
-        pytest.fail(f"fastetcd did not stop within {timeout}s of SIGTERM; log:\n{server.log_tail()}")
-    finally:
-        server.kill()  # reaps and closes the log
+        return server.stop(timeout=timeout, escalate=False)
+    except TimeoutError as e:
+        pytest.fail(str(e))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -434,7 +425,7 @@ def test_value_of_1_5_mib_round_trips(server_factory: ServerFactory, target: Cos
 
 def test_harness_maps_data_dirs_to_containers(tmp_path) -> None:
     """A restart on the same data dir must find the same container, a new dir a fresh one."""
-    from servers import cosmos_container_for
+    from fastetcd.testing import cosmos_container_for
 
     a, b = tmp_path / "a", tmp_path / "b"
     assert cosmos_container_for(a) == cosmos_container_for(tmp_path / "x" / ".." / "a")

@@ -13,33 +13,19 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 from azure.core import MatchConditions
 from azure.core.exceptions import ServiceResponseError
 from azure.cosmos import PartitionKey, exceptions
-from cosmos_fixture import CosmosServer, cosmos_server_fixture, start_cosmos_server  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosServer]:
-    server = start_cosmos_server(tmp_path_factory.mktemp("cosmos"))
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def cosmos(shared_server: CosmosServer) -> Iterator[CosmosServer]:
-    """The module's server, with no fault rules and zeroed statistics; tests use containers of their own
-    (starting a server per test costs up to seconds on a loaded machine)."""
-    shared_server.clear_faults()
-    shared_server.reset_stats()
-    yield shared_server
-    shared_server.clear_faults()
+from cosmos_fixture import (  # noqa: F401  (fixtures)
+    CosmosServer,
+    cosmos_fixture,
+    cosmos_server_fixture,
+    module_cosmos_server,
+    start_cosmos_server,
+)
 
 
 def _container(server: CosmosServer, **kwargs):

@@ -14,11 +14,11 @@ import os
 import random
 import sys
 import uuid
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from typing import Any
 
 import pytest
-from cosmos_fixture import CosmosServer, start_cosmos_server
+from cosmos_fixture import CosmosServer, cosmos_fixture, module_cosmos_server  # noqa: F401  (fixtures)
 
 from fastetcd.store.base import Fenced, Recovered, StoreError, Uncertain
 from fastetcd.store.cosmos import CosmosStore, Throttled
@@ -28,23 +28,6 @@ DB = "fastetcd"
 
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 30.0) -> Any:
     return asyncio.run(asyncio.wait_for(coro, timeout))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CosmosServer]:
-    srv = start_cosmos_server(tmp_path_factory.mktemp("cosmos"))
-    try:
-        yield srv
-    finally:
-        srv.stop()
-
-
-@pytest.fixture
-def cosmos(server: CosmosServer) -> Iterator[CosmosServer]:
-    server.clear_faults()
-    server.reset_stats()
-    yield server
-    server.clear_faults()
 
 
 @pytest.fixture

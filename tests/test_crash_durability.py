@@ -13,9 +13,10 @@ import time
 from dataclasses import dataclass, field
 
 import grpc
-from servers import ServerFactory, ServerProcess, kv_stub
+from servers import ServerFactory
 
 from fastetcd.proto import rpc_pb2
+from fastetcd.testing import ServerProcess, kv_stub
 
 WRITERS = 16
 WRITE_SECONDS = 2.0

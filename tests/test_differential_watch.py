@@ -1,4 +1,4 @@
-"""Differential test of Watch and Lease: seeded random workloads (the KV generator of test_differential.py
+"""Differential test of Watch and Lease: seeded random workloads (the KV generator of kv_differential.py
 plus watches and leases) sent over gRPC to a fresh fastetcd and a fresh real etcd 3.5.1.
 
 Watches: identical WatchCreateRequests on both servers (single keys, prefixes, "\\0" range ends, empty
@@ -35,21 +35,22 @@ import grpc
 import pytest
 from google.protobuf import text_format
 from google.protobuf.message import Message
-from test_differential import (
+from kv_differential import (
     PREFIXES,
     Generator,
     Model,
     Outcome,
     TxnScope,
-    _outcome,
     covers,
     describe,
-    prefix_end,
+    outcome_of,
+    parametrize_seeds,
     zero_header_ids,
 )
 from watch_streams import WatchLog, WatchResponse, WatchStream, attribute
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import prefix_end
 
 NOPUT = rpc_pb2.WatchCreateRequest.NOPUT
 NODELETE = rpc_pb2.WatchCreateRequest.NODELETE
@@ -68,11 +69,7 @@ ALL_KEYS = rpc_pb2.WatchCreateRequest(key=b"\x00", range_end=b"\x00", prev_kv=Tr
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "watch_seed" in metafunc.fixturenames:
-        start = metafunc.config.getoption("--diff-seed-start")
-        count = metafunc.config.getoption("--watch-diff-seeds")
-        seeds = list(range(start, start + count))
-        metafunc.parametrize("watch_seed", seeds, ids=[f"seed{s}" for s in seeds])
+    parametrize_seeds(metafunc, "watch_seed", "--watch-diff-seeds")
 
 
 # -- what etcd does with a WatchCreateRequest ------------------------------------------------------
@@ -410,7 +407,7 @@ class Run:
         else:
             fs = self.subject.unary(method)(req, timeout=30)
             fo = self.oracle.unary(method)(req, timeout=30)
-            got, want = _outcome(fs), _outcome(fo)
+            got, want = outcome_of(fs), outcome_of(fo)
         problem = normalize_lease(method, got, want)
         if got.key() != want.key() or problem:
             a, b = got.render(), want.render()

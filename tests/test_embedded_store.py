@@ -10,21 +10,15 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, closing
+from typing import Any
 
 import pytest
 
-import fastetcd
 from fastetcd.store.base import Recovered, StoreError
 from fastetcd.store.embedded import DB_FILE, EmbeddedStore
-
-
-def child_env() -> dict[str, str]:
-    """The child imports the same fastetcd package this test did (installed or a checkout's src/)."""
-    env = dict(os.environ)
-    pkg_parent = str(Path(fastetcd.__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH", "")) if p)
-    return env
+from fastetcd.testing import fastetcd_env
 
 
 def run(coro):
@@ -41,6 +35,23 @@ async def reopen(path: str) -> Recovered:
         return await s.open()
     finally:
         await s.close()
+
+
+@asynccontextmanager
+async def opened(path: str, **kw: Any) -> AsyncIterator[EmbeddedStore]:
+    """An open store on `path`, closed on the way out."""
+    s = EmbeddedStore(path, **kw)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def sql(path: str, query: str) -> list[tuple[Any, ...]]:
+    """Rows of `query` on the store's database, read with a connection of its own."""
+    with closing(sqlite3.connect(os.path.join(path, DB_FILE))) as conn:
+        return conn.execute(query).fetchall()
 
 
 def test_fresh_store_is_empty_and_round_trips(tmp_path):
@@ -86,44 +97,33 @@ def test_wal_mode_and_size(tmp_path):
     d = str(tmp_path)
 
     async def body():
-        s = EmbeddedStore(d)
-        await s.open()
-        before = s.size()
-        await s.append([(2, os.urandom(1_000_000))])
-        after = s.size()
-        await s.close()
-        return before, after
+        async with opened(d) as s:
+            before = s.size()
+            await s.append([(2, os.urandom(1_000_000))])
+            return before, s.size()
 
     before, after = run(body())
     assert 0 < before
     assert after >= before + 1_000_000
-    conn = sqlite3.connect(os.path.join(d, DB_FILE))
-    try:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    finally:
-        conn.close()
+    assert sql(d, "PRAGMA journal_mode") == [("wal",)]
 
 
 def test_snapshot_drops_older_log_and_keeps_records_after_it(tmp_path):
     d = str(tmp_path)
 
     async def body():
-        s = EmbeddedStore(d)
-        await s.open()
-        await s.append(recs(2, 10))
-        await s.save_snapshot(7, (c for c in [b"ab", b"cd", b"ef"]))
-        await s.append(recs(11, 12))
-        await s.close()
+        async with opened(d) as s:
+            await s.append(recs(2, 10))
+            await s.save_snapshot(7, (c for c in [b"ab", b"cd", b"ef"]))
+            await s.append(recs(11, 12))
         first = await reopen(d)
 
-        s = EmbeddedStore(d)
-        await s.open()
-        with pytest.raises(StoreError, match="older"):
-            await s.save_snapshot(5, [b"old"])
-        with pytest.raises(StoreError, match="ahead"):
-            await s.save_snapshot(13, [b"future"])
-        await s.save_snapshot(12, [b"X" * 10, b"Y"])
-        await s.close()
+        async with opened(d) as s:
+            with pytest.raises(StoreError, match="older"):
+                await s.save_snapshot(5, [b"old"])
+            with pytest.raises(StoreError, match="ahead"):
+                await s.save_snapshot(13, [b"future"])
+            await s.save_snapshot(12, [b"X" * 10, b"Y"])
         return first, await reopen(d)
 
     first, second = run(body())
@@ -134,23 +134,17 @@ def test_snapshot_drops_older_log_and_keeps_records_after_it(tmp_path):
     assert second.snapshot == b"X" * 10 + b"Y"
     assert second.entries == []
 
-    conn = sqlite3.connect(os.path.join(d, DB_FILE))
-    try:
-        assert conn.execute("SELECT DISTINCT idx FROM snapshot").fetchall() == [(12,)]
-        assert conn.execute("SELECT count(*) FROM log").fetchone() == (0,)
-    finally:
-        conn.close()
+    assert sql(d, "SELECT DISTINCT idx FROM snapshot") == [(12,)]
+    assert sql(d, "SELECT count(*) FROM log") == [(0,)]
 
 
 def test_snapshot_with_no_chunks_and_append_after_it(tmp_path):
     d = str(tmp_path)
 
     async def body():
-        s = EmbeddedStore(d)
-        await s.open()
-        await s.append(recs(2, 3))
-        await s.save_snapshot(3, [])
-        await s.close()
+        async with opened(d) as s:
+            await s.append(recs(2, 3))
+            await s.save_snapshot(3, [])
         s = EmbeddedStore(d)
         got = await s.open()
         with pytest.raises(StoreError):
@@ -168,18 +162,14 @@ def test_compact_rev_persists_and_never_goes_back(tmp_path):
     d = str(tmp_path)
 
     async def body():
-        s = EmbeddedStore(d)
-        await s.open()
-        await s.append(recs(2, 20))
-        await s.compact(9)
-        await s.close()
+        async with opened(d) as s:
+            await s.append(recs(2, 20))
+            await s.compact(9)
         first = await reopen(d)
-        s = EmbeddedStore(d)
-        await s.open()
-        await s.compact(5)
-        await s.compact(15)
-        await s.compact(12)
-        await s.close()
+        async with opened(d) as s:
+            await s.compact(5)
+            await s.compact(15)
+            await s.compact(12)
         return first, await reopen(d)
 
     first, second = run(body())
@@ -202,13 +192,11 @@ def test_contiguity_guard_rejects_and_leaves_store_unchanged(tmp_path, bad):
     d = str(tmp_path)
 
     async def body():
-        s = EmbeddedStore(d)
-        await s.open()
-        await s.append(recs(2, 4))
-        with pytest.raises(StoreError):
-            await s.append(bad)
-        await s.append(recs(5, 6))
-        await s.close()
+        async with opened(d) as s:
+            await s.append(recs(2, 4))
+            with pytest.raises(StoreError):
+                await s.append(bad)
+            await s.append(recs(5, 6))
         return await reopen(d)
 
     assert run(body()).entries == recs(2, 6)
@@ -218,14 +206,12 @@ def test_sqlite_error_mid_batch_rolls_back_the_whole_batch(tmp_path):
     d = str(tmp_path)
 
     async def body():
-        s = EmbeddedStore(d)
-        await s.open()
-        await s.append(recs(2, 3))
-        # The second row cannot be bound, after the first was already inserted in the transaction.
-        with pytest.raises(StoreError, match="failed"):
-            await s.append([(4, b"ok"), (5, {"not": "bytes"})])  # type: ignore[list-item]
-        await s.append(recs(4, 5, b"again"))
-        await s.close()
+        async with opened(d) as s:
+            await s.append(recs(2, 3))
+            # The second row cannot be bound, after the first was already inserted in the transaction.
+            with pytest.raises(StoreError, match="failed"):
+                await s.append([(4, b"ok"), (5, {"not": "bytes"})])  # type: ignore[list-item]
+            await s.append(recs(4, 5, b"again"))
         return await reopen(d)
 
     assert run(body()).entries == recs(2, 3) + recs(4, 5, b"again")
@@ -235,20 +221,18 @@ def test_busy_database_fails_append_cleanly(tmp_path):
     d = str(tmp_path)
 
     async def body():
-        s = EmbeddedStore(d, busy_timeout=0.2)
-        await s.open()
-        await s.append(recs(2, 2))
-        # Another SQLite user (a backup tool, say) holding the write lock makes the append fail, not hang.
-        other = sqlite3.connect(os.path.join(d, DB_FILE), isolation_level=None)
-        other.execute("BEGIN IMMEDIATE")
-        try:
-            with pytest.raises(StoreError, match="locked"):
-                await s.append(recs(3, 3))
-        finally:
-            other.execute("ROLLBACK")
-            other.close()
-        await s.append(recs(3, 3, b"later"))
-        await s.close()
+        async with opened(d, busy_timeout=0.2) as s:
+            await s.append(recs(2, 2))
+            # Another SQLite user (a backup tool, say) holding the write lock makes the append fail, not
+            # hang.
+            with closing(sqlite3.connect(os.path.join(d, DB_FILE), isolation_level=None)) as other:
+                other.execute("BEGIN IMMEDIATE")
+                try:
+                    with pytest.raises(StoreError, match="locked"):
+                        await s.append(recs(3, 3))
+                finally:
+                    other.execute("ROLLBACK")
+            await s.append(recs(3, 3, b"later"))
         return await reopen(d)
 
     assert run(body()).entries == recs(2, 2) + recs(3, 3, b"later")
@@ -288,12 +272,8 @@ def test_schema_1_data_dir_is_migrated_in_place(tmp_path):
     got, again = run(body())
     assert (got.snapshot_index, got.snapshot, got.compact_rev, got.entries) == (3, b"abcd", 2, recs(4, 6))
     assert (again.snapshot_index, again.snapshot, again.entries) == (5, b"snap", recs(6, 7))
-    conn = sqlite3.connect(os.path.join(d, DB_FILE))
-    try:
-        assert conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (2,)
-        assert [r[1] for r in conn.execute("PRAGMA table_info(log)")] == ["idx", "data"]
-    finally:
-        conn.close()
+    assert sql(d, "SELECT value FROM meta WHERE key = 'schema'") == [(2,)]
+    assert [r[1] for r in sql(d, "PRAGMA table_info(log)")] == ["idx", "data"]
 
 
 def test_unknown_schema_version_is_refused(tmp_path):
@@ -358,7 +338,7 @@ def test_lock_is_held_across_processes_and_released_by_death(tmp_path):
     d = str(tmp_path)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD_HOLDS_LOCK, d],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=child_env(),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=fastetcd_env(),
     )
     try:
         assert child.stdout.readline().strip() == "ready"
@@ -430,7 +410,7 @@ def test_sigkill_mid_append_loses_no_acknowledged_revision(tmp_path):
     acked = 1
     for _ in range(4):
         child = subprocess.Popen(
-            [sys.executable, "-c", CRASH_CHILD, d], stdout=subprocess.PIPE, text=True, env=child_env()
+            [sys.executable, "-c", CRASH_CHILD, d], stdout=subprocess.PIPE, text=True, env=fastetcd_env()
         )
         try:
             first = child.stdout.readline().split()

@@ -18,12 +18,9 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import json
-import os
 import random
-import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -33,7 +30,6 @@ from pathlib import Path
 import grpc
 import pytest
 from fastetcd._core import MVCC
-from servers import ServerProcess, fastetcd_env, free_port, run_etcdctl, start_etcd, start_fastetcd
 
 from fastetcd.engine.lessor import MIN_TTL
 from fastetcd.engine.state_machine import SNAPSHOT_MAGIC
@@ -44,6 +40,7 @@ from fastetcd.etcd_import.etcd_db import EtcdDB, EtcdDBError, LeaseRecord, Versi
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from fastetcd.store.base import StoreError
 from fastetcd.store.embedded import EmbeddedStore
+from fastetcd.testing import ServerProcess, run_etcdctl, run_fastetcd, start_etcd, start_fastetcd
 
 SEED = 20261127
 BIG_BEFORE = 10_000  # bytes: larger than a 4 KiB page, so the leaf holding it has overflow pages
@@ -251,18 +248,14 @@ def etcd_source(tmp_path_factory: pytest.TempPathFactory) -> EtcdSource:
         snap = tmp / "etcd.snap"
         assert "Snapshot saved at" in ctl(etcd.endpoint, "snapshot", "save", str(snap))
         # a clean stop: etcd commits its backend, so member/snap/db holds everything
-        os.killpg(etcd.proc.pid, signal.SIGTERM)
-        etcd.proc.wait(timeout=30)
+        etcd.stop(timeout=30, escalate=False)
     finally:
         etcd.kill()
     return EtcdSource(snap, tmp / "etcd", hist, observed)
 
 
 def _import(source: Path, dest: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fastetcd", "import", str(source), "--data-dir", str(dest)],
-        capture_output=True, text=True, env=fastetcd_env(), timeout=120,
-    )  # fmt: skip
+    return run_fastetcd("import", str(source), "--data-dir", str(dest), timeout=120)
 
 
 def _start_imported(root: Path) -> ServerProcess:
@@ -355,11 +348,7 @@ def test_import_refuses_a_used_data_dir_and_damaged_snapshots(
         assert proc.stderr.count("\n") == 1
 
     # fastetcd's own restore points at the import when handed etcd's snapshot
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastetcd", "snapshot", "restore", str(etcd_source.snapshot),
-         "--data-dir", str(tmp_path / "r")],
-        capture_output=True, text=True, env=fastetcd_env(), timeout=60,
-    )  # fmt: skip
+    proc = run_fastetcd("snapshot", "restore", str(etcd_source.snapshot), "--data-dir", str(tmp_path / "r"))
     assert (proc.returncode, proc.stderr) == (
         1,
         (
@@ -369,10 +358,7 @@ def test_import_refuses_a_used_data_dir_and_damaged_snapshots(
     )
 
     # --data-dir is required
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastetcd", "import", str(etcd_source.snapshot)],
-        capture_output=True, text=True, env=fastetcd_env(), timeout=60,
-    )  # fmt: skip
+    proc = run_fastetcd("import", str(etcd_source.snapshot))
     assert proc.returncode == 2 and "--data-dir" in proc.stderr
 
     proc = _import(tmp_path / "missing.db", tmp_path / "d2")
@@ -446,14 +432,14 @@ def test_fastetcd_refuses_to_start_on_an_etcd_data_dir(
         data_dir = tmp_path / "half"
         (data_dir / "member" / "wal").mkdir(parents=True)
     before = sorted(p.relative_to(data_dir) for p in data_dir.rglob("*"))
-    client = f"127.0.0.1:{free_port()}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastetcd", "--data-dir", str(data_dir),
-         "--listen-client-urls", f"http://{client}", "--advertise-client-urls", f"http://{client}"],
-        capture_output=True, text=True, env=fastetcd_env(), timeout=60,
-    )  # fmt: skip
-    assert proc.returncode == 1, proc.stderr
-    assert _last_line_error(proc.stderr) == (
+    server = start_fastetcd(tmp_path / "run", ["--data-dir", str(data_dir)], explicit_data_dir=False,
+                            wait=False)
+    try:
+        code = server.proc.wait(timeout=60)
+    finally:
+        server.kill()
+    assert code == 1, server.output()
+    assert _last_line_error(server.output()) == (
         f"fastetcd: error: data dir {data_dir} is an etcd data dir; import it with: "
         f"fastetcd import {data_dir}/member/snap/db --data-dir NEWDIR"
     )

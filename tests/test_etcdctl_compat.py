@@ -1,61 +1,16 @@
 """etcdctl 3.5.1 as a black box: the same command sequence against fastetcd and against real etcd must
-give byte-identical stdout, stderr and exit codes.
-
-Only what must differ between two clusters is normalized: the cluster/member ids and raft term in
-`-w json` output, and the client log line's timestamp, connection pointer and endpoint.
+give byte-identical stdout, stderr and exit codes, once normalized (etcdctl_compare.normalize).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import pytest
-from servers import run_etcdctl
+from etcdctl_compare import Comparison, Outcome, normalize
 
-_IDS = ("cluster_id", "member_id", "raft_term")
-
-
-def _normalize_json(value: object) -> object:
-    """Mask ids wherever a header carries them, but keep the keys: a nested header that carries ids on
-    one server and not on the other is a real difference a client can see."""
-    if isinstance(value, dict):
-        return {k: ("<id>" if k in _IDS else _normalize_json(v)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_normalize_json(v) for v in value]
-    return value
-
-
-def _normalize_line(line: str, endpoint: str) -> str:
-    stripped = line.strip()
-    if stripped.startswith("{") and stripped.endswith("}"):
-        try:
-            doc = json.loads(stripped)
-        except ValueError:
-            doc = None
-        if isinstance(doc, dict):
-            if doc.get("logger") == "etcd-client" or "ts" in doc:
-                # A client log line: its time and the Go pointer in "target" differ between any two runs.
-                doc.pop("ts", None)
-                doc.pop("target", None)
-            return json.dumps(_normalize_json(doc), sort_keys=False)
-    return line.replace(endpoint, "<endpoint>")
-
-
-def normalize(text: str, endpoint: str) -> str:
-    return "\n".join(_normalize_line(line, endpoint) for line in text.split("\n"))
-
-
-@dataclass
-class Outcome:
-    rc: int
-    out: str
-    err: str
-
-    def show(self) -> str:
-        return f"rc={self.rc}\n--- stdout ---\n{self.out}--- stderr ---\n{self.err}"
+from fastetcd.testing import run_etcdctl
 
 
 def ctl(endpoint: str, args: Sequence[str], stdin: str | None = None) -> Outcome:
@@ -63,20 +18,16 @@ def ctl(endpoint: str, args: Sequence[str], stdin: str | None = None) -> Outcome
     return Outcome(rc, normalize(out, endpoint), normalize(err, endpoint))
 
 
-class Pair:
-    """Runs every command on both servers, collecting differences instead of stopping at the first,
-    so one failing test lists every incompatibility of its scenario."""
+class Pair(Comparison):
+    """Runs every command on both servers (see Comparison)."""
 
     def __init__(self, subject: str, oracle: str) -> None:
+        super().__init__()
         self.subject = subject
         self.oracle = oracle
-        self.mismatches: list[str] = []
-        self.count = 0
-        self.pool = ThreadPoolExecutor(max_workers=1)
 
     def run(self, *args: str, stdin: str | None = None, expect_rc: int | None = None) -> Outcome:
         self.count += 1
-        # Both at once: each etcdctl run is mostly process start-up and waiting.
         got_f = self.pool.submit(ctl, self.subject, args, stdin)
         want = ctl(self.oracle, args, stdin)
         got = got_f.result()
@@ -84,29 +35,18 @@ class Pair:
         if stdin is not None:
             cmd += f"  <<< {stdin!r}"
         if got != want:
-            self.mismatches.append(f"$ {cmd}\n=== fastetcd ===\n{got.show()}\n=== etcd ===\n{want.show()}")
+            self.differs(cmd, got, want)
         # Guards the scenario itself: a command that does not do what the test means proves nothing.
         if expect_rc is not None:
             assert want.rc == expect_rc, f"oracle gave an unexpected exit code for {cmd}:\n{want.show()}"
         return want
 
-    def check(self) -> None:
-        self.pool.shutdown()
-        if self.mismatches:
-            pytest.fail(
-                f"{len(self.mismatches)} of {self.count} etcdctl commands differ:\n\n"
-                + "\n\n".join(self.mismatches),
-                pytrace=False,
-            )
 
 
 @pytest.fixture
 def pair(fastetcd_endpoint: str, etcd_endpoint: str) -> Iterator[Pair]:
-    p = Pair(fastetcd_endpoint, etcd_endpoint)
-    try:
+    with Pair(fastetcd_endpoint, etcd_endpoint) as p:
         yield p
-    finally:
-        p.pool.shutdown()
 
 
 SORT_TARGETS = ("KEY", "VERSION", "CREATE", "MODIFY", "VALUE")

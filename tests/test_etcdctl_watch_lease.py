@@ -25,12 +25,12 @@ import signal
 import subprocess
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from servers import run_etcdctl
-from test_etcdctl_compat import Outcome, normalize
+from etcdctl_compare import Comparison, Outcome, json_line, normalize
+
+from fastetcd.testing import etcd_tool, etcdctl_env, run_etcdctl
 
 TTL_TOLERANCE_S = 2
 WATCH_START_S = 1.0  # etcdctl needs well under this to connect and create its watch
@@ -71,15 +71,10 @@ class ServerView:
         ttls: list[int] = []
         lines = []
         for line in normalize(text, self.endpoint).split("\n"):
-            stripped = line.strip()
-            if stripped.startswith("{") and stripped.endswith("}"):
-                try:
-                    doc = json.loads(stripped)
-                except ValueError:
-                    doc = None
-                if isinstance(doc, dict):
-                    lines.append(json.dumps(self._json(doc, ttls)))
-                    continue
+            doc = json_line(line)
+            if doc is not None:
+                lines.append(json.dumps(self._json(doc, ttls)))
+                continue
             if _FIELDS_ID.match(line):
                 line = line.rsplit(":", 1)[0] + ": <id>"
             elif m := _FIELDS_LEASE.match(line):
@@ -117,20 +112,12 @@ class ServerView:
         return out
 
 
-def etcdctl_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
-    env["ETCDCTL_API"] = "3"
-    return env
-
-
-class LeasePair:
-    """Runs every command on both servers, collecting differences instead of stopping at the first."""
+class LeasePair(Comparison):
+    """Runs every command on both servers (see Comparison), each with its own names for lease ids."""
 
     def __init__(self, subject: str, oracle: str) -> None:
+        super().__init__()
         self.views = (ServerView(subject), ServerView(oracle))
-        self.mismatches: list[str] = []
-        self.count = 0
-        self.pool = ThreadPoolExecutor(max_workers=1)
 
     @property
     def subject(self) -> ServerView:
@@ -166,17 +153,12 @@ class LeasePair:
         got, want = outs
         cmd = f"etcdctl {what}" + (f"  <<< {stdin!r}" if stdin is not None else "")
         if got != want:
-            self.mismatches.append(f"$ {cmd}\n=== fastetcd ===\n{got.show()}\n=== etcd ===\n{want.show()}")
+            self.differs(cmd, got, want)
         elif len(ttls[0]) != len(ttls[1]) or any(abs(a - b) > TTL_TOLERANCE_S
                                                    for a, b in zip(*ttls, strict=True)):
             self.mismatches.append(f"$ {cmd}\nremaining TTLs differ: fastetcd {ttls[0]}, etcd {ttls[1]}")
         return got, want
 
-    def check(self) -> None:
-        self.pool.shutdown()
-        if self.mismatches:
-            pytest.fail(f"{len(self.mismatches)} of {self.count} etcdctl commands differ:\n\n"
-                        + "\n\n".join(self.mismatches), pytrace=False)
 
 
 class BackgroundCtl:
@@ -194,7 +176,7 @@ class BackgroundCtl:
             self.paths.append((out, err))
             with open(out, "wb") as fo, open(err, "wb") as fe:
                 self.procs.append(subprocess.Popen(
-                    ["etcdctl", f"--endpoints={view.endpoint}", *view.args(args)],
+                    [etcd_tool("etcdctl"), f"--endpoints={view.endpoint}", *view.args(args)],
                     stdin=subprocess.PIPE if interactive else subprocess.DEVNULL, stdout=fo, stderr=fe,
                     env=etcdctl_env(), start_new_session=True))
 
@@ -252,11 +234,8 @@ class BackgroundCtl:
 
 @pytest.fixture
 def pair(fastetcd_endpoint: str, etcd_endpoint: str) -> Iterator[LeasePair]:
-    p = LeasePair(fastetcd_endpoint, etcd_endpoint)
-    try:
+    with LeasePair(fastetcd_endpoint, etcd_endpoint) as p:
         yield p
-    finally:
-        p.pool.shutdown()
 
 
 @pytest.fixture

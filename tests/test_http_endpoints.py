@@ -10,9 +10,10 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from servers import ServerFactory, ServerProcess, free_port, run_etcdctl
+from servers import ServerFactory
 
 from fastetcd.proto import rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import ServerProcess, free_port, run_etcdctl
 
 ETCD_NAMES = {
     "etcd_server_has_leader", "etcd_server_is_leader", "etcd_mvcc_db_total_size_in_bytes",

@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from servers import ServerFactory, ServerProcess
-from test_differential import prefix_end
+from servers import ServerFactory
 from watch_streams import REQUIRE_LEADER, Received, WatchStream
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import ServerProcess, prefix_end
 
 PODS = b"/registry/pods/"
 EVENTS = b"/registry/events/"

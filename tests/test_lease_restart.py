@@ -12,9 +12,6 @@ fastetcd is the subject; `--subject=etcd` runs the same checks against etcd (fsy
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -22,9 +19,10 @@ from dataclasses import dataclass, field
 
 import grpc
 import pytest
-from servers import ServerFactory, ServerProcess, kv_stub
+from servers import ServerFactory
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import ServerProcess, kv_stub
 
 PREFIX = b"leased/"
 PREFIX_END = b"leased0"
@@ -51,12 +49,10 @@ class Lease:
 
 def _stop(server: ServerProcess, how: str) -> None:
     if how == "sigterm":
-        os.killpg(server.proc.pid, signal.SIGTERM)
         try:
-            server.proc.wait(timeout=SIGTERM_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            pytest.fail(f"{server.kind} did not exit within {SIGTERM_TIMEOUT_S}s of SIGTERM")
+            server.stop(timeout=SIGTERM_TIMEOUT_S, escalate=False)
+        except TimeoutError as e:
+            pytest.fail(str(e))
     server.kill()  # the SIGKILL case; after a clean exit it only reaps and closes the log
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-import os
 import queue
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from fastetcd.server.election import ElectionService
 from fastetcd.server.header import Header
 from fastetcd.server.lock import LockService
 from fastetcd.store.embedded import EmbeddedStore
+from fastetcd.testing import etcd_tool, etcdctl_env, stop_process_group
 
 WAIT_S = 15.0  # a lease of 2 s expires within about 2.5 s on both servers; leave room on a busy machine
 
@@ -421,11 +421,9 @@ class Etcdctl:
     """A long-running etcdctl (lock and elect block until interrupted); its output read as it comes."""
 
     def __init__(self, endpoint: str, *args: str) -> None:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ETCDCTL_")}
-        env["ETCDCTL_API"] = "3"
         self.proc = subprocess.Popen(
-            ["etcdctl", f"--endpoints={endpoint}", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True, env=env, start_new_session=True,
+            [etcd_tool("etcdctl"), f"--endpoints={endpoint}", *args], stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True, env=etcdctl_env(), start_new_session=True,
         )
         self.out: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -448,13 +446,7 @@ class Etcdctl:
 
     def stop(self) -> str:
         """SIGINT (etcdctl then releases its lock or resigns and revokes its lease), then its stderr."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process_group(self.proc, signal.SIGINT, timeout=10)
         assert self.proc.stderr is not None
         return self.proc.stderr.read()
 

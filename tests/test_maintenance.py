@@ -5,16 +5,15 @@ and ``fastetcd snapshot restore``, move-leader."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from servers import ServerFactory, ServerProcess, fastetcd_env, run_etcdctl, start_fastetcd
+from servers import ServerFactory
 
 from fastetcd.proto import rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import ServerProcess, run_etcdctl, run_fastetcd, start_fastetcd
 
 
 def ctl(server: ServerProcess, *args: str, ok: bool = True) -> str:
@@ -180,10 +179,7 @@ def test_snapshot_save_then_restore_keeps_keys_revisions_leases_and_compaction(
     assert snap.stat().st_size % 512 == 32  # etcdctl's own check that a sha256 trailer is there
 
     restored_dir = tmp_path / "restored" / "fastetcd"
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastetcd", "snapshot", "restore", str(snap), "--data-dir", str(restored_dir)],
-        capture_output=True, text=True, env=fastetcd_env(), timeout=60,
-    )
+    proc = run_fastetcd("snapshot", "restore", str(snap), "--data-dir", str(restored_dir))
     assert proc.returncode == 0, proc.stderr
     again = start_fastetcd(tmp_path / "restored")
     try:
@@ -204,20 +200,13 @@ def test_snapshot_save_then_restore_keeps_keys_revisions_leases_and_compaction(
         again.kill()
 
     # A second restore into the same dir is refused, as etcd refuses; so is a damaged file.
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastetcd", "snapshot", "restore", str(snap), "--data-dir", str(restored_dir)],
-        capture_output=True, text=True, env=fastetcd_env(), timeout=60,
-    )
+    proc = run_fastetcd("snapshot", "restore", str(snap), "--data-dir", str(restored_dir))
     assert proc.returncode == 1 and "exists" in proc.stderr
     damaged = tmp_path / "damaged.snap"
     data = bytearray(snap.read_bytes())
     data[100] ^= 0xFF
     damaged.write_bytes(bytes(data))
-    proc = subprocess.run(
-        [sys.executable, "-m", "fastetcd", "snapshot", "restore", str(damaged), "--data-dir",
-         str(tmp_path / "other")],
-        capture_output=True, text=True, env=fastetcd_env(), timeout=60,
-    )
+    proc = run_fastetcd("snapshot", "restore", str(damaged), "--data-dir", str(tmp_path / "other"))
     assert proc.returncode == 1 and "sha256 checksum mismatch" in proc.stderr
 
 

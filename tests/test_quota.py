@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from servers import start_fastetcd
 
 from fastetcd.proto import rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import start_fastetcd
 
 
 def test_writes_past_the_quota_get_nospace_but_deletes_work(tmp_path) -> None:

@@ -26,10 +26,17 @@ from pathlib import Path
 
 import grpc
 import pytest
-from servers import UNLIMITED_CHANNEL_OPTIONS, ServerProcess, free_port, start_fastetcd, wait_ready
 
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.proto import rpc_pb2_grpc
+from fastetcd.testing import (
+    UNLIMITED_CHANNEL_OPTIONS,
+    ServerProcess,
+    free_port,
+    process_memory,
+    start_etcd,
+    start_fastetcd,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 ETCD37 = REPO / "bench" / ".bin" / "etcd-3.7"
@@ -53,22 +60,7 @@ def etcd37_binary() -> Path:
 
 
 def start_etcd37(data_dir: Path, extra_args: tuple[str, ...] = ()) -> ServerProcess:
-    data_dir.mkdir(parents=True, exist_ok=True)
-    client, peer = f"127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    argv = [
-        str(etcd37_binary()), "--name", "oracle", "--data-dir", str(data_dir / "etcd"),
-        "--listen-client-urls", f"http://{client}", "--advertise-client-urls", f"http://{client}",
-        "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-        "--initial-cluster", f"oracle={peer}",
-        "--log-level", "error", "--unsafe-no-fsync", *extra_args,
-    ]  # fmt: skip
-    log_path = data_dir / "etcd.log"
-    log_file = open(log_path, "ab")  # closed by ServerProcess.kill
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
-    server = ServerProcess("etcd", proc, client, data_dir, log_path, log_file)
-    wait_ready(server)
-    return server
+    return start_etcd(data_dir, extra_args, binary=str(etcd37_binary()))
 
 
 @pytest.fixture
@@ -365,14 +357,6 @@ STALL_S = 3.0
 RSS_BOUND_MIB = 16
 
 
-def _rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
-
-
 def _metric(url: str, name: str, **labels: str) -> float:
     import urllib.request
 
@@ -395,13 +379,13 @@ def test_slow_reader_holds_one_chunk_and_cancel_stops_the_scan(tmp_path: Path) -
             put_many(rpc_pb2_grpc.KVStub(ch), b"mem/", MEM_KEYS, 1024, per_txn=100)
         time.sleep(0.5)
         sent0 = _metric(metrics, "etcd_network_client_grpc_sent_bytes_total")
-        base = _rss_bytes(fe.proc.pid)
+        base = process_memory(fe.pid)
         peak = [base]
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
-                peak[0] = max(peak[0], _rss_bytes(fe.proc.pid))
+                peak[0] = max(peak[0], process_memory(fe.pid))
                 time.sleep(0.02)
 
         sampler = threading.Thread(target=sample, daemon=True)

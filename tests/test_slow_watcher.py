@@ -17,9 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import grpc
-from servers import UNLIMITED_CHANNEL_OPTIONS, ServerProcess, kv_stub
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import UNLIMITED_CHANNEL_OPTIONS, ServerProcess, kv_stub, process_memory
 
 EVENTS = 10_000
 VALUE_SIZE = 2048
@@ -42,11 +42,7 @@ RSS_SAMPLE_INTERVAL_S = 0.05
 
 
 def _vm_rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    return process_memory(pid) // 1024
 
 
 class RssSampler(threading.Thread):

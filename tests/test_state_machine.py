@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,16 @@ async def engine(
         store.release()  # a failing test must not leave the writer parked inside append
         await sm.stop()
         await store.close()
+
+
+def run_engine(path: Path, body: Callable[[StateMachine, FaultyStore], Awaitable[Any]]) -> Any:
+    """run(body(sm, store)) on a fresh engine over `path`."""
+
+    async def main() -> Any:
+        async with engine(path) as (sm, store):
+            return await body(sm, store)
+
+    return run(main())
 
 
 def put(key: bytes, value: bytes, **kw: Any) -> pb.PutRequest:
@@ -114,116 +124,112 @@ def spawn(aw: Any) -> asyncio.Future:
 def test_group_commit_concurrent_puts_share_appends_and_get_contiguous_revisions(tmp_path):
     n = 200
 
-    async def body():
-        async with engine(tmp_path) as (sm, store):
-            resps = await asyncio.gather(*(sm.put(put(b"k%03d" % i, b"v%d" % i)) for i in range(n)))
-            revs = [r.header.revision for r in resps]
-            assert len(set(revs)) == n
-            assert sorted(revs) == list(range(2, n + 2))
-            assert 1 <= store.append_count < n, store.appends
-            # Every revision went to the store exactly once, in order, with no gaps.
-            assert [rev for batch in store.appends for rev in batch] == list(range(2, n + 2))
-            assert sm.committed_rev == n + 1
-            # Each caller's revision is the one its own key was written at.
-            for i, r in enumerate(resps):
-                assert get(sm, b"k%03d" % i) == (b"k%03d" % i, b"v%d" % i, r.header.revision,
-                                                 r.header.revision, 1)
-            assert read_all(sm)[1] == n
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        resps = await asyncio.gather(*(sm.put(put(b"k%03d" % i, b"v%d" % i)) for i in range(n)))
+        revs = [r.header.revision for r in resps]
+        assert len(set(revs)) == n
+        assert sorted(revs) == list(range(2, n + 2))
+        assert 1 <= store.append_count < n, store.appends
+        # Every revision went to the store exactly once, in order, with no gaps.
+        assert [rev for batch in store.appends for rev in batch] == list(range(2, n + 2))
+        assert sm.committed_rev == n + 1
+        # Each caller's revision is the one its own key was written at.
+        for i, r in enumerate(resps):
+            assert get(sm, b"k%03d" % i) == (b"k%03d" % i, b"v%d" % i, r.header.revision,
+                                             r.header.revision, 1)
+        assert read_all(sm)[1] == n
 
-    run(body())
+    run_engine(tmp_path, body)
 
 
 def test_writes_queued_during_an_append_go_together_in_the_next_one(tmp_path):
-    async def body():
-        async with engine(tmp_path) as (sm, store):
-            store.hold()
-            first = spawn(sm.put(put(b"first", b"1")))
-            await store.wait_held()
-            rest = [spawn(sm.put(put(b"k%02d" % i, b"x"))) for i in range(50)]
-            await asyncio.sleep(0.05)
-            assert store.append_count == 1  # the writer is parked in the first append
-            assert not first.done() and not any(f.done() for f in rest)
-            store.release()
-            assert (await first).header.revision == 2
-            got = [(await f).header.revision for f in rest]
-            assert sorted(got) == list(range(3, 53))
-            assert store.appends == [[2], list(range(3, 53))]
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        store.hold()
+        first = spawn(sm.put(put(b"first", b"1")))
+        await store.wait_held()
+        rest = [spawn(sm.put(put(b"k%02d" % i, b"x"))) for i in range(50)]
+        await asyncio.sleep(0.05)
+        assert store.append_count == 1  # the writer is parked in the first append
+        assert not first.done() and not any(f.done() for f in rest)
+        store.release()
+        assert (await first).header.revision == 2
+        got = [(await f).header.revision for f in rest]
+        assert sorted(got) == list(range(3, 53))
+        assert store.appends == [[2], list(range(3, 53))]
 
-    run(body())
+    run_engine(tmp_path, body)
 
 
 def test_no_op_writes_take_no_revision_and_no_append(tmp_path):
-    async def body():
-        async with engine(tmp_path) as (sm, store):
-            await sm.put(put(b"a", b"1"))
-            before = store.append_count
-            d = await sm.delete_range(delete(b"missing"))
-            assert (d.deleted, d.header.revision) == (0, 2)
-            t = await sm.txn(pb.TxnRequest(compare=[version_is(b"a", 7)], success=[op_put(b"a", b"2")]))
-            assert not t.succeeded and t.header.revision == 2
-            assert store.append_count == before and sm.committed_rev == 2
-            assert (await sm.put(put(b"b", b"1"))).header.revision == 3
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        await sm.put(put(b"a", b"1"))
+        before = store.append_count
+        d = await sm.delete_range(delete(b"missing"))
+        assert (d.deleted, d.header.revision) == (0, 2)
+        t = await sm.txn(pb.TxnRequest(compare=[version_is(b"a", 7)], success=[op_put(b"a", b"2")]))
+        assert not t.succeeded and t.header.revision == 2
+        assert store.append_count == before and sm.committed_rev == 2
+        assert (await sm.put(put(b"b", b"1"))).header.revision == 3
 
-    run(body())
+    run_engine(tmp_path, body)
 
 
 # ----------------------------------------------------------------------------------------- isolation
 
 
 def test_reads_never_see_pending_writes(tmp_path):
-    async def body():
-        async with engine(tmp_path) as (sm, store):
-            await sm.put(put(b"a", b"old"))  # 2
-            await sm.put(put(b"c", b"doomed"))  # 3
-            committed = read_all(sm)
-            store.hold()
-            pending = [
-                spawn(sm.put(put(b"a", b"new"))),
-                spawn(sm.put(put(b"b", b"created"))),
-                spawn(sm.delete_range(delete(b"c"))),
-            ]
-            await store.wait_held()
-            await asyncio.sleep(0.02)
-            # The premise: the pending versions really are in the core, above committed_rev.
-            assert store.appends[-1] == [4, 5, 6]
-            assert sm.core.rev == 6 and sm.core.get(b"a", 6).value == b"new"
-            assert sm.committed_rev == 3
-            assert not any(f.done() for f in pending)
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        await sm.put(put(b"a", b"old"))  # 2
+        await sm.put(put(b"c", b"doomed"))  # 3
+        committed = read_all(sm)
+        store.hold()
+        pending = [
+            spawn(sm.put(put(b"a", b"new"))),
+            spawn(sm.put(put(b"b", b"created"))),
+            spawn(sm.delete_range(delete(b"c"))),
+        ]
+        await store.wait_held()
+        await asyncio.sleep(0.02)
+        # The premise: the pending versions really are in the core, above committed_rev.
+        assert store.appends[-1] == [4, 5, 6]
+        assert sm.core.rev == 6 and sm.core.get(b"a", 6).value == b"new"
+        assert sm.committed_rev == 3
+        assert not any(f.done() for f in pending)
 
-            assert read_all(sm) == committed
-            assert get(sm, b"a") == (b"a", b"old", 2, 2, 1)
-            assert get(sm, b"b") is None
-            assert get(sm, b"c") == (b"c", b"doomed", 3, 3, 1)
-            assert sm.range(pb.RangeRequest(key=b"a")).rev == 3  # header revision: committed, not head
-            cnt = sm.range(pb.RangeRequest(key=ALL[0], range_end=ALL[1], count_only=True))
-            assert cnt.count == 2
-            keys_only = sm.range(pb.RangeRequest(key=ALL[0], range_end=ALL[1], keys_only=True))
-            assert [k[0] for k in decode(keys_only.kvs)] == [b"a", b"c"]
-            by_mod = sm.range(pb.RangeRequest(key=ALL[0], range_end=ALL[1], sort_target=pb.RangeRequest.MOD,
-                                              sort_order=pb.RangeRequest.DESCEND))
-            assert [k[:2] for k in decode(by_mod.kvs)] == [(b"c", b"doomed"), (b"a", b"old")]
-            raises_etcd(errors.FUTURE_REV, sm.range, pb.RangeRequest(key=b"a", revision=4))
+        assert read_all(sm) == committed
+        assert get(sm, b"a") == (b"a", b"old", 2, 2, 1)
+        assert get(sm, b"b") is None
+        assert get(sm, b"c") == (b"c", b"doomed", 3, 3, 1)
+        assert sm.range(pb.RangeRequest(key=b"a")).rev == 3  # header revision: committed, not head
+        cnt = sm.range(pb.RangeRequest(key=ALL[0], range_end=ALL[1], count_only=True))
+        assert cnt.count == 2
+        keys_only = sm.range(pb.RangeRequest(key=ALL[0], range_end=ALL[1], keys_only=True))
+        assert [k[0] for k in decode(keys_only.kvs)] == [b"a", b"c"]
+        by_mod = sm.range(pb.RangeRequest(key=ALL[0], range_end=ALL[1], sort_target=pb.RangeRequest.MOD,
+                                          sort_order=pb.RangeRequest.DESCEND))
+        assert [k[:2] for k in decode(by_mod.kvs)] == [(b"c", b"doomed"), (b"a", b"old")]
+        raises_etcd(errors.FUTURE_REV, sm.range, pb.RangeRequest(key=b"a", revision=4))
 
-            t = sm.txn_readonly(pb.TxnRequest(
-                compare=[version_is(b"a", 1), version_is(b"b", 0)],
-                success=[op_range(b"a"), op_range(b"b")],
-                failure=[op_range(b"c")],
-            ))
-            assert t.succeeded and t.header.revision == 3
-            assert decode(t.responses[0].response_range.kvs) == [(b"a", b"old", 2, 2, 1)]
-            assert t.responses[1].response_range.count == 0
-            assert t.responses[0].response_range.header.revision == 3
+        t = sm.txn_readonly(pb.TxnRequest(
+            compare=[version_is(b"a", 1), version_is(b"b", 0)],
+            success=[op_range(b"a"), op_range(b"b")],
+            failure=[op_range(b"c")],
+        ))
+        assert t.succeeded and t.header.revision == 3
+        assert decode(t.responses[0].response_range.kvs) == [(b"a", b"old", 2, 2, 1)]
+        assert t.responses[1].response_range.count == 0
+        assert t.responses[0].response_range.header.revision == 3
 
-            store.release()
-            revs = [(await f).header.revision for f in pending]
-            assert revs == [4, 5, 6]
-            assert sm.committed_rev == 6
-            assert get(sm, b"a") == (b"a", b"new", 2, 4, 2)
-            assert get(sm, b"b") == (b"b", b"created", 5, 5, 1)
-            assert get(sm, b"c") is None
-            assert read_all(sm, 3) == committed  # history is still there
+        store.release()
+        revs = [(await f).header.revision for f in pending]
+        assert revs == [4, 5, 6]
+        assert sm.committed_rev == 6
+        assert get(sm, b"a") == (b"a", b"new", 2, 4, 2)
+        assert get(sm, b"b") == (b"b", b"created", 5, 5, 1)
+        assert get(sm, b"c") is None
+        assert read_all(sm, 3) == committed  # history is still there
 
-    run(body())
+    run_engine(tmp_path, body)
 
 
 # ----------------------------------------------------------------------------------------- store failure
@@ -294,78 +300,76 @@ def test_failed_append_fails_exactly_its_batch_and_leaves_no_trace(tmp_path, ack
 
 
 def test_failed_compaction_in_store_leaves_history_readable(tmp_path):
-    async def body():
-        async with engine(tmp_path) as (sm, store):
-            for i in range(4):
-                await sm.put(put(b"k", b"%d" % i))  # 2..5
-            store.fail_compact = True
-            with pytest.raises(errors.EtcdError) as info:
-                await sm.compact(4)
-            assert info.value.code == "UNAVAILABLE"
-            assert sm.compact_rev == -1
-            assert get(sm, b"k", 2)[1] == b"0"
-            store.fail_compact = False
-            assert await sm.compact(4) == 5
-            raises_etcd(errors.COMPACTED, sm.range, pb.RangeRequest(key=b"k", revision=3))
-            assert (await sm.put(put(b"k", b"x"))).header.revision == 6
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        for i in range(4):
+            await sm.put(put(b"k", b"%d" % i))  # 2..5
+        store.fail_compact = True
+        with pytest.raises(errors.EtcdError) as info:
+            await sm.compact(4)
+        assert info.value.code == "UNAVAILABLE"
+        assert sm.compact_rev == -1
+        assert get(sm, b"k", 2)[1] == b"0"
+        store.fail_compact = False
+        assert await sm.compact(4) == 5
+        raises_etcd(errors.COMPACTED, sm.range, pb.RangeRequest(key=b"k", revision=3))
+        assert (await sm.put(put(b"k", b"x"))).header.revision == 6
 
-    run(body())
+    run_engine(tmp_path, body)
 
 
 # ----------------------------------------------------------------------------------------- same batch
 
 
 def test_txn_compares_see_earlier_requests_of_the_same_batch(tmp_path):
-    async def body():
-        async with engine(tmp_path) as (sm, store):
-            await sm.put(put(b"other", b"x"))  # 2
-            store.hold()
-            blocker = spawn(sm.put(put(b"blocker", b"1")))  # 3, parks the writer
-            await store.wait_held()
-            reqs = [
-                # 4: k absent -> creates it
-                sm.txn(pb.TxnRequest(compare=[version_is(b"k", 0)], success=[op_put(b"k", b"v1")],
-                                     failure=[op_put(b"loser", b"1")])),
-                # 5: sees t1's k (version 1) -> failure branch
-                sm.txn(pb.TxnRequest(compare=[version_is(b"k", 0)], success=[op_put(b"k", b"v2")],
-                                     failure=[op_put(b"k", b"v2b")])),
-                # 6: sees version 2; its range reads the batch's pending value
-                sm.txn(pb.TxnRequest(compare=[version_is(b"k", 2)],
-                                     success=[op_range(b"k"), op_put(b"seen", b"2")])),
-                # 7: prev_kv is the pending v2b
-                sm.put(put(b"k", b"v3", prev_kv=True)),
-                # 8
-                sm.delete_range(delete(b"k", prev_kv=True)),
-                # 9: k was deleted by the request before -> recreated with a fresh generation
-                sm.txn(pb.TxnRequest(
-                    compare=[version_is(b"k", 0), pb.Compare(key=b"k", target=pb.Compare.CREATE,
-                                                             result=pb.Compare.EQUAL, create_revision=0)],
-                    success=[op_put(b"k", b"reborn")])),
-            ]
-            futs = [spawn(r) for r in reqs]
-            await asyncio.sleep(0.02)
-            store.release()
-            await blocker
-            t1, t2, t3, p, d, t4 = [await f for f in futs]
-            assert store.appends == [[2], [3], list(range(4, 10))]  # really one batch
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        await sm.put(put(b"other", b"x"))  # 2
+        store.hold()
+        blocker = spawn(sm.put(put(b"blocker", b"1")))  # 3, parks the writer
+        await store.wait_held()
+        reqs = [
+            # 4: k absent -> creates it
+            sm.txn(pb.TxnRequest(compare=[version_is(b"k", 0)], success=[op_put(b"k", b"v1")],
+                                 failure=[op_put(b"loser", b"1")])),
+            # 5: sees t1's k (version 1) -> failure branch
+            sm.txn(pb.TxnRequest(compare=[version_is(b"k", 0)], success=[op_put(b"k", b"v2")],
+                                 failure=[op_put(b"k", b"v2b")])),
+            # 6: sees version 2; its range reads the batch's pending value
+            sm.txn(pb.TxnRequest(compare=[version_is(b"k", 2)],
+                                 success=[op_range(b"k"), op_put(b"seen", b"2")])),
+            # 7: prev_kv is the pending v2b
+            sm.put(put(b"k", b"v3", prev_kv=True)),
+            # 8
+            sm.delete_range(delete(b"k", prev_kv=True)),
+            # 9: k was deleted by the request before -> recreated with a fresh generation
+            sm.txn(pb.TxnRequest(
+                compare=[version_is(b"k", 0), pb.Compare(key=b"k", target=pb.Compare.CREATE,
+                                                         result=pb.Compare.EQUAL, create_revision=0)],
+                success=[op_put(b"k", b"reborn")])),
+        ]
+        futs = [spawn(r) for r in reqs]
+        await asyncio.sleep(0.02)
+        store.release()
+        await blocker
+        t1, t2, t3, p, d, t4 = [await f for f in futs]
+        assert store.appends == [[2], [3], list(range(4, 10))]  # really one batch
 
-            assert t1.succeeded and t1.header.revision == 4
-            assert not t2.succeeded and t2.header.revision == 5
-            assert t3.succeeded and t3.header.revision == 6
-            assert decode(t3.responses[0].response_range.kvs) == [(b"k", b"v2b", 4, 5, 2)]
-            assert p.header.revision == 7
-            assert (p.prev_kv.value, p.prev_kv.mod_revision, p.prev_kv.version) == (b"v2b", 5, 2)
-            assert d.deleted == 1 and d.header.revision == 8
-            assert [(kv.value, kv.version) for kv in d.prev_kvs] == [(b"v3", 3)]
-            assert t4.succeeded and t4.header.revision == 9
+        assert t1.succeeded and t1.header.revision == 4
+        assert not t2.succeeded and t2.header.revision == 5
+        assert t3.succeeded and t3.header.revision == 6
+        assert decode(t3.responses[0].response_range.kvs) == [(b"k", b"v2b", 4, 5, 2)]
+        assert p.header.revision == 7
+        assert (p.prev_kv.value, p.prev_kv.mod_revision, p.prev_kv.version) == (b"v2b", 5, 2)
+        assert d.deleted == 1 and d.header.revision == 8
+        assert [(kv.value, kv.version) for kv in d.prev_kvs] == [(b"v3", 3)]
+        assert t4.succeeded and t4.header.revision == 9
 
-            assert get(sm, b"k") == (b"k", b"reborn", 9, 9, 1)
-            assert get(sm, b"loser") is None
-            assert get(sm, b"seen") == (b"seen", b"2", 6, 6, 1)
-            assert get(sm, b"k", 8) is None
-            assert get(sm, b"k", 5) == (b"k", b"v2b", 4, 5, 2)
+        assert get(sm, b"k") == (b"k", b"reborn", 9, 9, 1)
+        assert get(sm, b"loser") is None
+        assert get(sm, b"seen") == (b"seen", b"2", 6, 6, 1)
+        assert get(sm, b"k", 8) is None
+        assert get(sm, b"k", 5) == (b"k", b"v2b", 4, 5, 2)
 
-    run(body())
+    run_engine(tmp_path, body)
 
 
 # ----------------------------------------------------------------------------------------- recovery
@@ -598,23 +602,22 @@ def test_repeated_errors_do_not_accumulate_tracebacks(tmp_path):
     # Raising one exception instance again prepends each raise's frames to the same __traceback__, so a
     # module-level error object answered all day (COMPACTED to every stale reader) would keep every frame,
     # and every request those frames reference, alive for the life of the process.
-    async def body():
-        async with engine(tmp_path) as (sm, store):
-            for i in range(3):
-                await sm.put(put(b"k", b"%d" % i))
-            await sm.compact(3)
-            depths = []
-            for _ in range(200):
-                try:
-                    sm.range(pb.RangeRequest(key=b"k", revision=2))
-                except errors.EtcdError as e:
-                    depths.append(_tb_depth(e))
-            for _ in range(50):
-                try:
-                    await sm.compact(99)
-                except errors.EtcdError as e:
-                    depths.append(_tb_depth(e))
-            assert len(depths) == 250
-            assert max(depths) < 20, f"traceback depth grows with every raise: {depths[:3]} ... {depths[-3:]}"
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        for i in range(3):
+            await sm.put(put(b"k", b"%d" % i))
+        await sm.compact(3)
+        depths = []
+        for _ in range(200):
+            try:
+                sm.range(pb.RangeRequest(key=b"k", revision=2))
+            except errors.EtcdError as e:
+                depths.append(_tb_depth(e))
+        for _ in range(50):
+            try:
+                await sm.compact(99)
+            except errors.EtcdError as e:
+                depths.append(_tb_depth(e))
+        assert len(depths) == 250
+        assert max(depths) < 20, f"traceback depth grows with every raise: {depths[:3]} ... {depths[-3:]}"
 
-    run(body())
+    run_engine(tmp_path, body)

@@ -435,6 +435,9 @@ type ChurnResult struct {
 }
 
 func leaseChurn(args []string) (*ChurnResult, error) {
+	// Like watchFanout, each workload declares its whole flag set itself: the flags they share (endpoint,
+	// conns, seconds, val-size, prefix) have defaults and help of their own, and `loadgen <op> -h` shows
+	// one list that reads whole. The similar shape of the two lists is intended.
 	fs := flag.NewFlagSet("lease-churn", flag.ExitOnError)
 	endpoint := fs.String("endpoint", "127.0.0.1:2379", "gRPC endpoint host:port")
 	clients := fs.Int("clients", 16, "concurrent clients, each looping grant → put(lease) → revoke")

@@ -33,6 +33,8 @@ function murmurhash3x64_128(buf) {
   let h2 = 0n;
   const len = buf.length;
   let pos = 0;
+  // The two 64-bit lanes are spelled out step by step, as in the reference MurmurHash3_x64_128: the same
+  // shape with other constants and rotations. Kept that way on purpose, so it reads against the reference.
   for (; pos + 16 <= len; pos += 16) {
     let k1 = readU64LE(buf, pos);
     let k2 = readU64LE(buf, pos + 8);

@@ -1,0 +1,72 @@
+"""gRPC channels and stubs for etcd's v3 API (fastetcd and etcd alike)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+
+if TYPE_CHECKING:
+    from fastetcd.proto import rpc_pb2_grpc
+
+
+# No size limit either way: a client must be able to send what a server is meant to reject as too large,
+# and to read whatever it answers.
+UNLIMITED_CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+]
+
+_READY_PROBE_KEY = b"__ready_probe__"
+
+
+def channel(endpoint: str, *, unlimited: bool = False,
+            options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
+    """An insecure channel to ``host:port``; ``unlimited`` lifts gRPC's message size limits."""
+    opts = [*(UNLIMITED_CHANNEL_OPTIONS if unlimited else []), *options]
+    return grpc.insecure_channel(endpoint, options=opts)
+
+
+def kv_stub(ch: grpc.Channel) -> rpc_pb2_grpc.KVStub:
+    """etcdserverpb.KV on ``ch``."""
+    from fastetcd.proto import rpc_pb2_grpc
+
+    return rpc_pb2_grpc.KVStub(ch)
+
+
+def watch_stub(ch: grpc.Channel) -> rpc_pb2_grpc.WatchStub:
+    """etcdserverpb.Watch on ``ch``."""
+    from fastetcd.proto import rpc_pb2_grpc
+
+    return rpc_pb2_grpc.WatchStub(ch)
+
+
+def lease_stub(ch: grpc.Channel) -> rpc_pb2_grpc.LeaseStub:
+    """etcdserverpb.Lease on ``ch``."""
+    from fastetcd.proto import rpc_pb2_grpc
+
+    return rpc_pb2_grpc.LeaseStub(ch)
+
+
+def maintenance_stub(ch: grpc.Channel) -> rpc_pb2_grpc.MaintenanceStub:
+    """etcdserverpb.Maintenance on ``ch``."""
+    from fastetcd.proto import rpc_pb2_grpc
+
+    return rpc_pb2_grpc.MaintenanceStub(ch)
+
+
+def range_answers(endpoint: str, timeout: float = 1.0) -> bool:
+    """True when the server at ``endpoint`` answers a Range with OK.
+
+    This is the readiness probe for both servers: more than accepting TCP connections, it means the
+    server serves reads (for etcd, a linearizable read: it has a leader).
+    """
+    from fastetcd.proto import rpc_pb2
+
+    with grpc.insecure_channel(endpoint) as ch:
+        try:
+            kv_stub(ch).Range(rpc_pb2.RangeRequest(key=_READY_PROBE_KEY), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return True
