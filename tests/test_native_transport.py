@@ -133,6 +133,7 @@ class Routes:
             await send(raw)
 
     def table(self) -> dict[str, tuple[str, Callable[..., Any]]]:
+        # A route table reads best as one line per route, even though the lines look alike.
         return {
             "/t.S/Echo": ("unary", self.echo),
             "/t.S/EchoSync": ("unary_sync", self.echo_sync),

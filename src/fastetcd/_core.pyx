@@ -633,6 +633,9 @@ cdef class MVCC:
 
         mode 0: encoded KeyValues; 1: keys-only KeyValues as etcd 3.7 reads them from its index alone (no
         value and no lease); 2: ``KeyVersion`` records, as ``range_items`` returns them.
+
+        Its loop is ``range``'s without the count past the limit; the scans stay separate functions so that
+        each inner loop keeps its own few branches (``range`` is the hottest read there is).
         """
         cdef int32_t lo, hi, i
         cdef Py_ssize_t n = 0

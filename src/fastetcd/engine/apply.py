@@ -20,8 +20,8 @@ _NONE = pb.RangeRequest.NONE
 _ASCEND = pb.RangeRequest.ASCEND
 _KEY = pb.RangeRequest.KEY
 
-# Sort target -> the KeyVersion field it sorts by
-_SORT_FIELD = {
+# Sort target -> the KeyVersion field it sorts by (Range here, RangeStream in range_stream.py)
+SORT_FIELDS = {
     pb.RangeRequest.KEY: attrgetter("key"),
     pb.RangeRequest.CREATE: attrgetter("create_revision"),
     pb.RangeRequest.MOD: attrgetter("mod_revision"),
@@ -86,7 +86,7 @@ def _range_sorted(core: MVCC, r: pb.RangeRequest, rev: int, cur_rev: int, filter
     if r.sort_target != _KEY and sort_order == _NONE:
         sort_order = _ASCEND  # etcd's quirk: a non-key target sorts ascending even with order NONE
     if sort_order != _NONE:
-        f = _SORT_FIELD[r.sort_target]
+        f = SORT_FIELDS[r.sort_target]
         if sort_order == _ASCEND:
             go_sort(items, lambda a, b: f(a) < f(b))
         else:

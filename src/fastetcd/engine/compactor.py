@@ -20,6 +20,7 @@ import time
 
 from fastetcd import errors
 from fastetcd.engine.state_machine import StateMachine
+from fastetcd.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,7 @@ class Compactor:
             self._task = asyncio.create_task(self._by_revision(), name="fastetcd-compactor")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
 
     async def _periodic(self) -> None:
         compact_every = min(self.period, _HOUR)

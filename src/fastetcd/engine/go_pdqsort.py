@@ -130,6 +130,8 @@ class _Sorter:
         self.swap(j, a)
         return j, False
 
+    # partition and partition_equal share their scanning loop's shape, as in Go's zsortinterface.go: the
+    # port keeps Go's functions one for one, so that comparing it with Go's source stays easy.
     def partition_equal(self, a: int, b: int, pivot: int) -> int:
         self.swap(a, pivot)
         i, j = a + 1, b - 1

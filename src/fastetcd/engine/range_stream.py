@@ -27,13 +27,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from operator import attrgetter
 
 from fastetcd import errors
 from fastetcd._core import encode_kv
+from fastetcd.engine.apply import SORT_FIELDS
 from fastetcd.engine.go_pdqsort import go_pdqsort
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.wire_size import varint_len
 
 INITIAL_CHUNK_LIMIT = 10  # etcd's initialStreamChunkLimit
 MAX_INT64 = (1 << 63) - 1
@@ -42,13 +43,6 @@ _KEY = pb.RangeRequest.KEY
 _VALUE = pb.RangeRequest.VALUE
 _NONE = pb.RangeRequest.NONE
 _ASCEND = pb.RangeRequest.ASCEND
-# Sort target -> the KeyVersion field it sorts by
-_SORT_FIELD = {
-    pb.RangeRequest.VERSION: attrgetter("version"),
-    pb.RangeRequest.CREATE: attrgetter("create_revision"),
-    pb.RangeRequest.MOD: attrgetter("mod_revision"),
-    _VALUE: attrgetter("value"),
-}
 
 CUSTOM_SORT = errors.EtcdError("UNIMPLEMENTED", "RangeStream does not support custom sort orders")
 REVISION_FILTERS = errors.EtcdError("UNIMPLEMENTED", "RangeStream does not support revision filters")
@@ -82,14 +76,6 @@ class Chunk:
     header_rev: int = 0
 
 
-def _varint_len(n: int) -> int:
-    size = 1
-    while n >= 0x80:
-        n >>= 7
-        size += 1
-    return size
-
-
 def _kv_key(kv: bytes) -> bytes:
     """The key of an encoded KeyValue (field 1 comes first, and etcd never stores an empty key)."""
     n, shift, i = 0, 0, 1
@@ -109,7 +95,7 @@ class RangeStreamReader:
         self.sm = sm
         self.key, self.end, self.rev = r.key, r.range_end, r.revision
         self.keys_only, self.count_only = r.keys_only, r.count_only
-        self.sort_field = _SORT_FIELD.get(r.sort_target)  # None: key order, nothing to sort
+        self.sort_field = None if r.sort_target == _KEY else SORT_FIELDS[r.sort_target]  # None: key order
         self.fast_keys_only = r.keys_only and r.sort_target != _VALUE
         self.target_size = max_request_bytes
         self.total_limit = r.limit or MAX_INT64
@@ -179,8 +165,8 @@ class RangeStreamReader:
                 count += core.count(next_key, self.end, self._read_rev(self.rev))
             return Chunk(kvs, True, more, count, self.header_rev)
         # The size of what etcd's txn.Range returned for this chunk: header{revision}, kvs, more, count.
-        size = 2 + 1 + _varint_len(cur) + sum(1 + _varint_len(len(kv)) + len(kv) for kv in kvs)
-        size += (2 if more else 0) + (1 + _varint_len(read) if read else 0)
+        size = 2 + 1 + varint_len(cur) + sum(1 + varint_len(len(kv)) + len(kv) for kv in kvs)
+        size += (2 if more else 0) + (1 + varint_len(read) if read else 0)
         self.key = next_key
         self.limit = min(adjust_chunk_limit(limit, size, self.target_size), self.total_limit - self.sent)
         return Chunk(kvs, False)

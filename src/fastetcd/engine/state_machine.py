@@ -33,6 +33,7 @@ from fastetcd.engine.lessor import LeaseStatus, Lessor
 from fastetcd.engine.watch_hub import WatchHub
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.store.base import Corrupt, Fenced, Store, StoreError, Throttled, Uncertain
+from fastetcd.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -175,12 +176,7 @@ class StateMachine:
     async def stop(self) -> None:
         """Finish what is queued, then stop the writer."""
         for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except asyncio.CancelledError:
-                pass
+            await cancel_and_wait(t)
         self._stopping = True
         self._wake.set()
         if self._writer_task is not None:

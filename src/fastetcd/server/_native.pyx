@@ -648,7 +648,8 @@ cdef class Stream:
 
 # ------------------------------------------------------------------------------------------ callbacks
 # Plain C functions for nghttp2; each hands over to the Connection (user_data) and turns a Python
-# exception into a session failure, which drops the connection.
+# exception into a session failure, which drops the connection. They look alike on purpose: nghttp2 takes
+# one C function per event, each with its own signature, so the trampolines cannot be one generic function.
 
 
 cdef int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame,

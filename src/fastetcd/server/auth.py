@@ -8,25 +8,15 @@ Users, roles and enabling auth are not built yet.
 from __future__ import annotations
 
 from fastetcd import errors
-from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
-from fastetcd.server.header import Header
+from fastetcd.server.service import Service
 
 AUTH_NOT_ENABLED = errors.EtcdError("FAILED_PRECONDITION", "etcdserver: authentication is not enabled")
 # etcd's auth store starts at revision 1 and counts every change to users, roles and the enabled flag.
 AUTH_REVISION = 1
 
 
-class AuthService:
-    def __init__(self, sm: StateMachine, header: Header) -> None:
-        self.sm = sm
-        self.header = header
-
-    def _fill(self, resp) -> bytes:
-        resp.header.SetInParent()
-        self.header.fill(resp.header, self.sm.committed_rev)
-        return resp.SerializeToString()
-
+class AuthService(Service):
     async def authenticate(self, raw: bytes) -> bytes:
         pb.AuthenticateRequest.FromString(raw)
         raise AUTH_NOT_ENABLED

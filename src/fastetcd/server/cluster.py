@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server.header import Header
+from fastetcd.server.service import Service
 
 
-class ClusterService:
+class ClusterService(Service):
     def __init__(self, sm: StateMachine, header: Header, *, name: str, client_urls: list[str]) -> None:
-        self.sm = sm
-        self.header = header
+        super().__init__(sm, header)
         self.name = name
         self.client_urls = client_urls
 
@@ -26,6 +26,4 @@ class ClusterService:
                 )
             ]
         )
-        resp.header.SetInParent()
-        self.header.fill(resp.header, self.sm.committed_rev)
-        return resp.SerializeToString()
+        return self._fill(resp)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastetcd import errors
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.engine.watch_hub import Watcher
+from fastetcd.keys import prefix_end
 from fastetcd.proto import kv_pb2
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server import kv as kvsvc
@@ -39,14 +41,15 @@ def client_error(e: errors.EtcdError) -> errors.EtcdError:
     return errors.EtcdError("UNKNOWN", e.message)
 
 
-def prefix_end(prefix: bytes) -> bytes:
-    """clientv3.GetPrefixRangeEnd."""
-    end = bytearray(prefix)
-    for i in range(len(end) - 1, -1, -1):
-        if end[i] < 0xFF:
-            end[i] += 1
-            return bytes(end[: i + 1])
-    return b"\x00"
+@contextmanager
+def as_client() -> Iterator[None]:
+    """Errors raised inside come out as ``client_error`` turns them."""
+    try:
+        yield
+    except errors.EtcdError as e:
+        raise client_error(e) from None
+
+
 
 
 def first_create(prefix: bytes) -> pb.RangeRequest:
@@ -76,9 +79,15 @@ class Client:
         return h
 
     def _check_size(self, r: Any) -> None:
-        size = r.ByteSize()
-        if size + 13 + kvsvc._varint_len(size) > self.max_request_bytes:  # as KVService._check_size
-            raise client_error(errors.REQUEST_TOO_LARGE())
+        with as_client():
+            kvsvc.check_request_size(r.ByteSize(), self.max_request_bytes)
+
+    async def queue_key(self, name: bytes, lease: int) -> tuple[int, bytes, bytes]:
+        """(lease, prefix, key) of a Mutex's or an Election's place in line: ``name/`` + the session's
+        lease in hex, as both recipes name it."""
+        lease = await self.session(lease)
+        prefix = name + b"/"
+        return lease, prefix, prefix + lease_hex(lease)
 
     async def session(self, lease: int) -> int:
         """concurrency.NewSession(WithLease(lease)) then Orphan(): the lease the recipe uses; 0 grants one.
@@ -87,28 +96,22 @@ class Client:
         """
         if lease != 0:
             return lease
-        try:
+        with as_client():
             resp = await self.sm.lease_grant(pb.LeaseGrantRequest(TTL=SESSION_TTL))
-        except errors.EtcdError as e:
-            raise client_error(e) from None
         return resp.ID
 
     async def txn(self, t: pb.TxnRequest) -> pb.TxnResponse:
-        try:
+        with as_client():
             kvsvc.check_txn(t, _TXN_OPS_LIMIT)
             self._check_size(t)
             resp = await self.sm.txn(t)
-        except errors.EtcdError as e:
-            raise client_error(e) from None
         self.fill(resp.header)
         return resp
 
     def get(self, r: pb.RangeRequest) -> pb.RangeResponse:
-        try:
+        with as_client():
             kvsvc.check_range(r)
             rr = self.sm.range(r)
-        except errors.EtcdError as e:
-            raise client_error(e) from None
         resp = pb.RangeResponse(more=rr.more, count=rr.count)
         for kv in rr.kvs:
             resp.kvs.add().MergeFromString(kv)
@@ -117,12 +120,10 @@ class Client:
 
     async def delete(self, key: bytes) -> pb.DeleteRangeResponse:
         r = pb.DeleteRangeRequest(key=key)
-        try:
+        with as_client():
             kvsvc.check_delete(r)
             self._check_size(r)
             resp = await self.sm.delete_range(r)
-        except errors.EtcdError as e:
-            raise client_error(e) from None
         self.fill(resp.header)
         return resp
 

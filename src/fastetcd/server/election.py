@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastetcd import errors
 from fastetcd.engine.state_machine import StateMachine
+from fastetcd.keys import prefix_end
 from fastetcd.proto import kv_pb2
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.proto import v3election_pb2 as epb
-from fastetcd.server.concurrency import Client, first_create, lease_hex, prefix_end
+from fastetcd.server.concurrency import Client, first_create
 from fastetcd.server.header import Header
 
 ERR_NOT_LEADER = "election: not leader"
@@ -60,9 +61,7 @@ class ElectionService:
     async def campaign(self, raw: bytes) -> bytes:
         r = epb.CampaignRequest.FromString(raw)
         c = self.client
-        lease = await c.session(r.lease)
-        prefix = r.name + b"/"
-        key = prefix + lease_hex(lease)
+        lease, prefix, key = await c.queue_key(r.name, r.lease)
         resp = await c.txn(pb.TxnRequest(
             compare=[_is_leader(key, 0)],
             success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=r.value, lease=lease))],

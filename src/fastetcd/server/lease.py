@@ -4,21 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 
-from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
-from fastetcd.server.header import Header
+from fastetcd.server.service import Service
 
 
-class LeaseService:
-    def __init__(self, sm: StateMachine, header: Header) -> None:
-        self.sm = sm
-        self.header = header
-
-    def _fill(self, resp) -> bytes:
-        resp.header.SetInParent()
-        self.header.fill(resp.header, self.sm.committed_rev)
-        return resp.SerializeToString()
-
+class LeaseService(Service):
     async def grant(self, raw: bytes) -> bytes:
         return self._fill(await self.sm.lease_grant(pb.LeaseGrantRequest.FromString(raw)))
 

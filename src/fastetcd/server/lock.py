@@ -15,7 +15,7 @@ from fastetcd import errors
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.proto import v3lock_pb2 as lockpb
-from fastetcd.server.concurrency import Client, first_create, lease_hex
+from fastetcd.server.concurrency import Client, first_create
 from fastetcd.server.header import Header
 
 ERR_SESSION_EXPIRED = "mutex: session is expired"
@@ -28,9 +28,7 @@ class LockService:
     async def lock(self, raw: bytes) -> bytes:
         r = lockpb.LockRequest.FromString(raw)
         c = self.client
-        lease = await c.session(r.lease)
-        prefix = r.name + b"/"
-        key = prefix + lease_hex(lease)
+        lease, prefix, key = await c.queue_key(r.name, r.lease)
         # Mutex.tryAcquire: enqueue myKey unless this lease already did; read the owner in the same txn.
         owner = pb.RequestOp(request_range=first_create(prefix))
         unqueued = pb.Compare(key=key, target=pb.Compare.CREATE, result=pb.Compare.EQUAL, create_revision=0)

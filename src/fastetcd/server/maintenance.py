@@ -11,6 +11,7 @@ from fastetcd.engine.snapshot_file import SnapshotFile
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server.header import Header
+from fastetcd.server.service import Service
 
 # etcd sends a snapshot in pieces of this size, then one message with the sha256 of what it sent.
 SNAPSHOT_PIECE = 32 * 1024
@@ -44,18 +45,12 @@ def alarm_text(member_id: int, alarm: int) -> str:
     return f"memberID:{member_id} alarm:{alarm_types.NAMES[alarm]} "
 
 
-class MaintenanceService:
+class MaintenanceService(Service):
     def __init__(self, sm: StateMachine, header: Header) -> None:
-        self.sm = sm
-        self.header = header
+        super().__init__(sm, header)
         # etcd's downgrade job: enabling one only marks the cluster as allowed to run the previous minor
         # version's binaries; fastetcd has none, so the mark changes nothing but the answers below.
         self._downgrading = False
-
-    def _fill(self, resp) -> bytes:
-        resp.header.SetInParent()
-        self.header.fill(resp.header, self.sm.committed_rev)
-        return resp.SerializeToString()
 
     async def status(self, raw: bytes) -> bytes:
         pb.StatusRequest.FromString(raw)

@@ -20,6 +20,7 @@ from fastetcd.engine.watch_hub import Watcher, WatchHub
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server._wire import encode_watch_response
 from fastetcd.server.header import Header
+from fastetcd.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -274,12 +275,7 @@ class WatchService:
             self._ticker = asyncio.create_task(self._tick(), name="fastetcd-watch-progress")
 
     async def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            try:
-                await self._ticker
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._ticker)
 
     async def _tick(self) -> None:
         while True:

@@ -1,20 +1,5 @@
-"""Key-range helpers with etcd's conventions."""
+"""Key-range helpers with etcd's conventions (the package's own, re-exported for tests)."""
 
-from __future__ import annotations
+from fastetcd.keys import prefix_end
 
-
-def prefix_end(prefix: bytes) -> bytes:
-    """etcd's ``GetPrefixRangeEnd``: the range end that selects every key starting with ``prefix``.
-
-    The prefix with its last byte below 0xff incremented and everything after it dropped; ``b"\\0"``
-    (every key from ``prefix`` on) when there is no such byte.
-
-    >>> prefix_end(b"a/"), prefix_end(b"a\\xff"), prefix_end(b"\\xff")
-    (b'a0', b'b', b'\\x00')
-    """
-    b = bytearray(prefix)
-    for i in range(len(b) - 1, -1, -1):
-        if b[i] < 0xFF:
-            b[i] += 1
-            return bytes(b[: i + 1])
-    return b"\x00"
+__all__ = ["prefix_end"]
