@@ -3,10 +3,8 @@
 # in tests/test_range_stream.py and bench/kube_bench.py.
 #
 # The `etcd` binary is the main package at the root of the go.etcd.io/etcd/server/v3 module (its main.go
-# calls etcdmain.Main); the repository's root module is not on the module proxy at v3.7.x. Like
-# ci/build_etcd_benchmark.sh, it is built from a throw-away module that merely requires it: as a
-# dependency, etcd's replace directives are ignored and its sibling modules (api, client, pkg) resolve
-# from the Go module proxy at the versions server/v3's go.mod names.
+# calls etcdmain.Main); the repository's root module is not on the module proxy at v3.7.x. Built as
+# ci/go_proxy_build.sh explains.
 #
 # Idempotent: does nothing if the binary exists and reports the wanted version (FORCE=1 to rebuild).
 # Env: ETCD37_VERSION (default v3.7.3), GOFLAGS/GOPROXY as usual.
@@ -21,24 +19,7 @@ if [[ -x "${out}" && "${FORCE:-0}" != "1" ]] && "${out}" --version 2>/dev/null |
     exit 0
 fi
 
-command -v go >/dev/null || { echo "build_etcd37: go not found on PATH" >&2; exit 1; }
-echo "build_etcd37: $(go version)"
-
-work="$(mktemp -d)"
-trap 'rm -rf "${work}"' EXIT
-cd "${work}"
-
-# The installed Go may be far newer than etcd's; never let it try to download another toolchain.
-export GOTOOLCHAIN=local
-export GOFLAGS="${GOFLAGS:-} -mod=mod"
-
-echo "build_etcd37: creating temp module in ${work}"
-go mod init fastetcd.local/etcd37 >/dev/null 2>&1
-echo "build_etcd37: fetching go.etcd.io/etcd/server/v3@${version} and its dependencies"
-go get "go.etcd.io/etcd/server/v3@${version}"
-
-echo "build_etcd37: compiling the etcd server"
-mkdir -p "$(dirname "${out}")"
-CGO_ENABLED=0 go build -trimpath -ldflags="-s -w" -o "${out}.tmp" go.etcd.io/etcd/server/v3
-mv "${out}.tmp" "${out}"
+# shellcheck source=ci/go_proxy_build.sh
+source "${repo_root}/ci/go_proxy_build.sh"
+go_proxy_build build_etcd37 "${out}" go.etcd.io/etcd/server/v3 "go.etcd.io/etcd/server/v3@${version}"
 echo "build_etcd37: built ${out}: $("${out}" --version | sed -n 1p)"
