@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from etcd37 import etcd37_binary
 from google.protobuf import descriptor_pb2
 
 from fastetcd.proto import auth_pb2, kv_pb2, rpc_pb2, rpc_pb2_grpc, v3election_pb2, v3lock_pb2
@@ -23,8 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 PROTO_DIR = REPO / "proto"
 GENERATED_DIR = REPO / "src" / "fastetcd" / "proto"
 ETCD_VERSION = "3.5.1"
-# etcd 3.7.3, built by ci/build_etcd37.sh: the reference for the 3.7 addition below.
-ETCD37 = REPO / "bench" / ".bin" / "etcd-3.7"
 
 
 def _etcd_binary() -> Path:
@@ -191,8 +190,7 @@ def _raw_descriptor_in_binary(
 
 def test_range_stream_is_etcd37s() -> None:
     """The 3.7 addition above is what etcd 3.7.3 serves: the same method (right after Range) and message."""
-    assert ETCD37.is_file(), f"{ETCD37} is missing: run ci/build_etcd37.sh"
-    theirs = _wire_schema(_raw_descriptor_in_binary(ETCD37, b"rpc.proto", b"etcdserverpb"))
+    theirs = _wire_schema(_raw_descriptor_in_binary(etcd37_binary(), b"rpc.proto", b"etcdserverpb"))
     ours = _wire_schema(_etcd37_additions(_descriptors_in_binary(_etcd_binary())["rpc.proto"]))
     kv_theirs = next(s for s in theirs.service if s.name == "KV")
     kv_ours = next(s for s in ours.service if s.name == "KV")

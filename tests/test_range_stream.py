@@ -18,7 +18,6 @@ unary Range does the same), while fastetcd's unary Range keeps etcd 3.5's answer
 from __future__ import annotations
 
 import random
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from etcd37 import etcd37_binary
 
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.proto import rpc_pb2_grpc
@@ -38,9 +38,6 @@ from fastetcd.testing import (
     start_fastetcd,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-ETCD37 = REPO / "bench" / ".bin" / "etcd-3.7"
-ETCD37_VERSION = "3.7.3"
 # Small, so that values of a few KiB make etcd halve its chunk limits and small ones make it double them.
 MAX_REQUEST_BYTES = 48 * 1024
 SEEDS = 4
@@ -52,11 +49,6 @@ BULK = 260  # keys under bulk/, so that some streams run to many chunks
 S, N = pb.RangeRequest.SortOrder, pb.RangeRequest.SortTarget
 
 
-def etcd37_binary() -> Path:
-    assert ETCD37.is_file(), f"{ETCD37} is missing: run ci/build_etcd37.sh (etcd {ETCD37_VERSION}, needs Go)"
-    out = subprocess.run([str(ETCD37), "--version"], capture_output=True, text=True, check=True).stdout
-    assert f"etcd Version: {ETCD37_VERSION}" in out, out
-    return ETCD37
 
 
 def start_etcd37(data_dir: Path, extra_args: tuple[str, ...] = ()) -> ServerProcess:
