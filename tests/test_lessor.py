@@ -242,3 +242,14 @@ def test_replay_ignores_ops_on_unknown_leases(clock: Clock) -> None:
     replayed = Lessor(clock)
     replayed.replay([(LEASE_REVOKE, 5, 0), (LEASE_CHECKPOINT, 6, 3), (LEASE_GRANT, 7, 4)])
     assert state(replayed) == {7: (4, clock.now + 4, 0, set())}
+
+
+def test_a_lease_whose_expiry_failed_is_offered_again_once_rearmed(lessor: Lessor, clock: Clock) -> None:
+    committed(lessor, (7, 10))
+    clock.now += 11
+    assert lessor.expired() == [7]
+    assert lessor.expired() == []  # its deadline was taken off the heap for the revoke under way
+    lessor.rearm(7)  # that revoke failed: the lease is still there and must expire later
+    assert lessor.expired() == [7]
+    lessor.rearm(8)  # unknown: nothing to put back
+    assert lessor.expired() == []

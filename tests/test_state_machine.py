@@ -621,3 +621,18 @@ def test_repeated_errors_do_not_accumulate_tracebacks(tmp_path):
         assert max(depths) < 20, f"traceback depth grows with every raise: {depths[:3]} ... {depths[-3:]}"
 
     run_engine(tmp_path, body)
+
+
+def test_a_lease_expiry_whose_append_failed_is_retried(tmp_path):
+    async def body(sm: StateMachine, store: FaultyStore) -> None:
+        lease = await sm.lease_grant(pb.LeaseGrantRequest(TTL=2))
+        await sm.put(put(b"leased", b"v", lease=lease.ID))
+        store.fail_appends = {store.append_count + 1}  # the expiry's revoke: it fails once
+        deadline = asyncio.get_running_loop().time() + 8
+        while sm.lease_status(lease.ID) is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.1)
+        assert sm.lease_status(lease.ID) is None, "the lease outlived a failed expiry"
+        assert store.append_count >= 4  # grant, put, the failed revoke, the revoke that took
+        assert sm.range(pb.RangeRequest(key=b"leased")).count == 0
+
+    run_engine(tmp_path, body)

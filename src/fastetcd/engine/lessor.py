@@ -84,6 +84,13 @@ class Lessor:
                 out.append(lease_id)
         return out
 
+    def rearm(self, lease_id: int) -> None:
+        """Put a lease whose expiry revoke failed back in line: ``expired`` dropped its heap entry, and
+        without one the lease would never be tried again (etcd retries a failed expiry too)."""
+        lease = self.leases.get(lease_id)
+        if lease is not None:
+            heapq.heappush(self._heap, (lease.expiry, lease_id))
+
     # -------------------------------------------------------------- writer-side mutations
 
     def grant(self, lease_id: int, ttl: int) -> Lease:

@@ -528,6 +528,7 @@ class StateMachine:
                     return
                 if isinstance(res, BaseException):
                     log.warning("lease expiry failed", extra={"lease-id": lease_id, "error": str(res)})
+                    self.lessor.rearm(lease_id)
 
     def _revoke_expired(self, lease_id: int) -> pb.LeaseRevokeResponse | None:
         if not self.lessor.exists(lease_id):
