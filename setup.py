@@ -33,12 +33,14 @@ extensions = [
     Extension(name, [f"src/{name.replace('.', '/')}.pyx"], extra_compile_args=["-O3"])
     for name in ("fastetcd._core", "fastetcd._watch_index", "fastetcd.server._wire")
 ]
-# HTTP/2 + gRPC over libnghttp2 (Debian: libnghttp2-dev).
+# HTTP/2 + gRPC over libnghttp2 (Debian: libnghttp2-dev). Optional: without the headers the build skips it
+# with a warning, and fastetcd runs on grpcio (`--transport native` then says what to install).
 extensions.append(
     Extension(
         "fastetcd.server._native",
         ["src/fastetcd/server/_native.pyx"],
         extra_compile_args=["-O2"],
+        optional=True,
         **pkg_config("libnghttp2", ["nghttp2"]),
     )
 )

@@ -113,7 +113,13 @@ async def _start_grpcio(config: Config, routes: Routes) -> grpc.aio.Server:
 
 async def _start_native(config: Config, routes: Routes, endpoints: HttpEndpoints) -> NativeServer:
     # Imported here: the grpcio transport must work where the nghttp2 extension was not built.
-    from fastetcd.server.native_transport import NativeServer
+    try:
+        from fastetcd.server.native_transport import NativeServer
+    except ImportError as e:
+        raise OSError(
+            "--transport native is not in this build: libnghttp2's headers were missing when fastetcd was "
+            f"installed (Debian: apt-get install libnghttp2-dev, then reinstall) ({e})"
+        ) from None
 
     # The client port also answers HTTP/1.1 (/health, /version, /metrics...), as etcd's does.
     server = NativeServer(routes, max_request_bytes=config.max_request_bytes, http_respond=endpoints.respond)
