@@ -40,20 +40,23 @@ extensions.append(
         "fastetcd.server._native",
         ["src/fastetcd/server/_native.pyx"],
         extra_compile_args=["-O2"],
-        optional=True,
         **pkg_config("libnghttp2", ["nghttp2"]),
     )
 )
+OPTIONAL = {"fastetcd.server._native"}
 
-setup(
-    ext_modules=cythonize(
-        extensions,
-        compiler_directives={
-            "language_level": "3",
-            "boundscheck": False,
-            "wraparound": False,
-            "initializedcheck": False,
-            "cdivision": True,
-        },
-    ),
+ext_modules = cythonize(
+    extensions,
+    compiler_directives={
+        "language_level": "3",
+        "boundscheck": False,
+        "wraparound": False,
+        "initializedcheck": False,
+        "cdivision": True,
+    },
 )
+for ext in ext_modules:
+    # Set after cythonize, which rebuilds the Extension objects without this flag.
+    ext.optional = ext.name in OPTIONAL
+
+setup(ext_modules=ext_modules)
