@@ -15,6 +15,7 @@ from google.protobuf.message import DecodeError
 
 from fastetcd import errors, metrics
 from fastetcd.metrics import RpcMetrics
+from fastetcd.server.call_context import ANONYMOUS, CALLER, Caller
 from fastetcd.server.routes import UNARY, Bidi, Routes, Unary
 
 log = logging.getLogger(__name__)
@@ -24,9 +25,24 @@ log = logging.getLogger(__name__)
 GRPC_OVERHEAD_BYTES = 512 * 1024
 
 
+def _caller(context: grpc.aio.ServicerContext) -> Caller:
+    token = None
+    for key, value in context.invocation_metadata() or ():
+        if key == "token":
+            token = value
+    common_name = None
+    names = (context.auth_context() or {}).get("x509_common_name")
+    if names:
+        common_name = names[0].decode()
+    if token is None and common_name is None:
+        return ANONYMOUS
+    return Caller(token, common_name)
+
+
 def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         rpc.started.inc()
+        CALLER.set(_caller(context))
         metrics.GRPC_RECEIVED_BYTES.inc(len(request))
         try:
             response = await fn(request)
@@ -48,6 +64,7 @@ def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
 def _bidi(fn: Bidi, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         rpc.started.inc()
+        CALLER.set(_caller(context))
 
         async def counted() -> AsyncIterator[bytes]:
             async for request in requests:

@@ -1,0 +1,30 @@
+"""Who is calling: what a transport learned about the current RPC, for the services that need it.
+
+Services take and return bytes (routes.py), so what is not in the request message travels beside it: the
+transport sets ``CALLER`` before it runs the handler, and the handler (auth checks, mostly) reads it.
+A context variable is copied into every task created while it is set, so a bidi stream's handler task
+sees the caller that opened it.
+
+Example: etcdctl --user root:pw get k sends metadata ``token: <simple token>``; over mutual TLS the
+verified client certificate's subject CN (say ``kube-apiserver``) comes along too. The auth store takes
+the token if there is one, else the CN (etcd's rule: a certificate stands in for a password).
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    token: str | None = None  # the "token" metadata (etcd's auth token), as sent
+    common_name: str | None = None  # the CN of a verified client certificate (mutual TLS)
+
+
+ANONYMOUS = Caller()
+CALLER: ContextVar[Caller] = ContextVar("fastetcd_caller", default=ANONYMOUS)
+
+
+def caller() -> Caller:
+    return CALLER.get()
