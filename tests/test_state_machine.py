@@ -18,6 +18,7 @@ import pytest
 from faulty_store import FaultyStore
 
 from fastetcd import errors
+from fastetcd.engine import state_machine
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import kv_pb2
 from fastetcd.proto import rpc_pb2 as pb
@@ -170,6 +171,27 @@ def test_no_op_writes_take_no_revision_and_no_append(tmp_path):
         assert not t.succeeded and t.header.revision == 2
         assert store.append_count == before and sm.committed_rev == 2
         assert (await sm.put(put(b"b", b"1"))).header.revision == 3
+
+    run_engine(tmp_path, body)
+
+
+def test_a_write_not_durable_in_time_times_out_yet_may_still_commit(tmp_path, monkeypatch):
+    # etcd's "request timed out": the caller gets the error, the proposal is not withdrawn.
+    monkeypatch.setattr(state_machine, "REQUEST_TIMEOUT", 0.3)
+
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        store.hold()
+        slow = spawn(sm.put(put(b"slow", b"1")))
+        await store.wait_held()
+        with pytest.raises(errors.EtcdError) as e:
+            await slow
+        assert (e.value.code, e.value.message) == ("UNAVAILABLE", "etcdserver: request timed out")
+        abandoned = spawn(sm.put(put(b"abandoned", b"1")))
+        await asyncio.sleep(0.05)
+        abandoned.cancel()  # the client went away: its write stays queued
+        store.release()
+        assert (await sm.put(put(b"after", b"1"))).header.revision == 4
+        assert [kv[0] for kv in read_all(sm)[0]] == [b"abandoned", b"after", b"slow"]
 
     run_engine(tmp_path, body)
 

@@ -31,7 +31,7 @@ from fastetcd.server.kv import KVService
 from fastetcd.server.lease import LeaseService
 from fastetcd.server.lock import LockService
 from fastetcd.server.maintenance import MaintenanceService
-from fastetcd.server.routes import BIDI, UNARY, Bidi, Routes, Unary
+from fastetcd.server.routes import BIDI, DIRECT, UNARY, Bidi, Direct, Routes, Unary
 from fastetcd.server.watch import WatchService
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def etcd_routes(
     cluster: ClusterService, auth: AuthService, lock: LockService, election: ElectionService,
 ) -> Routes:
     """etcd's gRPC method paths → the services' raw-bytes handlers, for any transport."""
-    methods: dict[str, dict[str, Unary | Bidi]] = {
+    methods: dict[str, dict[str, Unary | Direct | Bidi]] = {
         "KV": {"Range": kv.range, "Put": kv.put, "DeleteRange": kv.delete_range, "Txn": kv.txn,
                "Compact": kv.compact, "RangeStream": kv.range_stream},
         "Watch": {"Watch": watch.watch},
@@ -81,8 +81,11 @@ def etcd_routes(
     health = HealthService()
     # Snapshot and health Watch stream only responses; served as bidi streams, they look the same on the wire.
     streams = {"Watch", "LeaseKeepAlive", "Snapshot", "RangeStream"}
+    # The hot calls answer without a coroutine (see KVService).
+    direct = {"Range", "Put", "DeleteRange", "Txn"}
     routes: Routes = {
-        f"/etcdserverpb.{service}/{method}": (BIDI if method in streams else UNARY, fn)
+        f"/etcdserverpb.{service}/{method}": (
+            BIDI if method in streams else DIRECT if method in direct else UNARY, fn)
         for service, handlers in methods.items()
         for method, fn in handlers.items()
     }

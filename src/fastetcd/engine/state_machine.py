@@ -45,6 +45,8 @@ MAX_PENDING = 20000
 SNAPSHOT_CHUNK = 4 << 20
 # etcd answers "request timed out" after 5 s plus two election timeouts (7 s with its defaults).
 REQUEST_TIMEOUT = 7.0
+# How often queued writes are checked against REQUEST_TIMEOUT (one timer for all, not one per request).
+TIMEOUT_SWEEP = 0.25
 # etcd checks for expired leases every 500 ms and checkpoints remaining TTLs every 5 minutes.
 LEASE_EXPIRY_TICK = 0.5
 LEASE_CHECKPOINT_INTERVAL = 300.0
@@ -114,6 +116,10 @@ class StateMachine:
         self.watch_hub: WatchHub  # set by start(), once the recovered revision is known
         self._queue: deque[tuple[Any, asyncio.Future]] = deque()
         self._wake = asyncio.Event()
+        # Every submitted write's (deadline, future), oldest first: all share REQUEST_TIMEOUT, so the
+        # front expires first and one periodic sweep (_expire) times them out.
+        self._deadlines: deque[tuple[float, asyncio.Future]] = deque()
+        self._sweep: asyncio.TimerHandle | None = None
         self._tasks: list[asyncio.Task] = []
         self._writer_task: asyncio.Task | None = None
         self._stopping = False
@@ -181,6 +187,9 @@ class StateMachine:
         self._wake.set()
         if self._writer_task is not None:
             await self._writer_task
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
         if self._snapshot_task is not None:
             await self._snapshot_task
 
@@ -239,16 +248,25 @@ class StateMachine:
 
     # -------------------------------------------------------------- writes (through the writer)
 
+    # Each *_nowait returns the engine's future (no coroutine; see _enqueue); the async forms await it.
+
+    def put_nowait(self, r: pb.PutRequest) -> asyncio.Future[pb.PutResponse]:
+        return self._enqueue_within_quota(quota.put_cost(r), self.applier.put, r)
+
+    def delete_range_nowait(self, r: pb.DeleteRangeRequest) -> asyncio.Future[pb.DeleteRangeResponse]:
+        return self._enqueue(self.applier.delete_range, r)
+
+    def txn_nowait(self, r: pb.TxnRequest) -> asyncio.Future[pb.TxnResponse]:
+        return self._enqueue_within_quota(quota.txn_cost(r), self.applier.txn, r)
+
     async def put(self, r: pb.PutRequest) -> pb.PutResponse:
-        await self._check_quota(quota.put_cost(r))
-        return await self._submit(self.applier.put, r)
+        return await self.put_nowait(r)
 
     async def delete_range(self, r: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        return await self._submit(self.applier.delete_range, r)
+        return await self.delete_range_nowait(r)
 
     async def txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
-        await self._check_quota(quota.txn_cost(r))
-        return await self._submit(self.applier.txn, r)
+        return await self.txn_nowait(r)
 
     async def compact(self, rev: int) -> int:
         """Compact at ``rev``; returns the current revision for the response header."""
@@ -281,10 +299,13 @@ class StateMachine:
     def _deactivate_alarm(self, req: tuple[int, int]) -> list[tuple[int, int]]:
         return [req] if self.alarms.deactivate(*req) else []
 
-    async def _check_quota(self, cost: int) -> None:
+    def _enqueue_within_quota(self, cost: int, fn: Callable, req: Any) -> asyncio.Future:
         """etcd's quota check before a write is proposed: if it would not fit, raise NOSPACE and refuse."""
         if quota.fits(self._db_size, cost, self.quota_bytes):
-            return
+            return self._enqueue(fn, req)
+        return asyncio.ensure_future(self._refuse_no_space())
+
+    async def _refuse_no_space(self) -> None:
         try:
             await self._submit(self._activate_alarm, (self.member_id, alarm_types.NOSPACE))
         except errors.EtcdError:
@@ -298,10 +319,9 @@ class StateMachine:
         return fn == self.applier.txn and quota.txn_cost(req) > 0
 
     async def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
-        await self._check_quota(quota.LEASE_OVERHEAD)
         if r.ID == 0:
             r = pb.LeaseGrantRequest(ID=self._new_lease_id(), TTL=r.TTL)
-        return await self._submit(self.applier.lease_grant, r)
+        return await self._enqueue_within_quota(quota.LEASE_OVERHEAD, self.applier.lease_grant, r)
 
     async def lease_revoke(self, r: pb.LeaseRevokeRequest) -> pb.LeaseRevokeResponse:
         return await self._submit(self.applier.lease_revoke, r)
@@ -343,20 +363,44 @@ class StateMachine:
         return errors.EtcdError("UNAVAILABLE", f"etcdserver: storage failure: {e}")
 
     async def _submit(self, fn: Callable | _Exclusive, req: Any) -> Any:
+        return await self._enqueue(fn, req)
+
+    def _enqueue(self, fn: Callable | _Exclusive, req: Any) -> asyncio.Future:
+        """Queue a write for the writer; the future resolves once it is durable (or failed, or timed out).
+
+        A plain future, not a task: transports can answer from its done callback without a coroutine.
+        Cancelling it (the client went away) does not withdraw the write, as in etcd once proposed.
+        """
         if self.halted is not None:
             raise errors.NOT_LEADER
         if self._stopping:
             raise errors.STOPPED
         if len(self._queue) >= MAX_PENDING:
             raise errors.TOO_MANY_REQUESTS
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         self._queue.append(((fn, req), fut))
         self._wake.set()
-        try:
-            return await asyncio.wait_for(asyncio.shield(fut), REQUEST_TIMEOUT)
-        except TimeoutError:
-            # The request may still commit, exactly as with etcd's own timeout.
-            raise errors.TIMEOUT from None
+        self._deadlines.append((time.monotonic() + REQUEST_TIMEOUT, fut))
+        if self._sweep is None:
+            self._sweep = loop.call_later(TIMEOUT_SWEEP, self._expire)
+        return fut
+
+    def _expire(self) -> None:
+        """etcd's "request timed out" for writes not durable after REQUEST_TIMEOUT (they may still commit,
+        exactly as with etcd's own timeout: the writer skips futures already done)."""
+        self._sweep = None
+        deadlines = self._deadlines
+        now = time.monotonic()
+        while deadlines:
+            deadline, fut = deadlines[0]
+            if not fut.done():
+                if deadline > now:
+                    break
+                fut.set_exception(errors.TIMEOUT())
+            deadlines.popleft()
+        if deadlines:
+            self._sweep = asyncio.get_running_loop().call_later(TIMEOUT_SWEEP, self._expire)
 
     async def _writer(self) -> None:
         queue = self._queue

@@ -67,13 +67,13 @@ MSG_BAD_TIMEOUT = "Error parsing 'grpc-timeout' metadata"
 MSG_COMPRESSED_NO_ENCODING = "Compression bit set but no encoding configured"
 MSG_NO_REQUEST = "Missing request message"  # grpcio never answers a unary call without a message
 
-# Route kinds. "unary_sync" is the seam for handlers that answer without a coroutine: a plain function
-# bytes -> bytes, called inside data_received (no task, no loop round trip).
+# Route kinds. "direct" handlers answer without a coroutine: a plain function called inside
+# data_received, returning the response bytes or a future of them (answered from its done callback).
 cdef enum:
     KIND_UNARY = 1
     KIND_BIDI = 2
-    KIND_UNARY_SYNC = 3
-_KINDS = {"unary": KIND_UNARY, "bidi": KIND_BIDI, "unary_sync": KIND_UNARY_SYNC}
+    KIND_DIRECT = 3
+_KINDS = {"unary": KIND_UNARY, "bidi": KIND_BIDI, "direct": KIND_DIRECT}
 
 # Stream states of the request side.
 cdef enum:
@@ -439,16 +439,30 @@ cdef class Stream:
         if msg is None:
             self.fail(GRPC_INTERNAL, MSG_NO_REQUEST)
             return
-        if self.kind == KIND_UNARY_SYNC:
+        if self.kind == KIND_DIRECT:
             try:
                 resp = self.handler(msg)
             except Exception as e:
                 code, text = status_for(e)
                 self.fail(code, text)
                 return
-            self.respond(resp)
+            if type(resp) is bytes:
+                self.respond(resp)
+            else:
+                resp.add_done_callback(self.on_answer)
             return
         self.task = self.conn.loop.create_task(self.run_unary(msg))
+
+    def on_answer(self, fut):
+        """A direct handler's future resolved: answer (unless the call already ended)."""
+        if self.finished or self.closed or fut.cancelled():
+            return
+        exc = fut.exception()
+        if exc is not None:
+            code, text = status_for(exc)
+            self.fail(code, text)
+        else:
+            self.respond(fut.result())
 
     async def run_unary(self, bytes msg):
         try:

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from fastetcd import errors, metrics
 from fastetcd.metrics import RpcMetrics
 from fastetcd.server.call_context import ANONYMOUS, CALLER, Caller
-from fastetcd.server.routes import UNARY, Bidi, Routes, Unary
+from fastetcd.server.routes import BIDI, DIRECT, Bidi, Direct, Routes, Unary
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,16 @@ def _caller(context: grpc.aio.ServicerContext) -> Caller:
     if token is None and common_name is None:
         return ANONYMOUS
     return Caller(token, common_name)
+
+
+def _awaiting(fn: Direct) -> Unary:
+    """A DIRECT handler as a coroutine function: grpcio runs every call in a task anyway."""
+
+    async def call(request: bytes) -> bytes:
+        response = fn(request)
+        return response if type(response) is bytes else await response
+
+    return call
 
 
 def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
@@ -96,10 +106,12 @@ def _generic_handlers(routes: Routes) -> list[grpc.GenericRpcHandler]:
     services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
     for path, (kind, fn) in routes.items():
         service, method = path.lstrip("/").split("/")
-        if kind == UNARY:
-            handler = _unary(fn, RpcMetrics("unary", path))  # type: ignore[arg-type]
-        else:
+        if kind == BIDI:
             handler = _bidi(fn, RpcMetrics("bidi_stream", path))  # type: ignore[arg-type]
+        elif kind == DIRECT:
+            handler = _unary(_awaiting(fn), RpcMetrics("unary", path))  # type: ignore[arg-type]
+        else:
+            handler = _unary(fn, RpcMetrics("unary", path))  # type: ignore[arg-type]
         services.setdefault(service, {})[method] = handler
     return [grpc.method_handlers_generic_handler(name, methods) for name, methods in services.items()]
 

@@ -6,6 +6,9 @@ the apply rules live in engine/apply.py.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+
 from fastetcd import errors
 from fastetcd.engine.apply import is_txn_readonly
 from fastetcd.engine.state_machine import StateMachine
@@ -29,7 +32,9 @@ class KVService:
     def _check_size(self, raw: bytes) -> None:
         check_request_size(len(raw), self.max_request_bytes)
 
-    async def range(self, raw: bytes) -> bytes:
+    # Range, Put, DeleteRange and Txn are routed as DIRECT handlers (routes.py): no coroutine per call.
+
+    def range(self, raw: bytes) -> bytes:
         r = pb.RangeRequest.FromString(raw)
         check_range(r)
         rr = self.sm.range(r)
@@ -41,33 +46,35 @@ class KVService:
         check_range(r)
         await send_range_stream(self.sm, self.header, self.max_request_bytes, r, send)
 
-    async def put(self, raw: bytes) -> bytes:
-        return await self._write(raw, pb.PutRequest.FromString(raw), check_put, self.sm.put)
-
-    async def delete_range(self, raw: bytes) -> bytes:
-        r = pb.DeleteRangeRequest.FromString(raw)
-        return await self._write(raw, r, check_delete, self.sm.delete_range)
-
-    async def _write(self, raw: bytes, r, check, submit) -> bytes:
-        """etcd's order for a write: request checks, then the size limit, then the state machine."""
-        check(r)
+    def put(self, raw: bytes) -> asyncio.Future[bytes]:
+        r = pb.PutRequest.FromString(raw)
+        check_put(r)
         self._check_size(raw)
-        resp = await submit(r)
-        self.header.fill(resp.header)
-        return resp.SerializeToString()
+        return self._answer(self.sm.put_nowait(r))
 
-    async def txn(self, raw: bytes) -> bytes:
+    def delete_range(self, raw: bytes) -> asyncio.Future[bytes]:
+        r = pb.DeleteRangeRequest.FromString(raw)
+        check_delete(r)
+        self._check_size(raw)
+        return self._answer(self.sm.delete_range_nowait(r))
+
+    def txn(self, raw: bytes) -> bytes | asyncio.Future[bytes]:
         r = pb.TxnRequest.FromString(raw)
         check_txn(r, self.max_txn_ops)
         check_intervals(r.success)
         check_intervals(r.failure)
         if is_txn_readonly(r):
             resp = self.sm.txn_readonly(r)
-        else:
-            self._check_size(raw)
-            resp = await self.sm.txn(r)
-        self.header.fill(resp.header)
-        return resp.SerializeToString()
+            self.header.fill(resp.header)
+            return resp.SerializeToString()
+        self._check_size(raw)
+        return self._answer(self.sm.txn_nowait(r))
+
+    def _answer(self, pending: asyncio.Future) -> asyncio.Future[bytes]:
+        """The serialized response, with etcd's header, once the engine's future resolves."""
+        out = pending.get_loop().create_future()
+        pending.add_done_callback(functools.partial(_encode_when_done, self.header, out))
+        return out
 
     async def compact(self, raw: bytes) -> bytes:
         r = pb.CompactionRequest.FromString(raw)
@@ -76,6 +83,21 @@ class KVService:
         resp = pb.CompactionResponse(header=pb.ResponseHeader(revision=rev))
         self.header.fill(resp.header)
         return resp.SerializeToString()
+
+
+def _encode_when_done(header: Header, out: asyncio.Future[bytes], pending: asyncio.Future) -> None:
+    if out.done():  # the caller gave up (its call was cancelled)
+        return
+    if pending.cancelled():
+        out.cancel()
+        return
+    exc = pending.exception()
+    if exc is not None:
+        out.set_exception(exc)
+        return
+    resp = pending.result()
+    header.fill(resp.header)
+    out.set_result(resp.SerializeToString())
 
 
 # ------------------------------------------------------------------ etcd's request checks (v3rpc/key.go)

@@ -5,8 +5,8 @@ signatures grpc_transport.py takes:
 
 - ``"unary"``: ``async fn(raw: bytes) -> bytes``
 - ``"bidi"``: ``async fn(requests: AsyncIterator[bytes], send: Callable[[bytes], Awaitable[None]])``
-- ``"unary_sync"``: ``fn(raw: bytes) -> bytes``, called inside ``data_received`` (no task): the seam
-  for a coroutine-free hot path.
+- ``"direct"``: ``fn(raw: bytes) -> bytes | asyncio.Future[bytes]``, called inside ``data_received``
+  (no task): bytes are answered at once, a future from its done callback.
 
 Errors: ``EtcdError`` → its code and message; protobuf ``DecodeError`` → INTERNAL "grpc: error
 unmarshalling request: ..."; anything else → UNKNOWN, as grpcio reports it. The same port answers
@@ -27,7 +27,7 @@ from fastetcd.server.http1 import Responder
 
 log = logging.getLogger(__name__)
 
-Route = tuple[str, Callable]  # ("unary" | "bidi" | "unary_sync", handler)
+Route = tuple[str, Callable]  # ("unary" | "bidi" | "direct", handler)
 
 # A bidi stream's send() waits while this many bytes of its messages are queued and not yet taken by
 # the peer's flow-control window (one message is always accepted, so a message may exceed it).
