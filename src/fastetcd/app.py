@@ -82,7 +82,7 @@ def etcd_routes(
     # Snapshot and health Watch stream only responses; served as bidi streams, they look the same on the wire.
     streams = {"Watch", "LeaseKeepAlive", "Snapshot", "RangeStream"}
     # The hot calls answer without a coroutine (see KVService).
-    direct = {"Range", "Put", "DeleteRange", "Txn"}
+    direct = {"Range", "Put", "DeleteRange", "Txn", "LeaseGrant", "LeaseRevoke"}
     routes: Routes = {
         f"/etcdserverpb.{service}/{method}": (
             BIDI if method in streams else DIRECT if method in direct else UNARY, fn)

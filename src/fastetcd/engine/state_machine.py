@@ -318,13 +318,19 @@ class StateMachine:
             return True
         return fn == self.applier.txn and quota.txn_cost(req) > 0
 
-    async def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
+    def lease_grant_nowait(self, r: pb.LeaseGrantRequest) -> asyncio.Future[pb.LeaseGrantResponse]:
         if r.ID == 0:
             r = pb.LeaseGrantRequest(ID=self._new_lease_id(), TTL=r.TTL)
-        return await self._enqueue_within_quota(quota.LEASE_OVERHEAD, self.applier.lease_grant, r)
+        return self._enqueue_within_quota(quota.LEASE_OVERHEAD, self.applier.lease_grant, r)
+
+    def lease_revoke_nowait(self, r: pb.LeaseRevokeRequest) -> asyncio.Future[pb.LeaseRevokeResponse]:
+        return self._enqueue(self.applier.lease_revoke, r)
+
+    async def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
+        return await self.lease_grant_nowait(r)
 
     async def lease_revoke(self, r: pb.LeaseRevokeRequest) -> pb.LeaseRevokeResponse:
-        return await self._submit(self.applier.lease_revoke, r)
+        return await self.lease_revoke_nowait(r)
 
     async def lease_keepalive(self, lease_id: int) -> int:
         """Renew in memory; returns the granted TTL, 0 for an unknown lease (etcd's answer)."""

@@ -7,7 +7,6 @@ the apply rules live in engine/apply.py.
 from __future__ import annotations
 
 import asyncio
-import functools
 
 from fastetcd import errors
 from fastetcd.engine.apply import is_txn_readonly
@@ -16,6 +15,7 @@ from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server._wire import encode_range_response
 from fastetcd.server.header import Header
 from fastetcd.server.range_stream import first_request, send_range_stream
+from fastetcd.server.service import answer
 from fastetcd.wire_size import varint_len
 
 _SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
@@ -64,40 +64,23 @@ class KVService:
         check_intervals(r.success)
         check_intervals(r.failure)
         if is_txn_readonly(r):
-            resp = self.sm.txn_readonly(r)
-            self.header.fill(resp.header)
-            return resp.SerializeToString()
+            return self._encode(self.sm.txn_readonly(r))
         self._check_size(raw)
         return self._answer(self.sm.txn_nowait(r))
 
     def _answer(self, pending: asyncio.Future) -> asyncio.Future[bytes]:
-        """The serialized response, with etcd's header, once the engine's future resolves."""
-        out = pending.get_loop().create_future()
-        pending.add_done_callback(functools.partial(_encode_when_done, self.header, out))
-        return out
+        return answer(pending, self._encode)
+
+    def _encode(self, resp) -> bytes:
+        """A response serialized with etcd's header (the revision the apply set, or none)."""
+        self.header.fill(resp.header)
+        return resp.SerializeToString()
 
     async def compact(self, raw: bytes) -> bytes:
         r = pb.CompactionRequest.FromString(raw)
         self._check_size(raw)
         rev = await self.sm.compact(r.revision)
-        resp = pb.CompactionResponse(header=pb.ResponseHeader(revision=rev))
-        self.header.fill(resp.header)
-        return resp.SerializeToString()
-
-
-def _encode_when_done(header: Header, out: asyncio.Future[bytes], pending: asyncio.Future) -> None:
-    if out.done():  # the caller gave up (its call was cancelled)
-        return
-    if pending.cancelled():
-        out.cancel()
-        return
-    exc = pending.exception()
-    if exc is not None:
-        out.set_exception(exc)
-        return
-    resp = pending.result()
-    header.fill(resp.header)
-    out.set_result(resp.SerializeToString())
+        return self._encode(pb.CompactionResponse(header=pb.ResponseHeader(revision=rev)))
 
 
 # ------------------------------------------------------------------ etcd's request checks (v3rpc/key.go)

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastetcd.proto import rpc_pb2 as pb
-from fastetcd.server.service import Service
+from fastetcd.server.service import Service, answer
 
 
 class LeaseService(Service):
-    async def grant(self, raw: bytes) -> bytes:
-        return self._fill(await self.sm.lease_grant(pb.LeaseGrantRequest.FromString(raw)))
+    # grant and revoke are DIRECT handlers (routes.py): answered from the commit, no coroutine per call.
 
-    async def revoke(self, raw: bytes) -> bytes:
-        return self._fill(await self.sm.lease_revoke(pb.LeaseRevokeRequest.FromString(raw)))
+    def grant(self, raw: bytes) -> asyncio.Future[bytes]:
+        return answer(self.sm.lease_grant_nowait(pb.LeaseGrantRequest.FromString(raw)), self._fill)
+
+    def revoke(self, raw: bytes) -> asyncio.Future[bytes]:
+        return answer(self.sm.lease_revoke_nowait(pb.LeaseRevokeRequest.FromString(raw)), self._fill)
 
     async def time_to_live(self, raw: bytes) -> bytes:
         r = pb.LeaseTimeToLiveRequest.FromString(raw)

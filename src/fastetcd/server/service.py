@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Callable
+from typing import Any
+
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.server.header import Header
 
@@ -16,3 +21,26 @@ class Service:
         resp.header.SetInParent()
         self.header.fill(resp.header, self.sm.committed_rev)
         return resp.SerializeToString()
+
+
+def answer(pending: asyncio.Future, encode: Callable[[Any], bytes]) -> asyncio.Future[bytes]:
+    """A DIRECT handler's answer to a write (routes.py): ``encode(response)`` once the engine's future
+    resolves, from its done callback, so no coroutine runs per call."""
+    out = pending.get_loop().create_future()
+    pending.add_done_callback(functools.partial(_encode_when_done, encode, out))
+    return out
+
+
+def _encode_when_done(
+    encode: Callable[[Any], bytes], out: asyncio.Future[bytes], pending: asyncio.Future
+) -> None:
+    if out.done():  # the caller gave up (its call was cancelled)
+        return
+    if pending.cancelled():
+        out.cancel()
+        return
+    exc = pending.exception()
+    if exc is not None:
+        out.set_exception(exc)
+        return
+    out.set_result(encode(pending.result()))
