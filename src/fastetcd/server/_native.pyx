@@ -49,8 +49,8 @@ STATUS_CODES = {
     "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
 }
 CODE_NAMES = {number: name for name, number in STATUS_CODES.items()}
-cdef object RECEIVED_BYTES = metrics.GRPC_RECEIVED_BYTES
-cdef object SENT_BYTES = metrics.GRPC_SENT_BYTES
+cdef object RECEIVED_BYTES = metrics.GRPC_RECEIVED
+cdef object SENT_BYTES = metrics.GRPC_SENT
 
 cdef enum:
     GRPC_OK = 0
@@ -382,7 +382,7 @@ cdef class Stream:
             msg = self.decompress(msg)
             if msg is None:
                 return
-        RECEIVED_BYTES.inc(len(msg))
+        RECEIVED_BYTES.n += len(msg)
         if self.kind == KIND_BIDI:
             self.requests.push(msg, wire_bytes)
         elif self.first_message is None:
@@ -517,7 +517,7 @@ cdef class Stream:
 
     cdef enqueue(self, bytes msg):
         cdef Py_ssize_t n = len(msg)
-        SENT_BYTES.inc(n)
+        SENT_BYTES.n += n
         self.outq.append(b"\x00" + n.to_bytes(4, "big"))
         if n:
             self.outq.append(msg)
@@ -1011,7 +1011,7 @@ cdef class Connection:
             s.fail(GRPC_UNIMPLEMENTED, MSG_METHOD_NOT_FOUND)
             return
         s.kind, s.handler, s.rpc = route
-        s.rpc.started.inc()
+        s.rpc.start()
         if s.timeout_value is not None:
             timeout = parse_timeout(s.timeout_value)
             if timeout is None:

@@ -51,9 +51,9 @@ def _awaiting(fn: Direct) -> Unary:
 
 def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        rpc.started.inc()
+        rpc.start()
         CALLER.set(_caller(context))
-        metrics.GRPC_RECEIVED_BYTES.inc(len(request))
+        metrics.GRPC_RECEIVED.n += len(request)
         try:
             response = await fn(request)
         except errors.EtcdError as e:
@@ -64,7 +64,7 @@ def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
             await context.abort(grpc.StatusCode.INTERNAL, f"grpc: error unmarshalling request: {e}")
         else:
             rpc.handled("OK")
-            metrics.GRPC_SENT_BYTES.inc(len(response))
+            metrics.GRPC_SENT.n += len(response)
             return response
         raise AssertionError("unreachable")  # context.abort raises
 
@@ -73,16 +73,16 @@ def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
 
 def _bidi(fn: Bidi, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        rpc.started.inc()
+        rpc.start()
         CALLER.set(_caller(context))
 
         async def counted() -> AsyncIterator[bytes]:
             async for request in requests:
-                metrics.GRPC_RECEIVED_BYTES.inc(len(request))
+                metrics.GRPC_RECEIVED.n += len(request)
                 yield request
 
         async def send(response: bytes) -> None:
-            metrics.GRPC_SENT_BYTES.inc(len(response))
+            metrics.GRPC_SENT.n += len(response)
             await context.write(response)
 
         code = "CANCELLED"  # unless the handler finishes one way or another below
