@@ -15,7 +15,7 @@ The gate compares minimums, the figure least moved by a busy neighbour on a shar
 fails only past +150%: it catches a hot path that got a coroutine, a copy or a Python object per call back,
 not a few percent. Each benchmark checks the answer it times, so a path that got fast by getting wrong fails.
 
-- decode: a Range request as the Range handler reads it (upb parse + etcd's checks).
+- decode: a Range request as the Range handler reads it (server/_wire.pyx's decoder + etcd's checks).
 - encode: a RangeResponse around encoded KeyValues (server/_wire.pyx).
 - in-memory call: one whole gRPC call through the native transport's Connection, bytes in, bytes out: HTTP/2
   frames and HPACK (nghttp2), gRPC framing, the direct Range handler over a real engine, the response frames.
@@ -36,7 +36,7 @@ from typing import Any
 
 import hpack
 import pytest
-from fastetcd.server._wire import encode_range_response
+from fastetcd.server._wire import RangeArgs, decode_range_request, encode_range_response
 
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import kv_pb2
@@ -139,8 +139,8 @@ def kv() -> Iterator[KVService]:
 def test_decode_range_request(benchmark: Any) -> None:
     raw = pb.RangeRequest(key=KEY, serializable=True).SerializeToString()
 
-    def decode() -> pb.RangeRequest:
-        r = pb.RangeRequest.FromString(raw)
+    def decode() -> RangeArgs:
+        r = decode_range_request(raw)
         check_range(r)
         return r
 

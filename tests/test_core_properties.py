@@ -459,6 +459,49 @@ def test_encode_watch_response_matches_protobuf(
     assert got == want.SerializeToString(deterministic=True)
 
 
+RANGE_FIELDS = [f.name for f in rpc_pb2.RangeRequest.DESCRIPTOR.fields]
+int32s = st.one_of(st.sampled_from([0, 1, 2, 3, 4, 5, -1, 2**31 - 1, -(2**31)]),
+                   st.integers(-(2**31), 2**31 - 1))
+range_requests = st.builds(
+    rpc_pb2.RangeRequest, key=st.binary(max_size=40), range_end=st.binary(max_size=40), limit=int64s,
+    revision=int64s, sort_order=int32s, sort_target=int32s, serializable=st.booleans(),
+    keys_only=st.booleans(), count_only=st.booleans(), min_mod_revision=int64s, max_mod_revision=int64s,
+    min_create_revision=int64s, max_create_revision=int64s)
+
+
+def _decoded_both_ways(raw: bytes) -> tuple[object, object]:
+    try:
+        want = rpc_pb2.RangeRequest.FromString(raw)
+    except Exception:  # noqa: BLE001 - protobuf's DecodeError; the fast path must then defer to it
+        want = None
+    return want, _wire.decode_range_request(raw)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(r=range_requests,
+       extra=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 7), st.binary(max_size=12)), max_size=3),
+       cut=st.integers(0, 8))
+def test_decode_range_request_agrees_with_protobuf(r: rpc_pb2.RangeRequest,
+                                                   extra: list[tuple[int, int, bytes]], cut: int) -> None:
+    """The hot path's decoder gives protobuf's fields for every message it accepts; on anything else
+    (unknown or mistyped fields, truncation, garbage) it either agrees or defers (None)."""
+    raw = r.SerializeToString()
+    want, got = _decoded_both_ways(raw)
+    assert got is not None, "a canonical RangeRequest must take the fast path"
+    assert {f: getattr(got, f) for f in RANGE_FIELDS} == {f: getattr(want, f) for f in RANGE_FIELDS}
+    # Append raw fields of any number and wire type, and maybe cut the message short.
+    for field, wire, payload in extra:
+        raw += bytes([(field << 3 | wire) & 0x7F | (0x80 if field >= 16 else 0)])
+        if field >= 16:
+            raw += bytes([field >> 4])
+        raw += payload
+    raw = raw[:len(raw) - cut] if cut < len(raw) else raw
+    want, got = _decoded_both_ways(raw)
+    if got is not None:
+        assert want is not None, f"accepted what protobuf refuses: {raw!r}"
+        assert {f: getattr(got, f) for f in RANGE_FIELDS} == {f: getattr(want, f) for f in RANGE_FIELDS}
+
+
 def test_range_semantics_of_the_model() -> None:
     """The oracle's own range rule, pinned to etcd's documented examples so the model cannot drift."""
     assert in_range(b"a", b"a", b"") and not in_range(b"ab", b"a", b"")

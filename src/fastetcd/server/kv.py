@@ -12,7 +12,7 @@ from fastetcd import errors
 from fastetcd.engine.apply import is_txn_readonly
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
-from fastetcd.server._wire import encode_range_response
+from fastetcd.server._wire import decode_range_request, encode_range_response
 from fastetcd.server.header import Header
 from fastetcd.server.range_stream import first_request, send_range_stream
 from fastetcd.server.service import answer
@@ -35,7 +35,8 @@ class KVService:
     # Range, Put, DeleteRange and Txn are routed as DIRECT handlers (routes.py): no coroutine per call.
 
     def range(self, raw: bytes) -> bytes:
-        r = pb.RangeRequest.FromString(raw)
+        # The C decoder takes canonical messages; protobuf decides everything else, errors included.
+        r = decode_range_request(raw) or pb.RangeRequest.FromString(raw)
         check_range(r)
         rr = self.sm.range(r)
         return encode_range_response(self.header.encode(rr.rev), rr.kvs, rr.more, rr.count)
