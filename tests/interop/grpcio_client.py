@@ -118,23 +118,29 @@ def unary(p: dict[str, Any], kv: rpc_pb2_grpc.KVStub) -> dict[str, Any]:
     return out
 
 
+def write_events(p: dict[str, Any], kv: rpc_pb2_grpc.KVStub) -> list[int]:
+    """The watch step's writes: ``events`` keys in Txns of ``txn_ops`` Puts; returns the Txns' revisions."""
+    revs = []
+    ops = p["txn_ops"]
+    for j in range(p["events"] // ops):
+        puts = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
+            key=f"{p['prefix']}watch/{i:05d}".encode(), value=(f"v{i}-" + "x" * p["value_pad"]).encode()))
+            for i in range(j * ops, (j + 1) * ops)]
+        revs.append(kv.Txn(rpc_pb2.TxnRequest(success=puts), timeout=CALL_TIMEOUT_S).header.revision)
+    return revs
+
+
 def watch(p: dict[str, Any], kv: rpc_pb2_grpc.KVStub, ws: rpc_pb2_grpc.WatchStub) -> dict[str, Any]:
     pre = (p["prefix"] + "watch/").encode()
     end = prefix_end(pre)
-    n, ops = p["events"], p["txn_ops"]
+    n = p["events"]
     out: dict[str, Any] = {"gauges_base": list(gauges(p["metrics_url"], WATCH_GAUGES))}
 
     live = WatchCall(ws)
     live.send(_create(pre, end))
     first = next(iter(live))
     assert first.created, first
-    revs = []
-    for j in range(n // ops):
-        puts = [rpc_pb2.RequestOp(request_put=rpc_pb2.PutRequest(
-            key=f"{p['prefix']}watch/{i:05d}".encode(), value=(f"v{i}-" + "x" * p["value_pad"]).encode()))
-            for i in range(j * ops, (j + 1) * ops)]
-        revs.append(kv.Txn(rpc_pb2.TxnRequest(success=puts), timeout=CALL_TIMEOUT_S).header.revision)
-    out["txn_revisions"] = revs
+    revs = out["txn_revisions"] = write_events(p, kv)
     events, responses, _ = _read_events(live, n)
     out["live"] = {"events": events, "responses": responses}
     live.send(rpc_pb2.WatchRequest(cancel_request=rpc_pb2.WatchCancelRequest(watch_id=first.watch_id)))
