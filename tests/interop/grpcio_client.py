@@ -115,6 +115,9 @@ def unary(p: dict[str, Any], kv: rpc_pb2_grpc.KVStub) -> dict[str, Any]:
         out["empty_key"] = {"code": "OK", "message": ""}
     except grpc.RpcError as e:
         out["empty_key"] = _status(e)
+    futures = [kv.Put.future(rpc_pb2.PutRequest(key=f"{pre}c/{i}".encode(), value=b"c"), timeout=t)
+               for i in range(p["concurrent"])]
+    out["concurrent_revisions"] = sorted(f.result().header.revision for f in futures)
     return out
 
 
@@ -230,19 +233,31 @@ def deadline(p: dict[str, Any], ch: grpc.Channel) -> dict[str, Any]:
     return out
 
 
-def oversize(p: dict[str, Any], kv: rpc_pb2_grpc.KVStub) -> dict[str, Any]:
+def _outcome(fn: Any) -> dict[str, str]:
+    try:
+        fn()
+        return {"code": "OK", "message": ""}
+    except grpc.RpcError as e:
+        return _status(e)
+
+
+def oversize(p: dict[str, Any], kv: rpc_pb2_grpc.KVStub, ws: rpc_pb2_grpc.WatchStub) -> dict[str, Any]:
+    pre = p["prefix"] + "oversize/"
+    t = CALL_TIMEOUT_S
     out: dict[str, Any] = {}
     for name, size, key in (("too_large", p["too_large_value"], "big"),
                             ("over_grpc", p["over_grpc_value"], "huge")):
-        try:
-            kv.Put(rpc_pb2.PutRequest(key=f"{p['prefix']}oversize/{key}".encode(), value=b"x" * size),
-                   timeout=CALL_TIMEOUT_S)
-            out[name] = {"code": "OK", "message": ""}
-        except grpc.RpcError as e:
-            out[name] = _status(e)
-    pre = (p["prefix"] + "oversize/").encode()
-    r = kv.Range(rpc_pb2.RangeRequest(key=pre, range_end=prefix_end(pre), count_only=True),
-                 timeout=CALL_TIMEOUT_S)
+        request = rpc_pb2.PutRequest(key=f"{pre}{key}".encode(), value=b"x" * size)
+        out[name] = [_outcome(lambda r=request: kv.Put(r, timeout=t)) for _ in range(p["oversize_repeats"])]
+    create = _create(b"x" * p["over_grpc_value"], b"")
+    out["watch_over_grpc"] = _outcome(lambda: list(ws.Watch(iter([create]), timeout=t)))
+    for i in range(p["big_values"]):
+        kv.Put(rpc_pb2.PutRequest(key=f"{pre}r/{i}".encode(), value=b"x" * p["big_value"]), timeout=t)
+    big = (f"{pre}r/").encode()
+    got = _outcome(lambda: kv.Range(rpc_pb2.RangeRequest(key=big, range_end=prefix_end(big)), timeout=t))
+    out["response_over_client_limit"] = {"code": got["code"]}
+    r = kv.Range(rpc_pb2.RangeRequest(key=pre.encode(), range_end=prefix_end(pre.encode()), count_only=True),
+                 timeout=t)
     out["served_after"] = {"count": r.count}
     return out
 
@@ -256,7 +271,7 @@ def run(p: dict[str, Any]) -> dict[str, Any]:
             "unary": unary(p, kv),
             "watch": watch(p, kv, rpc_pb2_grpc.WatchStub(ch)),
             "deadline": deadline(p, ch),
-            "oversize": oversize(p, kv),
+            "oversize": oversize(p, kv, rpc_pb2_grpc.WatchStub(ch)),
         }
 
 

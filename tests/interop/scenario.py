@@ -10,7 +10,8 @@ A client gets `Params` as one JSON argument and does, on one channel (one HTTP/2
 
 unary      Put a=1 (revision r0), Put a=2 with prev_kv, Range a, Txn value(a)=="2" → [Put b=3, Range a],
            Txn value(a)=="x" → failure [Range b], DeleteRange prefix with prev_kv, Range prefix (count only),
-           Range with an empty key (an error: INVALID_ARGUMENT "etcdserver: key is not provided").
+           Range with an empty key (an error: INVALID_ARGUMENT "etcdserver: key is not provided"); then
+           `concurrent` Puts all in flight at once on the one connection (one stream each).
 watch      Read the watch gauges (base). Open stream 1 and create a watch on the watch prefix; once created,
            write `events` keys (key_of(i), value_of(i)) with Txns of `txn_ops` Puts each; read all
            `events` events on stream 1; send a WatchCancelRequest for its watch id and read the canceled
@@ -24,8 +25,13 @@ deadline   Grant two leases; Lock(lock name, lease 1) gets the lock; Lock(lock n
            `deadline_ms`: its watch is created, then the deadline ends the call. Poll the gauges until they
            are back at base. Revoke both leases.
 oversize   Put with a value of `too_large_value` bytes (over --max-request-bytes, under gRPC's limit of
-           --max-request-bytes + 512 KiB: etcd's own check refuses it), then `over_grpc_value` bytes (over
-           gRPC's limit: the transport refuses it); then a Range on the same channel still works.
+           --max-request-bytes + 512 KiB: etcd's own check refuses it), `oversize_repeats` times; then
+           `over_grpc_value` bytes (over gRPC's limit: the transport refuses it on the length prefix and
+           drops the rest), `oversize_repeats` times: together more than a connection's flow-control
+           window, so the server must give the window back for what it dropped. A Watch whose create request
+           is over gRPC's limit (a key of `over_grpc_value` bytes). `big_values` Puts of `big_value` bytes
+           and a Range of them all: a response over the clients' default receive limit (4 MiB in all three
+           stacks), which the client refuses. Then a Range on the same channel still works (count only).
 
 Statuses are reported as {"code": "INVALID_ARGUMENT", "message": "..."} (the canonical upper-case code
 name); key-values as {"key", "value", "create_revision", "mod_revision", "version"} (text keys and values);
@@ -67,6 +73,10 @@ class Params:
     over_grpc_value: int = 2_200_000
     deadline_ms: int = 300
     settle_s: float = 10.0
+    concurrent: int = 200
+    oversize_repeats: int = 3
+    big_values: int = 5
+    big_value: int = 1_000_000
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -106,14 +116,14 @@ def kv(key: str, value: str, create: int, mod: int, version: int) -> dict[str, A
     return {"key": key, "value": value, "create_revision": create, "mod_revision": mod, "version": version}
 
 
-def over_grpc_status(p: Params, server_kind: str) -> dict[str, str]:
-    """What a Put past gRPC's receive limit gets: grpc-go's words in etcd and in fastetcd's native transport.
+def over_grpc_status(size: int, server_kind: str) -> dict[str, str]:
+    """What a message of ``size`` bytes past gRPC's receive limit gets: grpc-go's words in etcd and in
+    fastetcd's native transport.
 
     grpcio's C core refuses the message before any handler sees it, in its own words, so fastetcd on the
     grpcio transport cannot say etcd's (the code, which clients act on, is the same).
     """
-    request = rpc_pb2.PutRequest(key=p.key("oversize", "huge").encode(), value=b"x" * p.over_grpc_value)
-    sizes = f"({request.ByteSize()} vs. {GRPC_RECEIVE_LIMIT})"
+    sizes = f"({size} vs. {GRPC_RECEIVE_LIMIT})"
     if server_kind == "grpcio":
         return status("RESOURCE_EXHAUSTED", f"SERVER: Received message larger than max {sizes}")
     return status("RESOURCE_EXHAUSTED", f"grpc: received message larger than max {sizes}")
@@ -140,7 +150,7 @@ def check(result: dict[str, Any], p: Params, server_kind: str) -> None:
     """Assert a client's result; ``server_kind`` is "grpcio" or "native" (fastetcd's transport) or "etcd"."""
     check_unary(result["unary"], p)
     r0 = result["unary"]["put"]["revision"]
-    check_watch(result["watch"], p, first_rev=r0 + 4)
+    check_watch(result["watch"], p, first_rev=r0 + 4 + p.concurrent)
     check_deadline(result["deadline"], p, server_kind)
     check_oversize(result["oversize"], p, server_kind)
 
@@ -160,6 +170,8 @@ def check_unary(u: dict[str, Any], p: Params) -> None:
         "delete": {"revision": r0 + 3, "deleted": 2, "prev_keys": [a, b]},
         "range_after_delete": {"revision": r0 + 3, "count": 0},
         "empty_key": status("INVALID_ARGUMENT", "etcdserver: key is not provided"),
+        # Each Put gets a revision of its own, whatever order the server took them in.
+        "concurrent_revisions": list(range(r0 + 4, r0 + 4 + p.concurrent)),
     }
 
 
@@ -211,8 +223,13 @@ def check_deadline(d: dict[str, Any], p: Params, server_kind: str) -> None:
 
 
 def check_oversize(o: dict[str, Any], p: Params, server_kind: str) -> None:
+    put = rpc_pb2.PutRequest(key=p.key("oversize", "huge").encode(), value=b"x" * p.over_grpc_value)
+    watch = rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(key=b"x" * p.over_grpc_value))
     assert o == {
-        "too_large": status("INVALID_ARGUMENT", "etcdserver: request is too large"),
-        "over_grpc": over_grpc_status(p, server_kind),
-        "served_after": {"count": 0},
+        "too_large": [status("INVALID_ARGUMENT", "etcdserver: request is too large")] * p.oversize_repeats,
+        "over_grpc": [over_grpc_status(put.ByteSize(), server_kind)] * p.oversize_repeats,
+        "watch_over_grpc": over_grpc_status(watch.ByteSize(), server_kind),
+        # The client's own refusal: its words differ by stack, the code is the same.
+        "response_over_client_limit": {"code": "RESOURCE_EXHAUSTED"},
+        "served_after": {"count": p.big_values},
     }

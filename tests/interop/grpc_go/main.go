@@ -18,6 +18,7 @@ import (
 	"net/http"
 	"os"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -43,6 +44,10 @@ type Params struct {
 	OverGRPCValue int     `json:"over_grpc_value"`
 	DeadlineMs    int     `json:"deadline_ms"`
 	SettleS       float64 `json:"settle_s"`
+	Concurrent    int     `json:"concurrent"`
+	Repeats       int     `json:"oversize_repeats"`
+	BigValues     int     `json:"big_values"`
+	BigValue      int     `json:"big_value"`
 }
 
 type obj = map[string]any
@@ -225,6 +230,24 @@ func unary(p *Params, c *clients) (obj, error) {
 	out["range_after_delete"] = obj{"revision": rng.Header.Revision, "count": rng.Count}
 	_, err = c.kv.Range(ctx, &pb.RangeRequest{Key: []byte{}})
 	out["empty_key"] = statusOf(err)
+	revs := make([]int64, p.Concurrent)
+	errs := make(chan error, p.Concurrent)
+	for i := range revs {
+		go func(i int) {
+			r, err := c.kv.Put(ctx, &pb.PutRequest{Key: []byte(fmt.Sprintf("%sc/%d", pre, i)), Value: []byte("c")})
+			if err == nil {
+				revs[i] = r.Header.Revision
+			}
+			errs <- err
+		}(i)
+	}
+	for range revs {
+		if err := <-errs; err != nil {
+			return nil, err
+		}
+	}
+	sort.Slice(revs, func(i, j int) bool { return revs[i] < revs[j] })
+	out["concurrent_revisions"] = revs
 	return out, nil
 }
 
@@ -498,6 +521,7 @@ func deadline(p *Params, c *clients) (obj, error) {
 func oversize(p *Params, c *clients) (obj, error) {
 	ctx, cancel := ctxTimeout(callTimeout)
 	defer cancel()
+	pre := p.Prefix + "oversize/"
 	out := obj{}
 	puts := []struct {
 		name string
@@ -506,11 +530,42 @@ func oversize(p *Params, c *clients) (obj, error) {
 	}{{"too_large", p.TooLargeValue, "big"}, {"over_grpc", p.OverGRPCValue, "huge"}}
 	for _, put := range puts {
 		value := []byte(strings.Repeat("x", put.size))
-		_, err := c.kv.Put(ctx, &pb.PutRequest{Key: []byte(p.Prefix + "oversize/" + put.key), Value: value})
-		out[put.name] = statusOf(err)
+		got := []obj{}
+		for i := 0; i < p.Repeats; i++ {
+			_, err := c.kv.Put(ctx, &pb.PutRequest{Key: []byte(pre + put.key), Value: value})
+			got = append(got, statusOf(err))
+		}
+		out[put.name] = got
 	}
-	pre := []byte(p.Prefix + "oversize/")
-	r, err := c.kv.Range(ctx, &pb.RangeRequest{Key: pre, RangeEnd: prefixEnd(pre), CountOnly: true})
+	out["watch_over_grpc"] = statusOf(func() error {
+		w, err := c.watch.Watch(ctx)
+		if err != nil {
+			return err
+		}
+		if err = w.Send(createReq([]byte(strings.Repeat("x", p.OverGRPCValue)), nil, 0)); err != nil {
+			return err
+		}
+		if err = w.CloseSend(); err != nil {
+			return err
+		}
+		for {
+			if _, err = w.Recv(); err == io.EOF {
+				return nil
+			} else if err != nil {
+				return err
+			}
+		}
+	}())
+	for i := 0; i < p.BigValues; i++ {
+		value := []byte(strings.Repeat("x", p.BigValue))
+		if _, err := c.kv.Put(ctx, &pb.PutRequest{Key: []byte(fmt.Sprintf("%sr/%d", pre, i)), Value: value}); err != nil {
+			return nil, err
+		}
+	}
+	big := []byte(pre + "r/")
+	_, err := c.kv.Range(ctx, &pb.RangeRequest{Key: big, RangeEnd: prefixEnd(big)})
+	out["response_over_client_limit"] = obj{"code": statusOf(err)["code"]}
+	r, err := c.kv.Range(ctx, &pb.RangeRequest{Key: []byte(pre), RangeEnd: prefixEnd([]byte(pre)), CountOnly: true})
 	if err != nil {
 		return nil, err
 	}

@@ -134,9 +134,14 @@ class WatchCall {
   }
 }
 
-const create = (key, rangeEnd, startRevision = 0) => ({
-  create_request: { key, range_end: rangeEnd, start_revision: String(startRevision) },
-});
+// protobufjs writes a field that is set even when it holds proto3's default; leave defaults out, so the
+// request is byte for byte what the other stacks send (the oversize step's expected size depends on it).
+function create(key, rangeEnd, startRevision = 0) {
+  const req = { key };
+  if (rangeEnd.length) req.range_end = rangeEnd;
+  if (startRevision) req.start_revision = String(startRevision);
+  return { create_request: req };
+}
 
 async function readEvents(w, n) {
   const events = [];
@@ -184,6 +189,9 @@ async function unary(p, s) {
   r = await call(s.kv, 'Range', { key: b(pre), range_end: prefixEnd(pre), count_only: true });
   out.range_after_delete = { revision: Number(r.header.revision), count: Number(r.count) };
   out.empty_key = await statusOf(call(s.kv, 'Range', { key: b('') }));
+  const puts = [];
+  for (let i = 0; i < p.concurrent; i++) puts.push(call(s.kv, 'Put', { key: b(`${pre}c/${i}`), value: b('c') }));
+  out.concurrent_revisions = (await Promise.all(puts)).map((x) => Number(x.header.revision)).sort((x, y) => x - y);
   return out;
 }
 
@@ -280,13 +288,28 @@ async function deadline(p, s) {
 }
 
 async function oversize(p, s) {
+  const pre = p.prefix + 'oversize/';
   const out = {};
   const puts = [['too_large', p.too_large_value, 'big'], ['over_grpc', p.over_grpc_value, 'huge']];
   for (const [name, size, key] of puts) {
-    out[name] = await statusOf(call(s.kv, 'Put', { key: b(`${p.prefix}oversize/${key}`), value: Buffer.alloc(size, 'x') }));
+    out[name] = [];
+    for (let i = 0; i < p.oversize_repeats; i++) {
+      out[name].push(await statusOf(call(s.kv, 'Put', { key: b(pre + key), value: Buffer.alloc(size, 'x') })));
+    }
   }
-  const pre = b(p.prefix + 'oversize/');
-  const r = await call(s.kv, 'Range', { key: pre, range_end: prefixEnd(pre), count_only: true });
+  out.watch_over_grpc = await statusOf((async () => {
+    const w = new WatchCall(s.watch, { deadline: Date.now() + CALL_TIMEOUT_MS });
+    w.send(create(Buffer.alloc(p.over_grpc_value, 'x'), b('')));
+    w.call.end();
+    while ((await w.next()) !== null);
+  })());
+  for (let i = 0; i < p.big_values; i++) {
+    await call(s.kv, 'Put', { key: b(`${pre}r/${i}`), value: Buffer.alloc(p.big_value, 'x') });
+  }
+  const big = b(pre + 'r/');
+  const got = await statusOf(call(s.kv, 'Range', { key: big, range_end: prefixEnd(big) }));
+  out.response_over_client_limit = { code: got.code };
+  const r = await call(s.kv, 'Range', { key: b(pre), range_end: prefixEnd(pre), count_only: true });
   out.served_after = { count: Number(r.count) };
   return out;
 }
