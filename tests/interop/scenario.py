@@ -13,7 +13,8 @@ unary      Put a=1 (revision r0), Put a=2 with prev_kv, Range a, Txn value(a)=="
            Range with an empty key (an error: INVALID_ARGUMENT "etcdserver: key is not provided"); then
            `concurrent` Puts all in flight at once on the one connection (one stream each).
 watch      Read the watch gauges (base). Open stream 1 and create a watch on the watch prefix; once created,
-           write `events` keys (key_of(i), value_of(i)) with Txns of `txn_ops` Puts each; read all
+           write `events` keys (Params.watch_key(i) = Params.watch_value(i)) with Txns of `txn_ops` Puts
+           each (etcd's --max-txn-ops is 128), one revision per Txn; read all
            `events` events on stream 1; send a WatchCancelRequest for its watch id and read the canceled
            answer; cancel the call. Stream 2: a watch from the first Txn's revision (history) reads all
            events again; cancel the call. Stream 3: the same watch; cancel the call as soon as the first
@@ -56,8 +57,9 @@ PROTO_DIR = REPO / "proto"
 # etcd's defaults: --max-request-bytes 1.5 MiB, and gRPC's receive limit 512 KiB above it.
 MAX_REQUEST_BYTES = 1_572_864
 GRPC_RECEIVE_LIMIT = MAX_REQUEST_BYTES + 512 * 1024
-VALUE_PAD = 200  # bytes of padding per watched value: 5,000 events are ~1.2 MB, more than a flow-control
-# window, so the server still has a backlog when a client cancels mid-stream
+# Padding per watched value: 5,000 events are ~1.2 MB, more than a flow-control window, so the server still
+# has a backlog when a client cancels mid-stream.
+VALUE_PAD = 200
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class Params:
     prefix: str  # every key the scenario writes starts with this
     proto_dir: str = str(PROTO_DIR)
     events: int = 5000
-    txn_ops: int = 100  # Puts per Txn (etcd's --max-txn-ops is 128)
+    txn_ops: int = 100
     value_pad: int = VALUE_PAD
     too_large_value: int = 1_600_000
     over_grpc_value: int = 2_200_000
@@ -81,7 +83,7 @@ class Params:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
-    # Keys and values, spelled the same way by every client (see each client's keyOf / valueOf).
+    # Keys and values; every client spells them the same way (the clients get only the prefix).
     def key(self, section: str, name: str) -> str:
         return f"{self.prefix}{section}/{name}"
 
