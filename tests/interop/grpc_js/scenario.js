@@ -220,7 +220,10 @@ async function watch(p, s) {
   do {
     resp = await live.next();
   } while (resp !== null && !resp.canceled);
-  out.cancel_request = { canceled: resp !== null && resp.canceled, same_watch_id: resp !== null && resp.watch_id === first.watch_id };
+  out.cancel_request = {
+    canceled: resp !== null && resp.canceled,
+    same_watch_id: resp !== null && resp.watch_id === first.watch_id,
+  };
   live.cancel();
 
   const history = new WatchCall(s.watch);
