@@ -25,6 +25,8 @@ _SRC = Path(__file__).resolve().parents[1] / "src"
 if importlib.util.find_spec("fastetcd") is None:
     sys.path.insert(0, str(_SRC))
 
+pytest.register_assert_rewrite("interop.scenario")
+
 from cosmos_fixture import CosmosServer, cosmos_server_running  # noqa: E402
 from servers import ServerFactory, ServerPair  # noqa: E402
 
@@ -153,3 +155,25 @@ def etcd_endpoint(server_pair: ServerPair) -> str:
 @pytest.fixture
 def fastetcd_endpoint(server_pair: ServerPair) -> str:
     return server_pair.subject.endpoint
+
+
+# The servers an interoperability test (tests/test_interop_*.py) runs against: fastetcd on each transport,
+# and real etcd 3.5.1, which must pass the same assertions (the oracle keeps the expected table honest).
+INTEROP_SERVERS = ("grpcio", "native", "etcd")
+
+
+@pytest.fixture(params=INTEROP_SERVERS, ids=["fastetcd-grpcio", "fastetcd-native", "etcd"])
+def interop_server(request: pytest.FixtureRequest, server_factory: ServerFactory) -> ServerProcess:
+    """A fresh server with /metrics on a port of its own (``metrics_url``), one of INTEROP_SERVERS; its
+    kind for the scenario's expectations is ``request.param`` (see interop_server_kind)."""
+    if request.param == "etcd":
+        return server_factory("etcd", "etcd", metrics=True)
+    # A test's own --transport comes after the defaults (conftest's --transport option), so it wins.
+    transport = request.param
+    return server_factory("fastetcd", f"fastetcd-{transport}", ["--transport", transport], metrics=True)
+
+
+@pytest.fixture
+def interop_server_kind(interop_server: ServerProcess, request: pytest.FixtureRequest) -> str:
+    """"grpcio" or "native" (fastetcd on that transport) or "etcd": what interop_server is."""
+    return request.node.callspec.params["interop_server"]

@@ -21,7 +21,8 @@ ETCD_NAMES = {
     "etcd_disk_wal_fsync_duration_seconds", "etcd_disk_backend_commit_duration_seconds",
     "etcd_server_proposals_committed_total", "etcd_network_client_grpc_received_bytes",
     "etcd_network_client_grpc_sent_bytes", "grpc_server_handled", "grpc_server_started",
-    "etcd_debugging_mvcc_watcher_total", "etcd_server_quota_backend_bytes", "process_resident_memory_bytes",
+    "etcd_debugging_mvcc_watcher_total", "etcd_debugging_mvcc_watch_stream_total",
+    "etcd_server_quota_backend_bytes", "process_resident_memory_bytes",
 }
 
 

@@ -38,6 +38,11 @@ class StateCollector(Collector):
             "etcd_debugging_mvcc_watcher_total", "Total number of watchers.", sm.watch_hub.watcher_count()
         )
         yield GaugeMetricFamily(
+            "etcd_debugging_mvcc_watch_stream_total",
+            "Total number of watch streams.",
+            sm.watch_hub.stream_count(),
+        )
+        yield GaugeMetricFamily(
             "etcd_server_quota_backend_bytes", "Current backend storage quota size in bytes.", sm.quota_bytes
         )
         yield GaugeMetricFamily(

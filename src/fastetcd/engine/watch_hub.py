@@ -124,6 +124,9 @@ class WatchHub:
     def watcher_count(self) -> int:
         return sum(self._refs.values())
 
+    def stream_count(self) -> int:
+        return len(self._sinks)
+
     def ring_bytes(self) -> int:
         return self._ring_total
 

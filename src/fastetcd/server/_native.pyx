@@ -371,8 +371,9 @@ cdef class Stream:
         return 0
 
     cdef int too_large(self, size_t length) except -1:
+        # grpc-go's words (etcd's): clients show this text, and etcd's is what they are used to.
         self.fail(GRPC_RESOURCE_EXHAUSTED,
-                  f"SERVER: Received message larger than max ({length} vs. "
+                  f"grpc: received message larger than max ({length} vs. "
                   f"{self.conn.config.max_message_bytes})")
         return 0
 
@@ -410,7 +411,8 @@ cdef class Stream:
             return None
         if len(out) > limit or d.unconsumed_tail:
             self.fail(GRPC_RESOURCE_EXHAUSTED,
-                      f"SERVER: Received message larger than max ({len(out)} vs. {limit})")
+                      f"grpc: received message after decompression larger than max "
+                      f"({len(out)} vs. {limit})")
             return None
         return out
 

