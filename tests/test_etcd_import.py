@@ -731,8 +731,8 @@ def _bucket_of(core: MVCC) -> list[Version]:
 
 def _core_part(state: bytes) -> bytes:
     assert state.startswith(SNAPSHOT_MAGIC)
-    n_core, _ = struct.unpack_from("<QQ", state, len(SNAPSHOT_MAGIC))
-    start = len(SNAPSHOT_MAGIC) + 16
+    n_core, _, _ = struct.unpack_from("<QQQ", state, len(SNAPSHOT_MAGIC))
+    start = len(SNAPSHOT_MAGIC) + 24
     return state[start : start + n_core]
 
 
@@ -784,8 +784,8 @@ def test_leases_and_alarms_go_into_the_state() -> None:
     leases = [LeaseRecord(7, 600, 0), LeaseRecord(8, 1, 0), LeaseRecord(9, 900, 300)]
     built = build_state(_FakeEtcdDB([], None, None, leases, [(42, rpc_pb2.NOSPACE)]))
     assert built.revision == 1 and built.keys == 0
-    n_core, n_leases = struct.unpack_from("<QQ", built.state, len(SNAPSHOT_MAGIC))
-    start = len(SNAPSHOT_MAGIC) + 16 + n_core
+    n_core, n_leases, n_alarms = struct.unpack_from("<QQQ", built.state, len(SNAPSHOT_MAGIC))
+    start = len(SNAPSHOT_MAGIC) + 24 + n_core
     lessor = Lessor()
     lessor.load(built.state[start : start + n_leases])
     # a TTL below the minimum is raised to it, as etcd's restore does; a checkpointed remainder is kept
@@ -795,7 +795,7 @@ def test_leases_and_alarms_go_into_the_state() -> None:
         9: (900, 300),
     }
     alarms = Alarms()
-    alarms.load(built.state[start + n_leases :])
+    alarms.load(built.state[start + n_leases : start + n_leases + n_alarms])
     assert alarms.get() == [(42, rpc_pb2.NOSPACE)]
 
 

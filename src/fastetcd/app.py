@@ -16,6 +16,8 @@ from prometheus_client import REGISTRY
 
 from fastetcd import __version__
 from fastetcd.config import Config
+from fastetcd.engine.auth_store import AuthStore
+from fastetcd.engine.auth_tokens import AuthOptionsError, token_provider
 from fastetcd.engine.compactor import Compactor
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.engine.state_metrics import StateCollector
@@ -76,7 +78,13 @@ def etcd_routes(
                         "MoveLeader": maintenance.move_leader, "Downgrade": maintenance.downgrade},
         "Cluster": {"MemberList": cluster.member_list},
         "Auth": {"Authenticate": auth.authenticate, "AuthStatus": auth.auth_status,
-                 "UserList": auth.user_list, "RoleList": auth.role_list},
+                 "AuthEnable": auth.auth_enable, "AuthDisable": auth.auth_disable,
+                 "UserAdd": auth.user_add, "UserGet": auth.user_get, "UserList": auth.user_list,
+                 "UserDelete": auth.user_delete, "UserChangePassword": auth.user_change_password,
+                 "UserGrantRole": auth.user_grant_role, "UserRevokeRole": auth.user_revoke_role,
+                 "RoleAdd": auth.role_add, "RoleGet": auth.role_get, "RoleList": auth.role_list,
+                 "RoleDelete": auth.role_delete, "RoleGrantPermission": auth.role_grant_permission,
+                 "RoleRevokePermission": auth.role_revoke_permission},
     }
     health = HealthService()
     # Snapshot and health Watch stream only responses; served as bidi streams, they look the same on the wire.
@@ -137,6 +145,11 @@ async def _start_native(config: Config, routes: Routes, endpoints: HttpEndpoints
 
 async def serve(config: Config, stop: asyncio.Event) -> None:
     """Serve until ``stop`` is set, then drain and flush. Raises StoreError/OSError if it cannot start."""
+    kind, opts, jwt_ttl = config.auth_token_options
+    try:
+        tokens = token_provider(kind, opts, float(config.auth_token_ttl), jwt_ttl)
+    except AuthOptionsError as e:
+        raise OSError(f"--auth-token: {e}") from None
     store = open_store(config)
     member_id = member_id_for(config.name, config.advertise_client_urls)
     sm = StateMachine(
@@ -144,6 +157,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         snapshot_count=config.snapshot_count,
         quota_bytes=max(config.quota_backend_bytes, 0),
         member_id=member_id,
+        auth=AuthStore(tokens, config.bcrypt_cost),
     )
     await sm.start()
     compactor = Compactor(

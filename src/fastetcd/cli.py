@@ -146,6 +146,14 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("cosmos-database", _parse_str, "Azure Cosmos DB database name."),
     _Option("cosmos-container", _parse_str, "Azure Cosmos DB container name."),
+    _Option(
+        "auth-token",
+        _parse_str,
+        "Specify auth token specific options: 'simple', or "
+        "'jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256,ttl=5m' (sign-method: RS/PS/ES/HS 256/384/512).",
+    ),
+    _Option("auth-token-ttl", _parse_int, "The lifetime in seconds of the auth token (simple tokens)."),
+    _Option("bcrypt-cost", _parse_int, "Specify bcrypt algorithm cost factor for auth password hashing."),
 )
 
 

@@ -12,6 +12,8 @@ import re
 import urllib.parse
 from dataclasses import dataclass, field
 
+from fastetcd.engine.auth_tokens import AuthOptionsError, parse_auth_token
+
 GiB = 1024 * 1024 * 1024
 DEFAULT_QUOTA_BACKEND_BYTES = 2 * GiB  # etcd's DefaultQuotaBytes, used when the flag is 0
 DEFAULT_SNAPSHOT_COUNT = 100_000
@@ -159,6 +161,10 @@ class Config:
     cosmos_key: str = field(default="", repr=False)
     cosmos_database: str = "fastetcd"
     cosmos_container: str = "fastetcd"
+    # etcd's: "simple", or "jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256,ttl=5m"
+    auth_token: str = "simple"
+    auth_token_ttl: int = 300  # seconds a simple token lives after its last use
+    bcrypt_cost: int = 10  # bcrypt's cost for hashing user passwords (4..31)
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -199,6 +205,19 @@ class Config:
         self._compaction_retention()  # raises if unparsable
         if self.experimental_watch_progress_notify_interval < 0:
             raise ConfigError("--experimental-watch-progress-notify-interval must not be negative")
+        try:
+            kind, opts = parse_auth_token(self.auth_token)
+        except AuthOptionsError as e:
+            raise ConfigError(f"--auth-token: {e}") from None
+        if kind == "jwt" and opts.get("ttl"):
+            try:
+                parse_duration(opts["ttl"])
+            except ConfigError as e:
+                raise ConfigError(f"--auth-token: jwt ttl: {e}") from None
+        if self.auth_token_ttl < 0:
+            raise ConfigError(f"--auth-token-ttl must not be negative, got {self.auth_token_ttl}")
+        if not 4 <= self.bcrypt_cost <= 31:
+            raise ConfigError(f"--bcrypt-cost must be between 4 and 31, got {self.bcrypt_cost}")
         if self.store == "cosmos" and not self.cosmos_endpoint:
             raise ConfigError("--store cosmos needs --cosmos-endpoint")
         if self.store == "cosmos" and not (self.cosmos_database and self.cosmos_container):
@@ -225,6 +244,12 @@ class Config:
         """Revisions revision-mode auto-compaction keeps; 0 when off or in periodic mode."""
         value = self._compaction_retention()
         return int(value) if self.auto_compaction_mode == "revision" else 0
+
+    @property
+    def auth_token_options(self) -> tuple[str, dict[str, str], float]:
+        """--auth-token as (type, its options, a jwt token's lifetime in seconds; 0 for the default)."""
+        kind, opts = parse_auth_token(self.auth_token)
+        return kind, opts, parse_duration(opts["ttl"]) if opts.get("ttl") else 0.0
 
     def _compaction_retention(self) -> float:
         text = self.auto_compaction_retention.strip()

@@ -2,8 +2,8 @@
 
 One entry per request that changed anything: the etcd revision it created (0 for none, e.g. a lease grant),
 the core's record of that revision's key-value writes, and the other state operations it performed (lease
-grants, revokes and checkpoints; alarm changes). Entries are numbered by a contiguous log index,
-independent of revisions.
+grants, revokes and checkpoints; alarm changes; an auth change, as auth_store.py encodes it). Entries are
+numbered by a contiguous log index, independent of revisions.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ LEASE_REVOKE = 2  # id
 LEASE_CHECKPOINT = 3  # id, remaining ttl (0 = back to the full ttl)
 ALARM_ACTIVATE = 4  # member id, alarm type
 ALARM_DEACTIVATE = 5  # member id, alarm type
+# Bytes, not (id, arg): its length, then an auth change (auth_store.encode_change). Never in ``ops``.
+AUTH_CHANGE = 6
 
 _U64 = (1 << 64) - 1
 
@@ -24,6 +26,7 @@ class Entry:
     rev: int = 0  # revision this entry created, 0 if none
     kv: bytes = b""  # MVCC.take_record() of that revision
     ops: list[tuple[int, int, int]] = field(default_factory=list)  # (op, id, arg): lease and alarm ops
+    auth: bytes = b""  # an auth change (users, roles, enabling), b"" for none
 
 
 def _varint(out: bytearray, v: int) -> None:
@@ -58,6 +61,10 @@ def encode(e: Entry) -> bytes:
         _varint(out, target)
         if op != LEASE_REVOKE:
             _varint(out, arg)
+    if e.auth:
+        out.append(AUTH_CHANGE)
+        _varint(out, len(e.auth))
+        out += e.auth
     return bytes(out)
 
 
@@ -67,11 +74,17 @@ def decode(data: bytes) -> Entry:
     kv = data[pos : pos + n]
     pos += n
     ops = []
+    auth = b""
     while pos < len(data):
         op = data[pos]
+        if op == AUTH_CHANGE:
+            n, pos = _read_varint(data, pos + 1)
+            auth = data[pos : pos + n]
+            pos += n
+            continue
         target, pos = _read_varint(data, pos + 1)
         arg = 0
         if op != LEASE_REVOKE:
             arg, pos = _read_varint(data, pos)
         ops.append((op, target, arg))
-    return Entry(rev, kv, ops)
+    return Entry(rev, kv, ops, auth)

@@ -29,6 +29,7 @@ from fastetcd.engine import alarms as alarm_types
 from fastetcd.engine import kv_hash, log_entry, quota
 from fastetcd.engine.alarms import Alarms
 from fastetcd.engine.apply import Applier, RangeResult, range_kvs
+from fastetcd.engine.auth_store import AuthStore, encode_change
 from fastetcd.engine.lessor import LeaseStatus, Lessor
 from fastetcd.engine.watch_hub import WatchHub
 from fastetcd.proto import rpc_pb2 as pb
@@ -55,15 +56,18 @@ LEASE_CHECKPOINT_INTERVAL = 300.0
 CommitListener = Callable[[list[tuple[int, bytes]]], None]
 
 
-# A snapshot begins with this, then the lengths of the core's and the lessor's parts; the alarms follow.
-# (Snapshots written before alarms existed begin with the core's length, which is never this large.)
-SNAPSHOT_MAGIC = b"FESNAP02"
+# A snapshot begins with this, then the lengths of the core's, the lessor's and the alarms' parts; the
+# auth state follows. (FESNAP02 snapshots, from before auth, have two lengths and end with the alarms;
+# snapshots written before alarms existed begin with the core's length, which is never this large.)
+SNAPSHOT_MAGIC = b"FESNAP03"
+SNAPSHOT_MAGIC_V2 = b"FESNAP02"
 
 
-def pack_snapshot(core: bytes, leases: bytes, alarms: bytes) -> bytes:
-    """A snapshot's layout, from ``MVCC.dump``, ``Lessor.dump`` and ``Alarms.dump`` (what
-    ``StateMachine._load_snapshot`` reads back; ``fastetcd import`` builds its state with it too)."""
-    return SNAPSHOT_MAGIC + struct.pack("<QQ", len(core), len(leases)) + core + leases + alarms
+def pack_snapshot(core: bytes, leases: bytes, alarms: bytes, auth: bytes = b"") -> bytes:
+    """A snapshot's layout, from ``MVCC.dump``, ``Lessor.dump``, ``Alarms.dump`` and ``AuthStore.dump``
+    (what ``StateMachine._load_snapshot`` reads back; ``fastetcd import`` builds its state with it too)."""
+    head = SNAPSHOT_MAGIC + struct.pack("<QQQ", len(core), len(leases), len(alarms))
+    return head + core + leases + alarms + auth
 
 
 class _Exclusive:
@@ -98,11 +102,13 @@ class StateMachine:
         quota_bytes: int = 0,
         checkpoint_interval: float = LEASE_CHECKPOINT_INTERVAL,
         member_id: int = 0,
+        auth: AuthStore | None = None,
     ) -> None:
         self.store = store
         self.core = MVCC()
         self.lessor = Lessor()
         self.alarms = Alarms()
+        self.auth = auth if auth is not None else AuthStore()
         self.applier = Applier(self.core, self.lessor)
         self.member_id = member_id  # whose alarms this node raises
         # What a CORRUPT alarm still lets through, as etcd's corrupt applier: alarm changes, TTL checkpoints.
@@ -149,8 +155,11 @@ class StateMachine:
             if e.ops:
                 self.lessor.replay(e.ops)
                 self.alarms.replay(e.ops)
+            if e.auth:
+                self.auth.replay(e.auth)
             self.applied_index = index
         self.core.end_bulk()
+        self.auth.recovered()
         if rec.compact_rev > self.core.compact_rev:
             self.core.compact(rec.compact_rev)
         self.lessor.reattach(self.core.leased_keys(self.core.rev))
@@ -170,6 +179,8 @@ class StateMachine:
                 "replayed-entries": len(rec.entries),
                 "leases": len(self.lessor.leases),
                 "alarms": [alarm_types.NAMES[a] for _, a in self.alarms.get()],
+                "auth-enabled": self.auth.enabled,
+                "auth-revision": self.auth.revision,
                 "took": f"{time.monotonic() - t0:.3f}s",
             },
         )
@@ -237,7 +248,9 @@ class StateMachine:
         """A hash of the whole state (keys, leases, alarms), for etcd's Hash RPC: equal on two servers
         that applied the same history, stable across restarts."""
         h = kv_hash.hash_kv(self.core, self.committed_rev)
-        return crc32c.crc32c(self.lessor.dump() + self.alarms.dump(), value=h)
+        # Auth counts once it was ever changed, so a store that never used auth hashes as it always did.
+        auth = self.auth.dump() if self.auth.revision > 1 else b""
+        return crc32c.crc32c(self.lessor.dump() + self.alarms.dump() + auth, value=h)
 
     def lease_status(self, lease_id: int) -> LeaseStatus | None:
         return self.lessor.status(lease_id)
@@ -249,24 +262,28 @@ class StateMachine:
     # -------------------------------------------------------------- writes (through the writer)
 
     # Each *_nowait returns the engine's future (no coroutine; see _enqueue); the async forms await it.
+    # ``auth_rev``: the auth revision a request's permissions were checked at (0: not checked, auth off).
+    # If auth changed before the request is applied, it fails as etcd's apply fails it.
 
-    def put_nowait(self, r: pb.PutRequest) -> asyncio.Future[pb.PutResponse]:
-        return self._enqueue_within_quota(quota.put_cost(r), self.applier.put, r)
+    def put_nowait(self, r: pb.PutRequest, auth_rev: int = 0) -> asyncio.Future[pb.PutResponse]:
+        return self._enqueue_within_quota(quota.put_cost(r), self.applier.put, r, auth_rev)
 
-    def delete_range_nowait(self, r: pb.DeleteRangeRequest) -> asyncio.Future[pb.DeleteRangeResponse]:
-        return self._enqueue(self.applier.delete_range, r)
+    def delete_range_nowait(
+        self, r: pb.DeleteRangeRequest, auth_rev: int = 0
+    ) -> asyncio.Future[pb.DeleteRangeResponse]:
+        return self._enqueue(self.applier.delete_range, r, auth_rev)
 
-    def txn_nowait(self, r: pb.TxnRequest) -> asyncio.Future[pb.TxnResponse]:
-        return self._enqueue_within_quota(quota.txn_cost(r), self.applier.txn, r)
+    def txn_nowait(self, r: pb.TxnRequest, auth_rev: int = 0) -> asyncio.Future[pb.TxnResponse]:
+        return self._enqueue_within_quota(quota.txn_cost(r), self.applier.txn, r, auth_rev)
 
-    async def put(self, r: pb.PutRequest) -> pb.PutResponse:
-        return await self.put_nowait(r)
+    async def put(self, r: pb.PutRequest, auth_rev: int = 0) -> pb.PutResponse:
+        return await self.put_nowait(r, auth_rev)
 
-    async def delete_range(self, r: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        return await self.delete_range_nowait(r)
+    async def delete_range(self, r: pb.DeleteRangeRequest, auth_rev: int = 0) -> pb.DeleteRangeResponse:
+        return await self.delete_range_nowait(r, auth_rev)
 
-    async def txn(self, r: pb.TxnRequest) -> pb.TxnResponse:
-        return await self.txn_nowait(r)
+    async def txn(self, r: pb.TxnRequest, auth_rev: int = 0) -> pb.TxnResponse:
+        return await self.txn_nowait(r, auth_rev)
 
     async def compact(self, rev: int) -> int:
         """Compact at ``rev``; returns the current revision for the response header."""
@@ -299,10 +316,10 @@ class StateMachine:
     def _deactivate_alarm(self, req: tuple[int, int]) -> list[tuple[int, int]]:
         return [req] if self.alarms.deactivate(*req) else []
 
-    def _enqueue_within_quota(self, cost: int, fn: Callable, req: Any) -> asyncio.Future:
+    def _enqueue_within_quota(self, cost: int, fn: Callable, req: Any, auth_rev: int = 0) -> asyncio.Future:
         """etcd's quota check before a write is proposed: if it would not fit, raise NOSPACE and refuse."""
         if quota.fits(self._db_size, cost, self.quota_bytes):
-            return self._enqueue(fn, req)
+            return self._enqueue(fn, req, auth_rev)
         return asyncio.ensure_future(self._refuse_no_space())
 
     async def _refuse_no_space(self) -> None:
@@ -323,14 +340,35 @@ class StateMachine:
             r = pb.LeaseGrantRequest(ID=self._new_lease_id(), TTL=r.TTL)
         return self._enqueue_within_quota(quota.LEASE_OVERHEAD, self.applier.lease_grant, r)
 
-    def lease_revoke_nowait(self, r: pb.LeaseRevokeRequest) -> asyncio.Future[pb.LeaseRevokeResponse]:
-        return self._enqueue(self.applier.lease_revoke, r)
+    def lease_revoke_nowait(
+        self, r: pb.LeaseRevokeRequest, auth_rev: int = 0
+    ) -> asyncio.Future[pb.LeaseRevokeResponse]:
+        return self._enqueue(self.applier.lease_revoke, r, auth_rev)
 
     async def lease_grant(self, r: pb.LeaseGrantRequest) -> pb.LeaseGrantResponse:
         return await self.lease_grant_nowait(r)
 
-    async def lease_revoke(self, r: pb.LeaseRevokeRequest) -> pb.LeaseRevokeResponse:
-        return await self.lease_revoke_nowait(r)
+    async def lease_revoke(self, r: pb.LeaseRevokeRequest, auth_rev: int = 0) -> pb.LeaseRevokeResponse:
+        return await self.lease_revoke_nowait(r, auth_rev)
+
+    async def auth_change(self, kind: int, req: Any, authorize: Callable[[], None] | None = None) -> None:
+        """An auth change (auth_store.py): runs alone, on a copy of the auth state that takes effect only
+        once its log entry is durable. ``authorize`` (the caller's admin check) runs first, against the
+        auth state the change meets, as etcd's apply checks it."""
+        await self._submit(_Exclusive(lambda: self._auth_change(kind, req, authorize)), None)
+
+    async def _auth_change(self, kind: int, req: Any, authorize: Callable[[], None] | None) -> None:
+        if authorize is not None:
+            authorize()
+        new = self.auth.stage(kind, req)
+        if new is None:
+            return  # accepted, nothing changes: nothing to log
+        index = self.applied_index + 1
+        await self.store.append([(index, log_entry.encode(log_entry.Entry(auth=encode_change(kind, req))))])
+        self.applied_index = index
+        self._db_size = self.store.size()
+        self.auth.install(new, kind, req)
+        self._maybe_snapshot()
 
     async def lease_keepalive(self, lease_id: int) -> int:
         """Renew in memory; returns the granted TTL, 0 for an unknown lease (etcd's answer)."""
@@ -368,10 +406,10 @@ class StateMachine:
             return errors.NOT_LEADER() if isinstance(e, Fenced) else errors.TIMEOUT()
         return errors.EtcdError("UNAVAILABLE", f"etcdserver: storage failure: {e}")
 
-    async def _submit(self, fn: Callable | _Exclusive, req: Any) -> Any:
-        return await self._enqueue(fn, req)
+    async def _submit(self, fn: Callable | _Exclusive, req: Any, auth_rev: int = 0) -> Any:
+        return await self._enqueue(fn, req, auth_rev)
 
-    def _enqueue(self, fn: Callable | _Exclusive, req: Any) -> asyncio.Future:
+    def _enqueue(self, fn: Callable | _Exclusive, req: Any, auth_rev: int = 0) -> asyncio.Future:
         """Queue a write for the writer; the future resolves once it is durable (or failed, or timed out).
 
         A plain future, not a task: transports can answer from its done callback without a coroutine.
@@ -385,7 +423,7 @@ class StateMachine:
             raise errors.TOO_MANY_REQUESTS
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.append(((fn, req), fut))
+        self._queue.append(((fn, req, auth_rev), fut))
         self._wake.set()
         self._deadlines.append((time.monotonic() + REQUEST_TIMEOUT, fut))
         if self._sweep is None:
@@ -417,7 +455,7 @@ class StateMachine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            (fn, req), fut = queue[0]
+            (fn, _, _), fut = queue[0]
             if isinstance(fn, _Exclusive):
                 queue.popleft()
                 await self._run_exclusive(fn, fut)
@@ -465,12 +503,14 @@ class StateMachine:
         batch = _Batch()
         index = self.applied_index
         while queue and len(batch.done) < MAX_BATCH:
-            (fn, req), fut = queue[0]
+            (fn, req, auth_rev), fut = queue[0]
             if isinstance(fn, _Exclusive):
                 break
             queue.popleft()
             before = core.rev
             try:
+                if auth_rev and auth_rev != self.auth.revision:
+                    raise errors.AUTH_OLD_REVISION
                 res = self._apply_one(fn, req)
             except Exception as e:
                 batch.done.append((fut, None, e))
@@ -616,19 +656,32 @@ class StateMachine:
 
     def snapshot_bytes(self) -> bytes:
         """The whole state at ``committed_rev``, as ``_load_snapshot`` reads it back."""
-        return pack_snapshot(self.core.dump(self.committed_rev), self.lessor.dump(), self.alarms.dump())
+        return pack_snapshot(
+            self.core.dump(self.committed_rev), self.lessor.dump(), self.alarms.dump(), self.auth.dump()
+        )
 
     def _snapshot_chunks(self) -> list[bytes]:
         data = self.snapshot_bytes()
         return [data[i : i + SNAPSHOT_CHUNK] for i in range(0, len(data), SNAPSHOT_CHUNK)]
 
     def _load_snapshot(self, data: bytes) -> None:
-        if not data.startswith(SNAPSHOT_MAGIC):  # written before alarms were state
+        if data.startswith(SNAPSHOT_MAGIC):
+            pos = len(SNAPSHOT_MAGIC)
+            n_core, n_leases, n_alarms = struct.unpack_from("<QQQ", data, pos)
+            pos += 24
+            self.core.load(data[pos : pos + n_core])
+            pos += n_core
+            self.lessor.load(data[pos : pos + n_leases])
+            pos += n_leases
+            self.alarms.load(data[pos : pos + n_alarms])
+            self.auth.load(data[pos + n_alarms :])
+            return
+        if not data.startswith(SNAPSHOT_MAGIC_V2):  # written before alarms were state
             (n,) = struct.unpack_from("<Q", data)
             self.core.load(data[8 : 8 + n])
             self.lessor.load(data[8 + n :])
             return
-        pos = len(SNAPSHOT_MAGIC)
+        pos = len(SNAPSHOT_MAGIC_V2)
         n_core, n_leases = struct.unpack_from("<QQ", data, pos)
         pos += 16
         self.core.load(data[pos : pos + n_core])

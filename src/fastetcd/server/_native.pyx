@@ -34,6 +34,7 @@ from google.protobuf.message import DecodeError
 from fastetcd import errors, metrics
 from fastetcd.metrics import RpcMetrics
 from fastetcd.server import http1
+from fastetcd.server.call_context import ANONYMOUS, CALLER, Caller
 
 log = logging.getLogger("fastetcd.server.native")
 
@@ -302,6 +303,7 @@ cdef class Stream:
     cdef Py_ssize_t unconsumed
     cdef object rpc       # RpcMetrics of the method (None for an unknown one, as grpcio counts)
     cdef bint counted     # grpc_server_handled_total has this call
+    cdef bytes token      # the "token" request header: etcd's auth token (call_context.Caller)
 
     def __cinit__(self, Connection conn, int32_t sid):
         self.conn = conn
@@ -441,19 +443,31 @@ cdef class Stream:
         if msg is None:
             self.fail(GRPC_INTERNAL, MSG_NO_REQUEST)
             return
-        if self.kind == KIND_DIRECT:
-            try:
-                resp = self.handler(msg)
-            except Exception as e:
-                code, text = status_for(e)
-                self.fail(code, text)
+        # The handler sees its caller through CALLER (a task copies the context it is created in). The
+        # connection's context holds the default, anonymous caller: set only when there is someone.
+        caller = CALLER.set(self.caller()) if self.token is not None else None
+        try:
+            if self.kind == KIND_DIRECT:
+                try:
+                    resp = self.handler(msg)
+                except Exception as e:
+                    code, text = status_for(e)
+                    self.fail(code, text)
+                    return
+                if type(resp) is bytes:
+                    self.respond(resp)
+                else:
+                    resp.add_done_callback(self.on_answer)
                 return
-            if type(resp) is bytes:
-                self.respond(resp)
-            else:
-                resp.add_done_callback(self.on_answer)
-            return
-        self.task = self.conn.loop.create_task(self.run_unary(msg))
+            self.task = self.conn.loop.create_task(self.run_unary(msg))
+        finally:
+            if caller is not None:
+                CALLER.reset(caller)
+
+    cdef object caller(self):
+        if self.token is None:
+            return ANONYMOUS
+        return Caller(self.token.decode("utf-8", "replace"))
 
     def on_answer(self, fut):
         """A direct handler's future resolved: answer (unless the call already ended)."""
@@ -979,6 +993,8 @@ cdef class Connection:
             s.encoding = PyBytes_FromStringAndSize(<const char *>value, valuelen)
         elif namelen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
             s.timeout_value = PyBytes_FromStringAndSize(<const char *>value, valuelen)
+        elif namelen == 5 and memcmp(name, b"token", 5) == 0:
+            s.token = PyBytes_FromStringAndSize(<const char *>value, valuelen)
         return 0
 
     cdef int data_chunk(self, int32_t stream_id, const uint8_t *data, size_t length) except -1:
@@ -1022,7 +1038,11 @@ cdef class Connection:
             s.deadline = self.loop.call_later(timeout, s.on_deadline)
         if s.kind == KIND_BIDI:
             s.requests = RequestIterator(self.loop, s)
-            s.task = self.loop.create_task(s.run_bidi())
+            caller = CALLER.set(s.caller())
+            try:
+                s.task = self.loop.create_task(s.run_bidi())
+            finally:
+                CALLER.reset(caller)
 
     cdef int frame_send(self, const nghttp2_frame *frame) except -1:
         cdef Stream s

@@ -1,7 +1,9 @@
 """The KV service (etcdserverpb.KV), transport-neutral: request bytes in, response bytes out.
 
 Validation follows etcd's v3rpc/key.go (the checks that run before a request reaches the state machine);
-the apply rules live in engine/apply.py.
+the apply rules live in engine/apply.py, the permission rules in engine/auth_store.py. Permissions are
+checked where etcd checks them (a read before it is served, a write before it is applied: the auth
+revision they were checked at goes with the write, and an auth change in between fails it).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server._wire import decode_range_request, encode_range_response
 from fastetcd.server.header import Header
 from fastetcd.server.range_stream import first_request, send_range_stream
-from fastetcd.server.service import answer
+from fastetcd.server.service import answer, auth_info
 from fastetcd.wire_size import varint_len
 
 _SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
@@ -38,6 +40,8 @@ class KVService:
         # The C decoder takes canonical messages; protobuf decides everything else, errors included.
         r = decode_range_request(raw) or pb.RangeRequest.FromString(raw)
         check_range(r)
+        auth = self.sm.auth
+        auth.is_range_permitted(auth_info(auth), r.key, r.range_end)
         rr = self.sm.range(r)
         return encode_range_response(self.header.encode(rr.rev), rr.kvs, rr.more, rr.count)
 
@@ -45,29 +49,64 @@ class KVService:
         """etcd 3.7's KV.RangeStream (server-streaming, routed as a bidi stream): server/range_stream.py."""
         r = pb.RangeRequest.FromString(await first_request(requests))
         check_range(r)
+        auth = self.sm.auth
+        auth.is_range_permitted(auth_info(auth), r.key, r.range_end)
         await send_range_stream(self.sm, self.header, self.max_request_bytes, r, send)
 
     def put(self, raw: bytes) -> asyncio.Future[bytes]:
         r = pb.PutRequest.FromString(raw)
         check_put(r)
-        self._check_size(raw)
-        return self._answer(self.sm.put_nowait(r))
+        auth_rev = self._authorize(raw, r, self._may_put)
+        return self._answer(self.sm.put_nowait(r, auth_rev))
 
     def delete_range(self, raw: bytes) -> asyncio.Future[bytes]:
         r = pb.DeleteRangeRequest.FromString(raw)
         check_delete(r)
+        auth_rev = self._authorize(raw, r, self._may_delete)
+        return self._answer(self.sm.delete_range_nowait(r, auth_rev))
+
+    def _authorize(self, raw: bytes, r, may) -> int:
+        """etcd's order for a write after its request checks: the caller's token, the size limit, then
+        permissions. Returns the auth revision they were checked at (0: auth is off)."""
+        auth = self.sm.auth
+        info = auth_info(auth)
         self._check_size(raw)
-        return self._answer(self.sm.delete_range_nowait(r))
+        if not auth.enabled:
+            return 0
+        may(info, r)
+        return info.revision if info is not None else 0
+
+    def _may_put(self, info, r: pb.PutRequest) -> None:
+        """etcd's authApplierV3.Put: write on the key; write on every key of the lease it attaches (else
+        this user could attach a key to a lease it cannot revoke); read on the key for prev_kv."""
+        auth = self.sm.auth
+        auth.is_put_permitted(info, r.key)
+        if r.lease:
+            check_lease_puts(auth, info, self.sm.lease_status(r.lease))
+        if r.prev_kv:
+            auth.is_range_permitted(info, r.key, b"")
+
+    def _may_delete(self, info, r: pb.DeleteRangeRequest) -> None:
+        auth = self.sm.auth
+        auth.is_delete_permitted(info, r.key, r.range_end)
+        if r.prev_kv:
+            auth.is_range_permitted(info, r.key, r.range_end)
 
     def txn(self, raw: bytes) -> bytes | asyncio.Future[bytes]:
         r = pb.TxnRequest.FromString(raw)
         check_txn(r, self.max_txn_ops)
         check_intervals(r.success)
         check_intervals(r.failure)
+        auth = self.sm.auth
+        info = auth_info(auth)
         if is_txn_readonly(r):
+            if auth.enabled:
+                auth.check_txn(info, r)
             return self._encode(self.sm.txn_readonly(r))
         self._check_size(raw)
-        return self._answer(self.sm.txn_nowait(r))
+        if auth.enabled:
+            auth.check_txn(info, r)
+        return self._answer(self.sm.txn_nowait(r, info.revision if info is not None and auth.enabled else 0))
 
     def _answer(self, pending: asyncio.Future) -> asyncio.Future[bytes]:
         return answer(pending, self._encode)
@@ -79,9 +118,17 @@ class KVService:
 
     async def compact(self, raw: bytes) -> bytes:
         r = pb.CompactionRequest.FromString(raw)
+        auth_info(self.sm.auth)  # etcd checks the token only: any user may compact
         self._check_size(raw)
         rev = await self.sm.compact(r.revision)
         return self._encode(pb.CompactionResponse(header=pb.ResponseHeader(revision=rev)))
+
+
+def check_lease_puts(auth, info, lease) -> None:
+    """etcd's checkLeasePuts: write on every key attached to ``lease`` (a LeaseStatus, or None)."""
+    if lease is not None:
+        for key in lease.keys:
+            auth.is_put_permitted(info, key)
 
 
 # ------------------------------------------------------------------ etcd's request checks (v3rpc/key.go)

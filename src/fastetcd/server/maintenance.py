@@ -11,7 +11,7 @@ from fastetcd.engine.snapshot_file import SnapshotFile
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server.header import Header
-from fastetcd.server.service import Service
+from fastetcd.server.service import Service, auth_info
 
 # etcd sends a snapshot in pieces of this size, then one message with the sha256 of what it sent.
 SNAPSHOT_PIECE = 32 * 1024
@@ -67,22 +67,30 @@ class MaintenanceService(Service):
         )
         return self._fill(resp)
 
+    def _admin(self) -> None:
+        """etcd's authMaintenanceServer: defragment, snapshot and the hashes are for root only."""
+        self.sm.auth.is_admin_permitted(auth_info(self.sm.auth))
+
     async def alarm(self, raw: bytes) -> bytes:
         r = pb.AlarmRequest.FromString(raw)
+        auth_info(self.sm.auth)  # a raft request in etcd: the token is checked, any user may
         found = await self.sm.alarm(r.action, r.memberID, r.alarm)
         return self._fill(pb.AlarmResponse(alarms=[pb.AlarmMember(memberID=m, alarm=a) for m, a in found]))
 
     async def defragment(self, raw: bytes) -> bytes:
         pb.DefragmentRequest.FromString(raw)
+        self._admin()
         await self.sm.defragment()
         return self._fill(pb.DefragmentResponse())
 
     async def hash(self, raw: bytes) -> bytes:
         pb.HashRequest.FromString(raw)
+        self._admin()
         return self._fill(pb.HashResponse(hash=self.sm.hash_all()))
 
     async def hash_kv(self, raw: bytes) -> bytes:
         r = pb.HashKVRequest.FromString(raw)
+        self._admin()
         h, current, compact = self.sm.hash_kv(r.revision)
         resp = pb.HashKVResponse(header=pb.ResponseHeader(revision=current), hash=h, compact_revision=compact)
         return self._fill(resp)
@@ -118,6 +126,7 @@ class MaintenanceService(Service):
         async for raw in requests:
             pb.SnapshotRequest.FromString(raw)
             break
+        self._admin()
         sm = self.sm
         data = SnapshotFile(sm.committed_rev, sm.compact_rev, sm.applied_index, sm.snapshot_bytes()).encode()
         body, total = memoryview(data)[:-32], len(data) - 32

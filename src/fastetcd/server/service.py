@@ -1,4 +1,4 @@
-"""What every service shares: the engine it asks and etcd's header on every answer."""
+"""What every service shares: the engine it asks, etcd's header on every answer, and who is calling."""
 
 from __future__ import annotations
 
@@ -7,8 +7,21 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+from fastetcd.engine.auth_store import AuthStore
+from fastetcd.engine.auth_tokens import AuthInfo
 from fastetcd.engine.state_machine import StateMachine
+from fastetcd.server.call_context import caller
 from fastetcd.server.header import Header
+
+
+def auth_info(auth: AuthStore) -> AuthInfo | None:
+    """The current call's user (etcd's AuthInfoFromCtx), None for nobody; raises "invalid auth token".
+
+    A call without a token or certificate costs a context-variable read: the common case, auth off."""
+    c = caller()
+    if c.token is None and c.common_name is None:
+        return None
+    return auth.auth_info(c.token, c.common_name)
 
 
 class Service:

@@ -15,11 +15,13 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
+from fastetcd import errors
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.engine.watch_hub import Watcher, WatchHub
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server._wire import encode_watch_response
 from fastetcd.server.header import Header
+from fastetcd.server.service import auth_info
 from fastetcd.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,8 @@ _NOPUT = pb.WatchCreateRequest.NOPUT
 _NODELETE = pb.WatchCreateRequest.NODELETE
 ERR_EMPTY_RANGE = "mvcc: watcher range is empty"
 ERR_DUPLICATE_ID = "mvcc: duplicate watch ID provided on the WatchStream"
+# etcd 3.5.1 puts the gRPC status's whole text in the cancel reason, whatever the auth check's error was.
+ERR_PERMISSION_DENIED = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
 
 
 class _Cycle:
@@ -83,6 +87,14 @@ class WatchStream:
         key = c.key or b"\x00"  # the smallest key, as etcd does
         end = c.range_end
         rev = self.hub.committed_rev
+        if not self._permitted(key, end):
+            self._send_control(
+                encode_watch_response(
+                    self.header.encode(rev), c.watch_id, [], created=True, canceled=True,
+                    cancel_reason=ERR_PERMISSION_DENIED,
+                )
+            )
+            return
         error = ""
         if end and end != b"\x00" and key >= end:
             error = ERR_EMPTY_RANGE
@@ -122,6 +134,18 @@ class WatchStream:
         )
         self.watchers[watch_id] = w
         self.hub.watch(self.sid, w)
+
+    def _permitted(self, key: bytes, end: bytes) -> bool:
+        """Read on the watched range, for the stream's caller (checked at every create, as etcd does).
+
+        A range end of "\0" is checked as everything from ``key`` on, as etcd does since 3.5.33; 3.5.1
+        checked only ``key`` itself there, which let a watch see keys its user may not read."""
+        auth = self.sm.auth
+        try:
+            auth.is_range_permitted(auth_info(auth), key, end)
+        except errors.EtcdError:
+            return False
+        return True
 
     def _cancel(self, watch_id: int) -> None:
         w = self.watchers.pop(watch_id, None)

@@ -57,16 +57,17 @@ def maintenance_stub(ch: grpc.Channel) -> rpc_pb2_grpc.MaintenanceStub:
 
 
 def range_answers(endpoint: str, timeout: float = 1.0) -> bool:
-    """True when the server at ``endpoint`` answers a Range with OK.
+    """True when the server at ``endpoint`` answers a Range with OK, or refuses it for want of a user.
 
     This is the readiness probe for both servers: more than accepting TCP connections, it means the
-    server serves reads (for etcd, a linearizable read: it has a leader).
+    server serves reads (for etcd, a linearizable read: it has a leader). A server with auth enabled
+    answers an anonymous Range with "user name is empty", once it would have served it.
     """
     from fastetcd.proto import rpc_pb2
 
     with grpc.insecure_channel(endpoint) as ch:
         try:
             kv_stub(ch).Range(rpc_pb2.RangeRequest(key=_READY_PROBE_KEY), timeout=timeout)
-        except grpc.RpcError:
-            return False
+        except grpc.RpcError as e:
+            return e.details() == "etcdserver: user name is empty"  # type: ignore[attr-defined]
     return True
