@@ -32,6 +32,15 @@ UNKNOWN_METHOD = errors.EtcdError("UNKNOWN", "etcdserver: unknown method")
 _SEMVER = re.compile(r"^(\d+)\.(\d+)\.\d+(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$")
 
 
+# The auth package's own texts for the errors its root check gives (auth.Err*), by the rpctypes text.
+_AUTH_TEXTS = {
+    errors.USER_EMPTY.message: "auth: user name is empty",
+    errors.USER_NOT_FOUND.message: "auth: user not found",
+    errors.PERMISSION_DENIED.message: "auth: permission denied",
+    errors.INVALID_AUTH_TOKEN.message: "auth: invalid auth token",
+}
+
+
 def downgrade_target(version: str) -> tuple[int, int]:
     """etcd's convertToClusterVersion: "3.4" and "3.4.2" both mean cluster version 3.4."""
     m = _SEMVER.match(version) or _SEMVER.match(version + ".0")
@@ -68,8 +77,12 @@ class MaintenanceService(Service):
         return self._fill(resp)
 
     def _admin(self) -> None:
-        """etcd's authMaintenanceServer: defragment, snapshot and the hashes are for root only."""
-        self.sm.auth.is_admin_permitted(auth_info(self.sm.auth))
+        """etcd's authMaintenanceServer: defragment, snapshot and the hashes are for root only. Its errors
+        skip etcd's gRPC error mapping: clients get UNKNOWN and the auth package's own text."""
+        try:
+            self.sm.auth.is_admin_permitted(auth_info(self.sm.auth))
+        except errors.EtcdError as e:
+            raise errors.EtcdError("UNKNOWN", _AUTH_TEXTS.get(e.message, e.message)) from None
 
     async def alarm(self, raw: bytes) -> bytes:
         r = pb.AlarmRequest.FromString(raw)

@@ -1,0 +1,364 @@
+"""Auth as etcdctl 3.5.1 sees it: its ``user``, ``role`` and ``auth`` commands, and every other command run
+as a limited user, give the same stdout, stderr and exit codes on fastetcd as on real etcd 3.5.1
+(normalized as test_etcdctl_compat's comparisons are).
+
+Both servers hash passwords at ``--bcrypt-cost 4`` (bcrypt's minimum) so that the many logins stay fast.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+from etcdctl_compare import Outcome
+from servers import ServerFactory
+from test_etcdctl_compat import Pair, _txn_stdin
+
+from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.proto import rpc_pb2_grpc
+from fastetcd.testing import channel, kv_stub
+
+FAST_BCRYPT = ("--bcrypt-cost", "4")
+ROOT = ("--user", "root:rootpw")
+ALICE = ("--user", "alice:alicepw")
+
+
+class AuthPair(Pair):
+    """A Pair whose scenario guards (the oracle's exit code) are listed with the differences, not fatal:
+    one run shows everything that is off."""
+
+    def run(self, *args: str, stdin: str | None = None, expect_rc: int | None = None) -> Outcome:
+        want = super().run(*args, stdin=stdin)
+        if expect_rc is not None and want.rc != expect_rc:
+            self.mismatches.append(f"$ etcdctl {' '.join(args)}: the oracle gave rc={want.rc}, the scenario "
+                                   f"expects {expect_rc}\n{want.show()}")
+        return want
+
+
+@pytest.fixture
+def auth_pair(server_factory: ServerFactory, subject_kind: str) -> Iterator[Pair]:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
+        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
+    with AuthPair(subject_f.result().endpoint, oracle_f.result().endpoint) as p:
+        yield p
+
+
+def _setup_root_and_alice(p: Pair) -> None:
+    """root (with the root role), alice holding role r1, and auth enabled."""
+    p.run("user", "add", "root:rootpw", expect_rc=0)
+    p.run("auth", "enable", expect_rc=0)  # etcdctl adds the root role and grants it on the way
+    p.run(*ROOT, "user", "add", "alice:alicepw", expect_rc=0)
+    p.run(*ROOT, "role", "add", "r1", expect_rc=0)
+    p.run(*ROOT, "role", "grant-permission", "r1", "read", "a", expect_rc=0)
+    p.run(*ROOT, "role", "grant-permission", "r1", "readwrite", "b", "--prefix", expect_rc=0)
+    p.run(*ROOT, "role", "grant-permission", "r1", "write", "c", "--from-key", expect_rc=0)
+    p.run(*ROOT, "role", "grant-permission", "r1", "read", "d", "f", expect_rc=0)
+    p.run(*ROOT, "user", "grant-role", "alice", "r1", expect_rc=0)
+
+
+def test_users_roles_and_enabling(auth_pair: Pair) -> None:
+    p = auth_pair
+    p.run("auth", "status", expect_rc=0)
+    p.run("auth", "status", "-w", "json", expect_rc=0)
+    p.run("auth", "enable", expect_rc=1)  # etcdserver: root user does not exist
+    p.run("auth", "disable", expect_rc=0)  # not enabled: nothing to do
+    p.run("user", "add", "root:rootpw", expect_rc=0)
+    p.run("user", "add", "root:again", expect_rc=1)  # user name already exists
+    p.run("user", "add", ":nameless", expect_rc=128)  # refused by etcdctl itself
+    p.run("user", "add", "--no-password", "np", expect_rc=0)
+    p.run("user", "add", "carol", "--new-user-password=cpw", expect_rc=0)
+    p.run("user", "list", expect_rc=0)
+    p.run("user", "list", "-w", "json")
+    p.run("user", "get", "root", expect_rc=0)
+    p.run("user", "get", "nobody", expect_rc=1)  # user name not found
+    p.run("user", "get", "root", "-w", "json")
+    p.run("role", "add", "r1", expect_rc=0)
+    p.run("role", "add", "r1", expect_rc=1)  # role name already exists
+    p.run("role", "add", "", expect_rc=1)
+    p.run("role", "get", "r1", expect_rc=0)
+    p.run("role", "get", "nope", expect_rc=1)  # role name not found
+    p.run("role", "get", "root", expect_rc=1)  # no such role until someone adds it
+    grants = [("read", "a"), ("write", "b", "--prefix"), ("readwrite", "c", "--from-key"), ("read", "d", "e"),
+              ("write", "a"), ("read", "b", "--prefix"), ("readwrite", "", "--prefix"), ("read", "b", "c"),
+              ("read", "a", "z")]  # fmt: skip
+    for args in grants:
+        p.run("role", "grant-permission", "r1", *args, expect_rc=0)
+    p.run("role", "grant-permission", "r1", "bogus", "k", expect_rc=128)
+    p.run("role", "grant-permission", "nope", "read", "k", expect_rc=1)
+    p.run("role", "get", "r1", expect_rc=0)
+    p.run("role", "get", "r1", "-w", "json")
+    p.run("role", "revoke-permission", "r1", "b", "--prefix", expect_rc=0)
+    p.run("role", "revoke-permission", "r1", "b", "--prefix", expect_rc=1)  # permission is not granted
+    p.run("role", "revoke-permission", "r1", "zz", expect_rc=1)
+    p.run("role", "revoke-permission", "nope", "a", expect_rc=1)
+    p.run("role", "revoke-permission", "r1", "a", "z", expect_rc=0)
+    p.run("role", "get", "r1", expect_rc=0)
+    p.run("role", "list", expect_rc=0)
+    p.run("user", "grant-role", "carol", "r1", expect_rc=0)
+    p.run("user", "grant-role", "carol", "r1", expect_rc=0)  # granted twice: no error, no change
+    p.run("user", "grant-role", "carol", "nope", expect_rc=1)
+    p.run("user", "grant-role", "nobody", "r1", expect_rc=1)
+    p.run("user", "grant-role", "carol", "root", expect_rc=0)  # root needs no role of that name
+    p.run("user", "get", "carol", expect_rc=0)
+    p.run("user", "get", "carol", "--detail", expect_rc=1)  # role root does not exist (yet)
+    p.run("user", "revoke-role", "carol", "root", expect_rc=0)
+    p.run("user", "revoke-role", "carol", "root", expect_rc=1)  # role is not granted to the user
+    p.run("user", "revoke-role", "nobody", "r1", expect_rc=1)
+    p.run("auth", "status", expect_rc=0)
+    p.run("auth", "enable", expect_rc=0)  # root lacks the root role: etcdctl adds and grants it
+    p.run(*ROOT, "auth", "status", expect_rc=0)  # enabling is not an auth revision
+    p.run(*ROOT, "auth", "enable", expect_rc=0)  # already enabled: nothing to do
+    p.run(*ROOT, "user", "get", "root", "--detail", expect_rc=0)
+    p.run(*ROOT, "role", "list", "-w", "json")
+    p.run(*ROOT, "user", "delete", "root", expect_rc=1)  # invalid auth management
+    p.run(*ROOT, "user", "revoke-role", "root", "root", expect_rc=1)
+    p.run(*ROOT, "role", "delete", "root", expect_rc=1)
+    p.run(*ROOT, "role", "delete", "r1", expect_rc=0)  # also taken from carol
+    p.run(*ROOT, "role", "delete", "r1", expect_rc=1)
+    p.run(*ROOT, "user", "get", "carol", expect_rc=0)
+    p.run(*ROOT, "user", "delete", "carol", expect_rc=0)
+    p.run(*ROOT, "user", "delete", "carol", expect_rc=1)
+    p.run(*ROOT, "user", "list", expect_rc=0)
+    p.run(*ROOT, "auth", "disable", expect_rc=0)
+    p.run("auth", "status", expect_rc=0)
+    p.run("user", "delete", "root", expect_rc=0)  # allowed once auth is off
+    p.run("role", "delete", "root", expect_rc=0)
+    p.run("user", "list", "-w", "json")
+    p.run("role", "list", "-w", "json")
+    p.run("auth", "status", "-w", "json")
+    p.check()
+
+
+def test_login_outcomes(auth_pair: Pair) -> None:
+    p = auth_pair
+    p.run("put", "k", "v", expect_rc=0)
+    p.run("user", "add", "root:rootpw", expect_rc=0)
+    # auth off: etcdctl's Authenticate gets "authentication is not enabled" and carries on without a token
+    p.run(*ROOT, "get", "k", expect_rc=0)
+    p.run("--user", "root:wrong", "get", "k", expect_rc=0)
+    p.run("user", "add", "--no-password", "np", expect_rc=0)
+    p.run("auth", "enable", expect_rc=0)
+    p.run(*ROOT, "get", "k", expect_rc=0)
+    p.run(*ROOT, "put", "k", "v2", expect_rc=0)
+    p.run("--user", "root:wrong", "get", "k", expect_rc=2)  # authentication failed
+    p.run("--user", "nobody:pw", "get", "k", expect_rc=2)
+    p.run("--user", "np:anything", "get", "k")  # a no-password user cannot log in with one
+    p.run("get", "k", expect_rc=1)  # user name is empty
+    p.run("put", "k", "v", expect_rc=1)
+    p.run("del", "k", expect_rc=1)
+    p.run("auth", "status", expect_rc=1)
+    p.run("user", "list", expect_rc=1)
+    p.run("user", "get", "root", expect_rc=1)
+    p.run("role", "list", expect_rc=1)
+    p.run("auth", "disable", expect_rc=1)
+    p.run("--user", "root:wrong", "auth", "disable", expect_rc=2)
+    p.run(*ROOT, "user", "passwd", "root", "--interactive=false", stdin="newpw\n", expect_rc=0)
+    p.run(*ROOT, "get", "k", expect_rc=2)  # the old password no longer works
+    p.run("--user", "root:newpw", "get", "k", expect_rc=0)
+    p.run("--user", "root:newpw", "auth", "disable", expect_rc=0)
+    p.run("get", "k", expect_rc=0)
+    p.check()
+
+
+def test_limited_user(auth_pair: Pair) -> None:
+    p = auth_pair
+    for key in ("a", "b1", "c", "c9", "d", "e", "x"):
+        p.run("put", key, f"v-{key}", expect_rc=0)
+    _setup_root_and_alice(p)
+    # reads: a single key, a prefix, a range, from-key
+    p.run(*ALICE, "get", "a", expect_rc=0)
+    p.run(*ALICE, "get", "b1", expect_rc=0)
+    p.run(*ALICE, "get", "b", "--prefix", expect_rc=0)
+    p.run(*ALICE, "get", "d", "f", expect_rc=0)
+    p.run(*ALICE, "get", "d", "e", expect_rc=0)
+    p.run(*ALICE, "get", "d", "g", expect_rc=1)  # permission denied: [f, g) is not readable
+    p.run(*ALICE, "get", "a", "--prefix", expect_rc=1)
+    p.run(*ALICE, "get", "c", expect_rc=1)  # write-only
+    p.run(*ALICE, "get", "x", expect_rc=1)
+    p.run(*ALICE, "get", "", "--prefix", expect_rc=1)
+    p.run(*ALICE, "get", "b", "--from-key", expect_rc=1)
+    p.run(*ALICE, "get", "a", "--rev=2", expect_rc=0)
+    # writes
+    p.run(*ALICE, "put", "a", "1", expect_rc=1)  # read-only
+    p.run(*ALICE, "put", "b2", "1", expect_rc=0)
+    p.run(*ALICE, "put", "b2", "2", "--prev-kv", expect_rc=0)
+    p.run(*ALICE, "put", "c5", "1", expect_rc=0)
+    p.run(*ALICE, "put", "c5", "1", "--prev-kv", expect_rc=1)  # prev_kv needs read too
+    p.run(*ALICE, "put", "zzz", "1", expect_rc=0)  # c and everything after it
+    p.run(*ALICE, "put", "bar", "1", expect_rc=0)
+    p.run(*ALICE, "del", "b2", expect_rc=0)
+    p.run(*ALICE, "del", "b", "--prefix", expect_rc=0)
+    p.run(*ALICE, "del", "c", "--from-key", expect_rc=0)
+    p.run(*ALICE, "del", "c", "--from-key", "--prev-kv", expect_rc=1)
+    p.run(*ALICE, "del", "a", expect_rc=1)
+    p.run(*ALICE, "del", "", "--prefix", expect_rc=1)
+    # txns: compares need read, every op of both branches its own permission
+    p.run(*ALICE, "txn", stdin=_txn_stdin(['value("a") = "v-a"'], ["put b3 t"], ["put b4 f"]), expect_rc=0)
+    p.run(*ALICE, "txn", stdin=_txn_stdin(['value("x") = "v-x"'], ["put b3 t"], []), expect_rc=1)
+    p.run(*ALICE, "txn", stdin=_txn_stdin([], ["get a"], ["get x"]), expect_rc=1)  # the unrun branch counts
+    p.run(*ALICE, "txn", stdin=_txn_stdin([], ["get a", "get d"], []), expect_rc=0)
+    p.run(*ALICE, "txn", stdin=_txn_stdin([], ["put b5 1"], ["del a"]), expect_rc=1)
+    p.run(*ALICE, "txn", stdin=_txn_stdin(['mod("b3") > "0"'], ["del b3"], ["put c1 x"]), expect_rc=0)
+    # watches: read on the key or range, refused at creation
+    # (a refused watch ends etcdctl at once: "watch is canceled by the server", exit code 5)
+    p.run(*ALICE, "watch", "x", expect_rc=5)
+    p.run(*ALICE, "watch", "a", "--prefix", expect_rc=5)
+    p.run(*ALICE, "watch", "c", expect_rc=5)
+    p.run("watch", "a", expect_rc=5)  # no user at all
+    # root-only operations
+    p.run(*ALICE, "user", "add", "eve:pw", expect_rc=1)
+    p.run(*ALICE, "user", "list", expect_rc=1)
+    p.run(*ALICE, "role", "list", expect_rc=1)
+    p.run(*ALICE, "role", "add", "r2", expect_rc=1)
+    p.run(*ALICE, "user", "grant-role", "alice", "root", expect_rc=1)
+    p.run(*ALICE, "auth", "disable", expect_rc=1)
+    p.run(*ALICE, "auth", "status", expect_rc=1)
+    p.run(*ALICE, "user", "get", "alice", expect_rc=0)  # oneself, yes
+    p.run(*ALICE, "user", "get", "root", expect_rc=1)
+    p.run(*ALICE, "role", "get", "r1", expect_rc=0)  # a role one holds, yes
+    p.run(*ALICE, "role", "get", "root", expect_rc=1)
+    p.run(*ALICE, "user", "passwd", "alice", "--interactive=false", stdin="x\n", expect_rc=1)
+    p.run(*ALICE, "defrag", expect_rc=1)
+    p.run(*ALICE, "endpoint", "hashkv", expect_rc=1)
+    p.run(*ALICE, "compaction", "2", expect_rc=0)  # any user may compact
+    p.run(*ALICE, "alarm", "list", expect_rc=0)
+    p.run(*ROOT, "get", "", "--prefix", expect_rc=0)
+    p.run(*ROOT, "get", "", "--prefix", "-w", "json")
+    p.check()
+
+
+def test_changes_take_effect_at_once(auth_pair: Pair) -> None:
+    p = auth_pair
+    p.run("put", "a", "1", expect_rc=0)
+    _setup_root_and_alice(p)
+    p.run(*ALICE, "get", "a", expect_rc=0)
+    p.run(*ROOT, "user", "revoke-role", "alice", "r1", expect_rc=0)
+    p.run(*ALICE, "get", "a", expect_rc=1)  # permission denied at once
+    p.run(*ROOT, "user", "grant-role", "alice", "r1", expect_rc=0)
+    p.run(*ALICE, "get", "a", expect_rc=0)
+    p.run(*ROOT, "role", "revoke-permission", "r1", "a", expect_rc=0)
+    p.run(*ALICE, "get", "a", expect_rc=1)
+    p.run(*ROOT, "role", "grant-permission", "r1", "readwrite", "a", expect_rc=0)
+    p.run(*ALICE, "put", "a", "2", expect_rc=0)
+    p.run(*ROOT, "role", "delete", "r1", expect_rc=0)
+    p.run(*ALICE, "get", "a", expect_rc=1)
+    p.run(*ROOT, "user", "grant-role", "alice", "root", expect_rc=0)
+    p.run(*ALICE, "get", "a", expect_rc=0)  # the root role may do anything
+    p.run(*ALICE, "user", "list", expect_rc=0)
+    p.run(*ROOT, "user", "passwd", "alice", "--interactive=false", stdin="changed\n", expect_rc=0)
+    p.run(*ALICE, "get", "a", expect_rc=2)
+    p.run("--user", "alice:changed", "get", "a", expect_rc=0)
+    p.run(*ROOT, "user", "delete", "alice", expect_rc=0)
+    p.run("--user", "alice:changed", "get", "a", expect_rc=2)
+    p.run(*ROOT, "auth", "status", expect_rc=0)
+    p.check()
+
+
+# ------------------------------------------------------------------ a client that holds its token
+
+
+def _call(endpoint: str, fn: Callable[[grpc.Channel], object]) -> str:
+    with channel(endpoint) as ch:
+        try:
+            fn(ch)
+        except grpc.RpcError as e:
+            return f"{e.code().name}: {e.details()}"  # type: ignore[attr-defined]
+    return "OK"
+
+
+def _token(ch: grpc.Channel, name: str, password: str) -> str:
+    auth = rpc_pb2_grpc.AuthStub(ch)
+    return auth.Authenticate(pb.AuthenticateRequest(name=name, password=password)).token
+
+
+def _token_scenario(endpoint: str) -> list[str]:
+    """What a grpcio client holding tokens sees as the users behind them change."""
+    out: list[str] = []
+    with channel(endpoint) as ch:
+        auth = rpc_pb2_grpc.AuthStub(ch)
+        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="rootpw"))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+        auth.UserAdd(pb.AuthUserAddRequest(name="bob", password="bobpw"))
+        auth.RoleAdd(pb.AuthRoleAddRequest(name="rb"))
+        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
+            name="rb", perm={"key": b"k", "range_end": b"l", "permType": "READWRITE"}))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="bob", role="rb"))
+        auth.AuthEnable(pb.AuthEnableRequest())
+        root = [("token", _token(ch, "root", "rootpw"))]
+        bob = [("token", _token(ch, "bob", "bobpw"))]
+        kv = kv_stub(ch)
+
+        def get(md: list[tuple[str, str]], key: bytes = b"k1") -> str:
+            return _call(endpoint, lambda c: kv_stub(c).Range(pb.RangeRequest(key=key), metadata=md))
+
+        out.append("bob get: " + get(bob))
+        out.append("bob get outside: " + get(bob, b"z"))
+        out.append("bogus token: " + get([("token", "notatoken")]))
+        out.append("bad index: " + get([("token", "abcdefghijklmnop.x")]))
+        kv.Put(pb.PutRequest(key=b"k1", value=b"v"), metadata=bob)
+        out.append("bob put ok")
+        auth.UserRevokeRole(pb.AuthUserRevokeRoleRequest(name="bob", role="rb"), metadata=root)
+        out.append("bob after revoke: " + get(bob))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="bob", role="rb"), metadata=root)
+        out.append("bob after grant: " + get(bob))
+        auth.UserChangePassword(pb.AuthUserChangePasswordRequest(name="bob", password="new"), metadata=root)
+        out.append("bob old token after passwd: " + get(bob))
+        out.append("root token still: " + get(root))
+        bob = [("token", _token(ch, "bob", "new"))]
+        out.append("bob new token: " + get(bob))
+        out.append("bob user list: " + _call(
+            endpoint, lambda c: rpc_pb2_grpc.AuthStub(c).UserList(pb.AuthUserListRequest(), metadata=bob)))
+        out.append("bob defrag: " + _call(endpoint, lambda c: rpc_pb2_grpc.MaintenanceStub(c).Defragment(
+            pb.DefragmentRequest(), metadata=bob)))
+        auth.UserDelete(pb.AuthUserDeleteRequest(name="bob"), metadata=root)
+        out.append("bob after delete: " + get(bob))
+        out.append("wrong password: " + _call(endpoint, lambda c: _token(c, "root", "nope")))
+        auth.AuthDisable(pb.AuthDisableRequest(), metadata=root)
+        out.append("root token after disable: " + get(root))
+        out.append("no token after disable: " + get([]))
+        out.append("authenticate after disable: " + _call(endpoint, lambda c: _token(c, "root", "rootpw")))
+    return out
+
+
+def test_token_holder_sees_changes_at_once(server_factory: ServerFactory, subject_kind: str) -> None:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
+        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
+    got = _token_scenario(subject_f.result().endpoint)
+    want = _token_scenario(oracle_f.result().endpoint)
+    assert got == want
+    assert "bob old token after passwd: UNAUTHENTICATED: etcdserver: invalid auth token" in want
+
+
+def test_watch_refused_over_grpc(server_factory: ServerFactory, subject_kind: str) -> None:
+    """The refused watch's response itself: created and canceled at once, etcd's reason, the asked id."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
+        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
+    answers = []
+    for server in (subject_f.result(), oracle_f.result()):
+        answered = threading.Event()
+        with channel(server.endpoint) as ch:
+            auth = rpc_pb2_grpc.AuthStub(ch)
+            auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
+            auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+            auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
+            auth.AuthEnable(pb.AuthEnableRequest())
+            md = [("token", _token(ch, "u", "pw"))]
+            create = pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"k", watch_id=7))
+            stream = rpc_pb2_grpc.WatchStub(ch).Watch(_open_stream(create, answered), metadata=md, timeout=5)
+            resp = next(stream)
+            answered.set()
+            answers.append((resp.watch_id, resp.created, resp.canceled, resp.cancel_reason))
+    assert answers[0] == answers[1]
+    denied = "rpc error: code = PermissionDenied desc = etcdserver: permission denied"
+    assert answers[1] == (7, True, True, denied)
+
+
+def _open_stream(request: pb.WatchRequest, done: threading.Event) -> Iterator[pb.WatchRequest]:
+    yield request
+    done.wait(5)  # not half-closed meanwhile: etcd ends a watch stream whose client stopped sending
