@@ -362,3 +362,48 @@ def test_watch_refused_over_grpc(server_factory: ServerFactory, subject_kind: st
 def _open_stream(request: pb.WatchRequest, done: threading.Event) -> Iterator[pb.WatchRequest]:
     yield request
     done.wait(5)  # not half-closed meanwhile: etcd ends a watch stream whose client stopped sending
+
+
+def _lock_scenario(endpoint: str) -> list[str]:
+    """etcd's Lock and Election services run their recipes with the caller's token: its permissions apply."""
+    from fastetcd.proto import v3election_pb2 as epb
+    from fastetcd.proto import v3election_pb2_grpc, v3lock_pb2, v3lock_pb2_grpc
+
+    out: list[str] = []
+    with channel(endpoint) as ch:
+        auth = rpc_pb2_grpc.AuthStub(ch)
+        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
+        auth.RoleAdd(pb.AuthRoleAddRequest(name="locks"))
+        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
+            name="locks", perm={"key": b"mine/", "range_end": b"mine0", "permType": "READWRITE"}))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role="locks"))
+        auth.AuthEnable(pb.AuthEnableRequest())
+        user = [("token", _token(ch, "u", "pw"))]
+        lease = rpc_pb2_grpc.LeaseStub(ch).LeaseGrant(pb.LeaseGrantRequest(TTL=60), metadata=user).ID
+
+        def lock(name: bytes, md: list[tuple[str, str]]) -> str:
+            return _call(endpoint, lambda c: v3lock_pb2_grpc.LockStub(c).Lock(
+                v3lock_pb2.LockRequest(name=name, lease=lease), metadata=md, timeout=5))
+
+        def campaign(name: bytes, md: list[tuple[str, str]]) -> str:
+            return _call(endpoint, lambda c: v3election_pb2_grpc.ElectionStub(c).Campaign(
+                epb.CampaignRequest(name=name, lease=lease, value=b"v"), metadata=md, timeout=5))
+
+        out.append("lock outside: " + lock(b"theirs", user))
+        out.append("lock inside: " + lock(b"mine", user))
+        out.append("lock anonymous: " + lock(b"mine", []))
+        out.append("campaign outside: " + campaign(b"theirs", user))
+        out.append("campaign inside: " + campaign(b"mine/e", user))
+    return out
+
+
+def test_lock_and_election_check_the_caller(server_factory: ServerFactory, subject_kind: str) -> None:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
+        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
+    got = _lock_scenario(subject_f.result().endpoint)
+    want = _lock_scenario(oracle_f.result().endpoint)
+    assert got == want
+    assert "lock outside: UNKNOWN: etcdserver: permission denied" in want

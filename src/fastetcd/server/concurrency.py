@@ -5,6 +5,9 @@ over an in-process client of its own KV server. This module is that client: KV c
 machine with etcd's request checks, and a failure reaches the caller the way it crosses etcd's in-process
 client, as a gRPC UNKNOWN status carrying the etcd error text. Waiting (etcd's ``waitDelete``, Observe's
 watches) is an internal watcher on the watch hub: no task, no polling, nothing on the writer.
+
+etcd's in-process client passes the caller's token along, so with auth enabled every KV call a recipe
+makes is checked against the caller's permissions: so are these (``auth_info`` reads the caller).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fastetcd.proto import kv_pb2
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server import kv as kvsvc
 from fastetcd.server.header import Header
+from fastetcd.server.service import auth_info
 
 log = logging.getLogger(__name__)
 
@@ -97,20 +101,27 @@ class Client:
         if lease != 0:
             return lease
         with as_client():
+            if auth_info(self.sm.auth) is None and self.sm.auth.enabled:
+                raise errors.USER_EMPTY
             resp = await self.sm.lease_grant(pb.LeaseGrantRequest(TTL=SESSION_TTL))
         return resp.ID
 
     async def txn(self, t: pb.TxnRequest) -> pb.TxnResponse:
         with as_client():
             kvsvc.check_txn(t, _TXN_OPS_LIMIT)
+            auth = self.sm.auth
+            info = auth_info(auth)
             self._check_size(t)
-            resp = await self.sm.txn(t)
+            if auth.enabled:
+                auth.check_txn(info, t)
+            resp = await self.sm.txn(t, info.revision if info is not None and auth.enabled else 0)
         self.fill(resp.header)
         return resp
 
     def get(self, r: pb.RangeRequest) -> pb.RangeResponse:
         with as_client():
             kvsvc.check_range(r)
+            self.sm.auth.is_range_permitted(auth_info(self.sm.auth), r.key, r.range_end)
             rr = self.sm.range(r)
         resp = pb.RangeResponse(more=rr.more, count=rr.count)
         for kv in rr.kvs:
@@ -122,8 +133,11 @@ class Client:
         r = pb.DeleteRangeRequest(key=key)
         with as_client():
             kvsvc.check_delete(r)
+            auth = self.sm.auth
+            info = auth_info(auth)
             self._check_size(r)
-            resp = await self.sm.delete_range(r)
+            auth.is_delete_permitted(info, key, b"")
+            resp = await self.sm.delete_range(r, info.revision if info is not None and auth.enabled else 0)
         self.fill(resp.header)
         return resp
 
