@@ -7,6 +7,7 @@ Both servers hash passwords at ``--bcrypt-cost 4`` (bcrypt's minimum) so that th
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,7 @@ from test_etcdctl_compat import Pair, _txn_stdin
 
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.proto import rpc_pb2_grpc
-from fastetcd.testing import channel, kv_stub
+from fastetcd.testing import channel, kv_stub, prefix_end
 
 FAST_BCRYPT = ("--bcrypt-cost", "4")
 ROOT = ("--user", "root:rootpw")
@@ -407,3 +408,79 @@ def test_lock_and_election_check_the_caller(server_factory: ServerFactory, subje
     want = _lock_scenario(oracle_f.result().endpoint)
     assert got == want
     assert "lock outside: UNKNOWN: etcdserver: permission denied" in want
+
+
+# ------------------------------------------------------------------ permission intervals, at random
+
+_KEYS = [b"a", b"ab", b"abc", b"b", b"ba", b"bb", b"c", b"d", b"\x00", b"\xff"]
+
+
+def _random_range(rnd: random.Random) -> tuple[bytes, bytes]:
+    key = rnd.choice(_KEYS)
+    end = rnd.choice([b"", b"", b"\x00", prefix_end(key) or b"\x00", rnd.choice(_KEYS)])
+    return key, end
+
+
+def _outcome(fn: Callable[[], object]) -> str:
+    try:
+        fn()
+    except grpc.RpcError as e:
+        return f"{e.code().name}: {e.details()}"  # type: ignore[attr-defined]
+    return "OK"
+
+
+def _interval_scenario(endpoint: str, seed: int) -> list[str]:
+    """Random permissions (single keys, ranges, prefixes, from-key, backwards ranges), then random reads,
+    writes and deletes as the user holding them: which are allowed must be what etcd allows."""
+    rnd = random.Random(seed)
+    out: list[str] = []
+    with channel(endpoint) as ch:
+        auth = rpc_pb2_grpc.AuthStub(ch)
+        kv = kv_stub(ch)
+        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
+        auth.AuthEnable(pb.AuthEnableRequest())
+        root = [("token", _token(ch, "root", "pw"))]
+        for round_ in range(4):
+            role = f"r{round_}"
+            auth.RoleAdd(pb.AuthRoleAddRequest(name=role), metadata=root)
+            for _ in range(rnd.randint(1, 6)):
+                key, end = _random_range(rnd)
+                typ = rnd.choice(["READ", "WRITE", "READWRITE"])
+                grant = pb.AuthRoleGrantPermissionRequest(name=role, perm={"key": key, "range_end": end,
+                                                                            "permType": typ})
+                auth.RoleGrantPermission(grant, metadata=root)
+            if round_:
+                revoke = pb.AuthUserRevokeRoleRequest(name="u", role=f"r{round_ - 1}")
+                auth.UserRevokeRole(revoke, metadata=root)
+            auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role=role), metadata=root)
+            if rnd.random() < 0.5:  # two roles at once: their permissions merge
+                other = pb.AuthUserGrantRoleRequest(user="u", role=f"r{rnd.randrange(round_ + 1)}")
+                auth.UserGrantRole(other, metadata=root)
+            user = [("token", _token(ch, "u", "pw"))]
+            perms = auth.RoleGet(pb.AuthRoleGetRequest(role=role), metadata=root).perm
+            out.append(f"round {round_}: {[(p.key, p.range_end, p.permType) for p in perms]}")
+            for _ in range(40):
+                key, end = _random_range(rnd)
+                what = rnd.choice(["get", "put", "del"])
+                if what == "get":
+                    req: object = pb.RangeRequest(key=key, range_end=end)
+                    fn: Callable[..., object] = kv.Range
+                elif what == "put":
+                    req, fn = pb.PutRequest(key=key, value=b"v"), kv.Put
+                else:
+                    req, fn = pb.DeleteRangeRequest(key=key, range_end=end), kv.DeleteRange
+                out.append(f"{what} {key!r} {end!r}: {_outcome(lambda: fn(req, metadata=user))}")  # noqa: B023
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_permission_intervals_at_random(server_factory: ServerFactory, subject_kind: str, seed: int) -> None:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
+        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
+    got = _interval_scenario(subject_f.result().endpoint, seed)
+    want = _interval_scenario(oracle_f.result().endpoint, seed)
+    assert [(g, w) for g, w in zip(got, want, strict=True) if g != w] == []
+    assert any(line.endswith(": OK") for line in want) and any("permission denied" in line for line in want)

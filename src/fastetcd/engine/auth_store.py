@@ -255,67 +255,198 @@ def _cmp(a: bytes, b: bytes) -> int:
     return (a > b) - (a < b)
 
 
-def _overlaps(ivl: tuple[bytes, bytes], other: tuple[bytes, bytes]) -> bool:
-    """adt.Interval.Compare(...) == 0."""
-    if _cmp(ivl[0], other[0]) < 0 and _cmp(ivl[1], other[0]) <= 0:
-        return False
-    return _cmp(ivl[0], other[1]) < 0
+def _compare(ib: bytes, ie: bytes, jb: bytes, je: bytes) -> int:
+    """adt.Interval.Compare of [ib, ie) with [jb, je): -1 left of it, 1 right of it, 0 overlapping."""
+    if _cmp(ib, jb) < 0 and _cmp(ie, jb) <= 0:
+        return -1
+    if _cmp(ib, je) >= 0:
+        return 1
+    return 0
 
 
-class _AffineKey:
-    """Sort key for interval begins under the affine order (an empty begin sorts last)."""
+class _Node:
+    __slots__ = ("begin", "end", "max", "left", "right", "parent", "red")
 
-    __slots__ = ("b",)
-
-    def __init__(self, b: bytes) -> None:
-        self.b = b
-
-    def __lt__(self, other: _AffineKey) -> bool:
-        return _cmp(self.b, other.b) < 0
+    def __init__(self, begin: bytes, end: bytes, nil: _Node | None) -> None:
+        self.begin = begin
+        self.end = end
+        self.max = end
+        self.left = self.right = self.parent = nil
+        self.red = True
 
 
 class _Perms:
-    """One user's merged permissions of one type (etcd's interval tree), in begin order."""
+    """One user's merged permissions of one type: etcd's adt interval tree (a red-black tree on interval
+    begins, each node holding its subtree's largest end), ported with its exact shape and pruning.
 
-    __slots__ = ("ivls",)
+    The shape matters: a backwards request range ([c, bb)) or a backwards permission is answered by
+    whichever nodes the tree's pruned walk happens to reach, so only the same tree gives etcd's answers.
+    """
 
-    def __init__(self, ivls: list[tuple[bytes, bytes]]) -> None:
-        self.ivls = sorted(ivls, key=lambda i: _AffineKey(i[0]))
+    __slots__ = ("nil", "root")
 
-    def intersects(self, ivl: tuple[bytes, bytes]) -> bool:
-        return any(_overlaps(ivl, n) for n in self.ivls)
+    def __init__(self) -> None:
+        self.nil = _Node(b"", b"", None)
+        self.nil.red = False
+        self.root = self.nil
 
-    def contains(self, ivl: tuple[bytes, bytes]) -> bool:
-        """IntervalTree.Contains: the overlapping intervals, in begin order, cover ``ivl`` without a gap."""
-        min_begin = max_end = None
-        for n in self.ivls:
-            if not _overlaps(ivl, n):
-                continue
-            if min_begin is None:
-                min_begin, max_end = n
-                continue
-            if _cmp(max_end, n[0]) < 0:  # type: ignore[arg-type]
+    # ---- insertion (CLRS 13.3, as adt.intervalTree.Insert)
+
+    def insert(self, begin: bytes, end: bytes) -> None:
+        nil = self.nil
+        z = _Node(begin, end, nil)
+        y, x = nil, self.root
+        while x is not nil:
+            y = x
+            x = x.left if _cmp(begin, x.begin) < 0 else x.right
+        z.parent = y
+        if y is nil:
+            self.root = z
+        else:
+            if _cmp(begin, y.begin) < 0:
+                y.left = z
+            else:
+                y.right = z
+            self._update_max(y)
+        self._insert_fixup(z)
+
+    def _update_max(self, x: _Node) -> None:
+        nil = self.nil
+        while x is not nil:
+            old, m = x.max, x.end
+            if x.left is not nil and _cmp(x.left.max, m) > 0:
+                m = x.left.max
+            if x.right is not nil and _cmp(x.right.max, m) > 0:
+                m = x.right.max
+            if _cmp(old, m) == 0:
+                break  # etcd stops here, even where an ancestor's max is stale
+            x.max = m
+            x = x.parent
+
+    def _insert_fixup(self, z: _Node) -> None:
+        while z.parent.red:
+            gp = z.parent.parent
+            if z.parent is gp.left:
+                y = gp.right
+                if y.red:
+                    y.red = z.parent.red = False
+                    gp.red = True
+                    z = gp
+                else:
+                    if z is z.parent.right:
+                        z = z.parent
+                        self._rotate_left(z)
+                    z.parent.red = False
+                    z.parent.parent.red = True
+                    self._rotate_right(z.parent.parent)
+            else:
+                y = gp.left
+                if y.red:
+                    y.red = z.parent.red = False
+                    gp.red = True
+                    z = gp
+                else:
+                    if z is z.parent.left:
+                        z = z.parent
+                        self._rotate_right(z)
+                    z.parent.red = False
+                    z.parent.parent.red = True
+                    self._rotate_left(z.parent.parent)
+        self.root.red = False
+
+    def _rotate_left(self, x: _Node) -> None:
+        nil = self.nil
+        if x.right is nil:
+            return
+        y = x.right
+        x.right = y.left
+        if y.left is not nil:
+            y.left.parent = x
+        self._update_max(x)
+        self._replace_parent(x, y)
+        y.left = x
+        self._update_max(y)
+
+    def _rotate_right(self, x: _Node) -> None:
+        nil = self.nil
+        if x.left is nil:
+            return
+        y = x.left
+        x.left = y.right
+        if y.right is not nil:
+            y.right.parent = x
+        self._update_max(x)
+        self._replace_parent(x, y)
+        y.right = x
+        self._update_max(y)
+
+    def _replace_parent(self, x: _Node, y: _Node) -> None:
+        y.parent = x.parent
+        if x.parent is self.nil:
+            self.root = y
+        else:
+            if x is x.parent.left:
+                x.parent.left = y
+            else:
+                x.parent.right = y
+            self._update_max(x.parent)
+        x.parent = y
+
+    # ---- queries
+
+    def _visit(self, x: _Node, b: bytes, e: bytes, out: list[_Node]) -> None:
+        """adt's visit: the nodes overlapping [b, e) in begin order, as far as the tree's pruning reaches."""
+        if x is self.nil:
+            return
+        v = _compare(b, e, x.begin, x.end)
+        if v < 0:
+            self._visit(x.left, b, e, out)
+        elif v > 0:
+            if _compare(x.begin, x.max, b, e) == 0:
+                self._visit(x.left, b, e, out)
+                self._visit(x.right, b, e, out)
+        else:
+            self._visit(x.left, b, e, out)
+            out.append(x)
+            self._visit(x.right, b, e, out)
+
+    def intersects(self, b: bytes, e: bytes) -> bool:
+        """IntervalTree.Intersects: its walk toward an overlapping node."""
+        nil = self.nil
+        x = self.root
+        while x is not nil and _compare(b, e, x.begin, x.end) != 0:
+            x = x.left if x.left is not nil and _cmp(x.left.max, b) > 0 else x.right
+        return x is not nil
+
+    def contains(self, b: bytes, e: bytes) -> bool:
+        """IntervalTree.Contains: the visited intervals cover [b, e) without a gap."""
+        nodes: list[_Node] = []
+        self._visit(self.root, b, e, nodes)
+        if not nodes:
+            return False
+        min_begin, max_end = nodes[0].begin, nodes[0].end
+        for n in nodes[1:]:
+            if _cmp(max_end, n.begin) < 0:
                 return False
-            if _cmp(n[1], max_end) > 0:  # type: ignore[arg-type]
-                max_end = n[1]
-        return min_begin is not None and _cmp(max_end, ivl[1]) >= 0 and _cmp(min_begin, ivl[0]) <= 0  # type: ignore[arg-type]
+            if _cmp(n.end, max_end) > 0:
+                max_end = n.end
+        return _cmp(max_end, e) >= 0 and _cmp(min_begin, b) <= 0
 
 
 def _merged_perms(state: AuthState, user: User) -> tuple[_Perms, _Perms]:
     """etcd's getMergedPerms: every permission of every role the user holds, as read and write sets."""
-    read: list[tuple[bytes, bytes]] = []
-    write: list[tuple[bytes, bytes]] = []
+    read, write = _Perms(), _Perms()
     for role in user.roles:
         for key, end, typ in state.roles.get(role, ()):
             if end:
-                ivl = (key, b"" if end == b"\x00" else end)
+                b, e = key, b"" if end == b"\x00" else end
             else:
-                ivl = (key, key + b"\x00")
+                b, e = key, key + b"\x00"
             if typ in (READ, READWRITE):
-                read.append(ivl)
+                read.insert(b, e)
             if typ in (WRITE, READWRITE):
-                write.append(ivl)
-    return _Perms(read), _Perms(write)
+                write.insert(b, e)
+    return read, write
 
 
 # ------------------------------------------------------------------ the store
@@ -446,9 +577,9 @@ class AuthStore:
             perms = self._perms[user.name] = _merged_perms(state, user)
         tree = perms[0] if typ == READ else perms[1]
         if not range_end:
-            ok = tree.intersects((key, key + b"\x00"))
+            ok = tree.intersects(key, key + b"\x00")
         else:
-            ok = tree.contains((key, b"" if range_end == b"\x00" else range_end))
+            ok = tree.contains(key, b"" if range_end == b"\x00" else range_end)
         if not ok:
             raise errors.PERMISSION_DENIED
 
