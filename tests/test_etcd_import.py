@@ -391,13 +391,14 @@ def test_import_takes_an_etcd_data_dir_and_refuses_one_in_use(
     )
 
 
-def test_import_of_a_fresh_etcd_with_users_warns_that_auth_stays_behind(tmp_path: Path) -> None:
+def test_import_of_a_fresh_etcd_with_users_brings_them_along(tmp_path: Path) -> None:
     etcd = start_etcd(tmp_path / "src")
     try:
         ctl(etcd.endpoint, "user", "add", "alice:secret")
         ctl(etcd.endpoint, "role", "add", "reader")
         want_rev = _get_json(etcd.endpoint)["revision"]
         want_hash = _hashkv(etcd.endpoint, 0)
+        want_users = ctl(etcd.endpoint, "user", "list")
         snap = tmp_path / "fresh.snap"
         ctl(etcd.endpoint, "snapshot", "save", str(snap))
     finally:
@@ -405,11 +406,52 @@ def test_import_of_a_fresh_etcd_with_users_warns_that_auth_stays_behind(tmp_path
     proc = _import(snap, tmp_path / "fastetcd")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("imported etcd at revision 1 (compact revision -1, 0 keys, 0 versions")
-    assert proc.stderr == "warning: etcd's users, roles and auth setting were not imported\n"
+    assert proc.stdout.endswith("users: 1, roles: 1, auth disabled\n")
+    assert proc.stderr == ""
     fe = _start_imported(tmp_path)
     try:
         assert want_rev == 1 and _get_json(fe.endpoint)["revision"] == 1
         assert _hashkv(fe.endpoint, 0) == want_hash
+        assert ctl(fe.endpoint, "user", "list") == want_users
+        assert ctl(fe.endpoint, "role", "list") == "reader\n"
+    finally:
+        fe.kill()
+
+
+def test_import_keeps_auth_enabled_with_etcds_passwords(tmp_path: Path) -> None:
+    """Users log in to the imported fastetcd with the passwords they had (etcd's bcrypt hashes come
+    along), their permissions hold, and the auth revision is etcd's."""
+    root = ("--user", "root:rootpw")
+    etcd = start_etcd(tmp_path / "src")
+    try:
+        ctl(etcd.endpoint, "put", "app/x", "1")
+        ctl(etcd.endpoint, "user", "add", "root:rootpw")
+        ctl(etcd.endpoint, "user", "add", "alice:secret")
+        ctl(etcd.endpoint, "role", "add", "app")
+        ctl(etcd.endpoint, "role", "grant-permission", "app", "readwrite", "app/", "--prefix")
+        ctl(etcd.endpoint, "user", "grant-role", "alice", "app")
+        ctl(etcd.endpoint, "auth", "enable")
+        want_status = ctl(etcd.endpoint, *root, "auth", "status")
+        want_role = ctl(etcd.endpoint, *root, "role", "get", "app")
+        snap = tmp_path / "auth.snap"
+        ctl(etcd.endpoint, *root, "snapshot", "save", str(snap))
+    finally:
+        etcd.kill()
+    proc = _import(snap, tmp_path / "fastetcd")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("users: 2, roles: 2, auth enabled\n")  # etcdctl added the root role
+    fe = _start_imported(tmp_path)
+    try:
+        assert ctl(fe.endpoint, *root, "auth", "status") == want_status
+        assert ctl(fe.endpoint, *root, "role", "get", "app") == want_role
+        assert ctl(fe.endpoint, "--user", "alice:secret", "get", "app/x", "--print-value-only") == "1\n"
+        assert ctl(fe.endpoint, "--user", "alice:secret", "put", "other", "1", ok=False) == (
+            "Error: etcdserver: permission denied"
+        )
+        assert ctl(fe.endpoint, "--user", "alice:wrong", "get", "app/x", ok=False) == (
+            "Error: etcdserver: authentication failed, invalid user ID or password"
+        )
+        assert ctl(fe.endpoint, "get", "app/x", ok=False) == "Error: etcdserver: user name is empty"
     finally:
         fe.kill()
 
@@ -679,8 +721,8 @@ class _FakeEtcdDB:
     def alarms(self) -> list[tuple[int, int]]:
         return self._alarms
 
-    def auth_in_use(self) -> bool:
-        return False
+    def auth(self) -> tuple[bool, int, list, list]:
+        return False, 1, [], []
 
 
 def _random_ops(rnd: random.Random, n: int) -> list[list[tuple]]:

@@ -307,8 +307,8 @@ def import_main(argv: Sequence[str]) -> int:
     if r.alarms:
         names = ", ".join(f"{ALARM_NAMES.get(a, a)} (member {m:x})" for m, a in r.alarms)
         print(f"active alarms carried over: {names}; disarm with etcdctl alarm disarm", file=sys.stderr)
-    if r.auth_dropped:
-        print("warning: etcd's users, roles and auth setting were not imported", file=sys.stderr)
+    if r.users or r.roles or r.auth_enabled:
+        print(f"users: {r.users}, roles: {r.roles}, auth {'enabled' if r.auth_enabled else 'disabled'}")
     return EXIT_OK
 
 

@@ -8,8 +8,11 @@ and the result becomes the new store's snapshot at log index 1. The server start
 keys, values, create/mod revisions, versions, leases (IDs and TTLs), current revision and compaction
 revision, so ``HashKV`` at any revision both keep answers etcd's hash.
 
-Not carried over (yet): users, roles and whether auth was enabled; cluster membership (fastetcd is one
-member with its own IDs); raft's term and index.
+Users (with their bcrypt password hashes), roles, the auth revision and whether auth was enabled come
+along too, so etcd's users log in to fastetcd with the same passwords.
+
+Not carried over (yet): cluster membership (fastetcd is one member with its own IDs); raft's term and
+index.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 from fastetcd._core import MVCC
 from fastetcd.engine.alarms import NAMES as ALARM_NAMES
 from fastetcd.engine.alarms import Alarms
+from fastetcd.engine.auth_store import AuthState, User
 from fastetcd.engine.lessor import Lessor
 from fastetcd.engine.state_machine import pack_snapshot
 from fastetcd.errors import EtcdError
@@ -45,7 +49,9 @@ class ImportedState:
     versions: int  # versions retained
     leases: int
     alarms: list[tuple[int, int]]
-    auth_dropped: bool  # etcd had auth enabled, users or roles, which the import leaves behind
+    users: int
+    roles: int
+    auth_enabled: bool
 
 
 def resolve_source(source: str) -> str:
@@ -134,7 +140,8 @@ def build_state(db: EtcdDB) -> ImportedState:
     alarms.take_ops()
     alarms.commit()
 
-    state = pack_snapshot(core.dump(revision), lessor.dump(), alarms.dump())
+    auth = _auth_state(db)
+    state = pack_snapshot(core.dump(revision), lessor.dump(), alarms.dump(), auth.dump())
     return ImportedState(
         state=state,
         revision=revision,
@@ -143,8 +150,25 @@ def build_state(db: EtcdDB) -> ImportedState:
         versions=core.n_revs,
         leases=len(lessor.leases),
         alarms=sorted(raised),
-        auth_dropped=db.auth_in_use(),
+        users=len(auth.users),
+        roles=len(auth.roles),
+        auth_enabled=auth.enabled,
     )
+
+
+def _auth_state(db: EtcdDB) -> AuthState:
+    """etcd's users, roles and auth setting as fastetcd's auth state: the same records, the same revision."""
+    enabled, revision, users, roles = db.auth()
+    state = AuthState()
+    state.enabled = enabled
+    state.revision = max(revision, 1)  # etcd starts its auth store at 1 too
+    for u in users:
+        name = u.name.decode()
+        state.users[name] = User(name, u.password, sorted(u.roles), u.options.no_password)
+    for r in roles:
+        perms = [(p.key, p.range_end, p.permType) for p in r.keyPermission]
+        state.roles[r.name.decode()] = sorted(perms, key=lambda p: p[0])
+    return state
 
 
 def _stand_in_versions(core: MVCC, key: bytes, create: int, version: int, rev: int, compact: int) -> None:

@@ -9,8 +9,10 @@ etcd 3.5's buckets, and what is read of them:
 ``meta``    ``finishedCompactRev`` / ``scheduledCompactRev`` as revision bytes (main, ``_``, sub);
             ``consistent_index``, ``term`` and ``confState`` belong to raft and are not carried over.
 ``alarm``   key: an ``etcdserverpb.AlarmMember``, value empty.
+``auth``    ``authEnabled`` (one byte, 1 when enabled) and ``authRevision`` (8-byte big-endian).
+``authUsers`` / ``authRoles``  key: the name; value: an ``authpb.User`` / ``authpb.Role``.
 
-Not read (yet): ``auth``, ``authUsers``, ``authRoles``, ``members``, ``members_removed``, ``cluster``.
+Not read (yet): ``members``, ``members_removed``, ``cluster``.
 
 A file from ``etcdctl snapshot save`` is the bolt database followed by the sha256 of it (etcd's restore
 recognises it by its size, a multiple of 512 plus 32); the trailer is checked as etcd's restore does.
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from fastetcd.etcd_import.bolt import BoltDB, BoltError
-from fastetcd.proto import rpc_pb2
+from fastetcd.proto import auth_pb2, rpc_pb2
 
 KEY_BUCKET = b"key"
 LEASE_BUCKET = b"lease"
@@ -229,6 +231,18 @@ class EtcdDB:
                 raise EtcdDBError(f"{self.path}: malformed alarm record {k.hex()}") from None
             out.append((m.memberID, int(m.alarm)))
         return out
+
+    def auth(self) -> tuple[bool, int, list[auth_pb2.User], list[auth_pb2.Role]]:
+        """(enabled, auth revision, users, roles), each list in name order; revision 0 if etcd kept none."""
+        meta = dict(self._items(b"auth"))
+        rev = meta.get(b"authRevision", b"")
+        revision = struct.unpack(">Q", rev)[0] if len(rev) == 8 else 0
+        try:
+            users = [auth_pb2.User.FromString(v) for _, v in self._items(b"authUsers")]
+            roles = [auth_pb2.Role.FromString(v) for _, v in self._items(b"authRoles")]
+        except Exception:  # protobuf's DecodeError
+            raise EtcdDBError(f"{self.path}: malformed user or role record") from None
+        return meta.get(b"authEnabled", b"\x00") == b"\x01", revision, users, roles
 
     def auth_in_use(self) -> bool:
         """Whether etcd had authentication enabled or any users or roles (an import drops them)."""
