@@ -21,10 +21,15 @@ from fastetcd.testing import channel, kv_stub
 
 
 def _keys(tmp_path: Path, method: str) -> tuple[Path, Path]:
-    key = rsa.generate_private_key(65537, 2048) if method.startswith("RS") else ec.generate_private_key(
-        ec.SECP256R1()
-    )
     priv, pub = tmp_path / f"{method}.key", tmp_path / f"{method}.pub"
+    if method.startswith("HS"):  # a shared secret: etcd signs and verifies with priv-key's bytes
+        priv.write_bytes(b"0123456789abcdef0123456789abcdef-hmac-secret")
+        pub.write_bytes(b"")
+        return priv, pub
+    if method.startswith(("RS", "PS")):
+        key = rsa.generate_private_key(65537, 2048)
+    else:
+        key = ec.generate_private_key(ec.SECP256R1())
     priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
@@ -60,10 +65,11 @@ def _claims(token: str) -> dict[str, object]:
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
-@pytest.mark.parametrize("method", ["RS256", "ES256"])
+@pytest.mark.parametrize("method", ["RS256", "PS384", "ES256", "HS256"])
 def test_jwt_tokens(server_factory: ServerFactory, tmp_path: Path, method: str) -> None:
     priv, pub = _keys(tmp_path, method)
-    option = f"jwt,pub-key={pub},priv-key={priv},sign-method={method},ttl=5m"
+    keys = f"priv-key={priv}" if method.startswith("HS") else f"pub-key={pub},priv-key={priv}"
+    option = f"jwt,{keys},sign-method={method},ttl=5m"
     args = ("--auth-token", option, "--bcrypt-cost", "4")
     with ThreadPoolExecutor(max_workers=2) as pool:
         subject_f = pool.submit(server_factory, "fastetcd", "subject", args)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastetcd import errors
-from fastetcd.engine.auth_tokens import AuthInfo, TokenProvider
+from fastetcd.engine.auth_tokens import AuthInfo, SimpleTokens, TokenProvider
 from fastetcd.proto import auth_pb2
 from fastetcd.proto import rpc_pb2 as pb
 
@@ -50,11 +51,12 @@ REQUEST_TYPES: dict[int, type] = {
 _DUMP_HEAD = struct.Struct("<BQII")  # enabled, revision, user count, role count
 
 
-def encode_change(kind: int, req) -> bytes:
+def encode_change(kind: int, req: Any) -> bytes:
+    """An auth change as the log holds it: its kind, then the etcd request (``REQUEST_TYPES[kind]``)."""
     return bytes([kind]) + req.SerializeToString()
 
 
-def decode_change(data: bytes):
+def decode_change(data: bytes) -> tuple[int, Any]:
     return data[0], REQUEST_TYPES[data[0]].FromString(data[1:])
 
 
@@ -93,7 +95,7 @@ class AuthState:
 
     # -------------------------------------------------------------- changes (etcd's authStore methods)
 
-    def apply(self, kind: int, r) -> bool:
+    def apply(self, kind: int, r: Any) -> bool:
         """Apply one change, raising etcd's error without changing anything if it is refused. Returns
         False when it is accepted but changes nothing (enable twice, a role granted twice): not logged."""
         if kind == USER_ADD:
@@ -456,8 +458,6 @@ class AuthStore:
     """The auth state in force, the token provider, and etcd's permission checks over them."""
 
     def __init__(self, tokens: TokenProvider | None = None, bcrypt_cost: int = 10) -> None:
-        from fastetcd.engine.auth_tokens import SimpleTokens
-
         self.state = AuthState()
         self.tokens: TokenProvider = tokens if tokens is not None else SimpleTokens()
         # bcrypt's own limits (Go's MinCost..MaxCost); etcd falls back to its default outside them.
@@ -474,12 +474,12 @@ class AuthStore:
 
     # -------------------------------------------------------------- state changes
 
-    def stage(self, kind: int, req) -> AuthState | None:
+    def stage(self, kind: int, req: Any) -> AuthState | None:
         """The state after ``req`` (raising etcd's error if it is refused); None if it changes nothing."""
         new = self.state.copy()
         return new if new.apply(kind, req) else None
 
-    def install(self, new: AuthState, kind: int, req) -> None:
+    def install(self, new: AuthState, kind: int, req: Any) -> None:
         """Make a durable change the state in force; tokens it makes invalid are forgotten at once."""
         was_enabled = self.state.enabled
         self.state = new

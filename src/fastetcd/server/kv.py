@@ -12,6 +12,9 @@ import asyncio
 
 from fastetcd import errors
 from fastetcd.engine.apply import is_txn_readonly
+from fastetcd.engine.auth_store import AuthStore
+from fastetcd.engine.auth_tokens import AuthInfo
+from fastetcd.engine.lessor import LeaseStatus
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server._wire import decode_range_request, encode_range_response
@@ -76,7 +79,7 @@ class KVService:
         may(info, r)
         return info.revision if info is not None else 0
 
-    def _may_put(self, info, r: pb.PutRequest) -> None:
+    def _may_put(self, info: AuthInfo | None, r: pb.PutRequest) -> None:
         """etcd's authApplierV3.Put: write on the key; write on every key of the lease it attaches (else
         this user could attach a key to a lease it cannot revoke); read on the key for prev_kv."""
         auth = self.sm.auth
@@ -86,7 +89,7 @@ class KVService:
         if r.prev_kv:
             auth.is_range_permitted(info, r.key, b"")
 
-    def _may_delete(self, info, r: pb.DeleteRangeRequest) -> None:
+    def _may_delete(self, info: AuthInfo | None, r: pb.DeleteRangeRequest) -> None:
         auth = self.sm.auth
         auth.is_delete_permitted(info, r.key, r.range_end)
         if r.prev_kv:
@@ -124,7 +127,7 @@ class KVService:
         return self._encode(pb.CompactionResponse(header=pb.ResponseHeader(revision=rev)))
 
 
-def check_lease_puts(auth, info, lease) -> None:
+def check_lease_puts(auth: AuthStore, info: AuthInfo | None, lease: LeaseStatus | None) -> None:
     """etcd's checkLeasePuts: write on every key attached to ``lease`` (a LeaseStatus, or None)."""
     if lease is not None:
         for key in lease.keys:
