@@ -72,6 +72,9 @@ def test_users_roles_and_enabling(auth_pair: Pair) -> None:
     p.run("user", "add", ":nameless", expect_rc=128)  # refused by etcdctl itself
     p.run("user", "add", "--no-password", "np", expect_rc=0)
     p.run("user", "add", "carol", "--new-user-password=cpw", expect_rc=0)
+    p.run("user", "add", "dave", "--interactive=false", stdin="dpw\n", expect_rc=0)
+    p.run("user", "passwd", "np", "--interactive=false", stdin="x\n", expect_rc=0)  # stays password-less
+    p.run("user", "delete", "dave", expect_rc=0)
     p.run("user", "list", expect_rc=0)
     p.run("user", "list", "-w", "json")
     p.run("user", "get", "root", expect_rc=0)
@@ -360,6 +363,32 @@ def test_watch_refused_over_grpc(server_factory: ServerFactory, subject_kind: st
     assert answers[1] == (7, True, True, denied)
 
 
+def test_watch_checks_the_whole_range(server_factory: ServerFactory) -> None:
+    """A watch is allowed where its user may read all of it: a from-key watch ("\\0" range end) needs read
+    on everything from its key on (etcd 3.5.1 checked only the key itself; 3.5.33 checks the range)."""
+    fe = server_factory("fastetcd", "fe", FAST_BCRYPT).endpoint
+    with channel(fe) as ch:
+        auth = rpc_pb2_grpc.AuthStub(ch)
+        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
+        auth.RoleAdd(pb.AuthRoleAddRequest(name="r"))
+        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
+            name="r", perm={"key": b"a", "range_end": b"b", "permType": "READ"}))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role="r"))
+        auth.AuthEnable(pb.AuthEnableRequest())
+        md = [("token", _token(ch, "u", "pw"))]
+        answers = []
+        for key, end in ((b"a", b""), (b"a", b"b"), (b"a", b"\0"), (b"a", b"c")):
+            done = threading.Event()
+            create = pb.WatchRequest(create_request=pb.WatchCreateRequest(key=key, range_end=end))
+            stream = rpc_pb2_grpc.WatchStub(ch).Watch(_open_stream(create, done), metadata=md, timeout=5)
+            resp = next(stream)
+            done.set()
+            answers.append(resp.canceled)
+        assert answers == [False, False, True, True]
+
+
 def _open_stream(request: pb.WatchRequest, done: threading.Event) -> Iterator[pb.WatchRequest]:
     yield request
     done.wait(5)  # not half-closed meanwhile: etcd ends a watch stream whose client stopped sending
@@ -484,3 +513,79 @@ def test_permission_intervals_at_random(server_factory: ServerFactory, subject_k
     want = _interval_scenario(oracle_f.result().endpoint, seed)
     assert [(g, w) for g, w in zip(got, want, strict=True) if g != w] == []
     assert any(line.endswith(": OK") for line in want) and any("permission denied" in line for line in want)
+
+
+def _lease_scenario(endpoint: str) -> list[str]:
+    """Leases with auth on: revoking one needs write on each of its keys; attaching a key to a lease
+    needs write on the lease's keys too (etcd's checkLeasePuts)."""
+    out: list[str] = []
+    with channel(endpoint) as ch:
+        auth = rpc_pb2_grpc.AuthStub(ch)
+        lease = rpc_pb2_grpc.LeaseStub(ch)
+        kv = kv_stub(ch)
+        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
+        auth.RoleAdd(pb.AuthRoleAddRequest(name="w"))
+        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
+            name="w", perm={"key": b"mine/", "range_end": b"mine0", "permType": "READWRITE"}))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role="w"))
+        auth.AuthEnable(pb.AuthEnableRequest())
+        root = [("token", _token(ch, "root", "pw"))]
+        user = [("token", _token(ch, "u", "pw"))]
+        theirs = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=60), metadata=root).ID
+        kv.Put(pb.PutRequest(key=b"theirs", value=b"1", lease=theirs), metadata=root)
+        mine = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=60), metadata=user).ID
+        out.append("attach to mine: " + _outcome(lambda: kv.Put(
+            pb.PutRequest(key=b"mine/1", value=b"1", lease=mine), metadata=user)))
+        out.append("attach to theirs: " + _outcome(lambda: kv.Put(
+            pb.PutRequest(key=b"mine/2", value=b"1", lease=theirs), metadata=user)))
+        out.append("revoke theirs: " + _outcome(lambda: lease.LeaseRevoke(
+            pb.LeaseRevokeRequest(ID=theirs), metadata=user)))
+        out.append("ttl of mine with keys: " + _outcome(lambda: lease.LeaseTimeToLive(
+            pb.LeaseTimeToLiveRequest(ID=mine, keys=True), metadata=user)))
+        out.append("revoke mine: " + _outcome(lambda: lease.LeaseRevoke(
+            pb.LeaseRevokeRequest(ID=mine), metadata=user)))
+        out.append("mine/1 after: " + str(len(kv.Range(pb.RangeRequest(key=b"mine/1"), metadata=user).kvs)))
+        out.append("theirs after: " + str(len(kv.Range(pb.RangeRequest(key=b"theirs"), metadata=root).kvs)))
+    return out
+
+
+def test_lease_permissions(server_factory: ServerFactory, subject_kind: str) -> None:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
+        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
+    got = _lease_scenario(subject_f.result().endpoint)
+    want = _lease_scenario(oracle_f.result().endpoint)
+    assert got == want
+    assert "revoke theirs: PERMISSION_DENIED: etcdserver: permission denied" in want
+
+
+def test_lease_rules_of_later_etcd(server_factory: ServerFactory) -> None:
+    """Where etcd 3.5.1 let lease calls through that etcd 3.5.9 closed (CVE-2023-32082), fastetcd follows
+    3.5.9: an anonymous caller gets nothing, and a lease's key names need read on them."""
+    fe = server_factory("fastetcd", "fe", FAST_BCRYPT).endpoint
+    with channel(fe) as ch:
+        auth = rpc_pb2_grpc.AuthStub(ch)
+        lease = rpc_pb2_grpc.LeaseStub(ch)
+        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
+        auth.AuthEnable(pb.AuthEnableRequest())
+        root = [("token", _token(ch, "root", "pw"))]
+        user = [("token", _token(ch, "u", "pw"))]
+        lid = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=60), metadata=root).ID
+        kv_stub(ch).Put(pb.PutRequest(key=b"secret", value=b"1", lease=lid), metadata=root)
+        empty = "INVALID_ARGUMENT: etcdserver: user name is empty"
+        assert _outcome(lambda: lease.LeaseGrant(pb.LeaseGrantRequest(TTL=60))) == empty
+        assert _outcome(lambda: lease.LeaseRevoke(pb.LeaseRevokeRequest(ID=lid))) == empty
+        assert _outcome(lambda: lease.LeaseTimeToLive(pb.LeaseTimeToLiveRequest(ID=lid))) == empty
+        denied = "PERMISSION_DENIED: etcdserver: permission denied"
+        ttl_keys = pb.LeaseTimeToLiveRequest(ID=lid, keys=True)
+        assert _outcome(lambda: lease.LeaseTimeToLive(ttl_keys, metadata=user)) == denied
+        ttl = pb.LeaseTimeToLiveRequest(ID=lid)
+        assert _outcome(lambda: lease.LeaseTimeToLive(ttl, metadata=user)) == "OK"
+        assert lease.LeaseTimeToLive(ttl_keys, metadata=root).keys == [b"secret"]
+        assert _outcome(lambda: lease.LeaseLeases(pb.LeaseLeasesRequest(), metadata=user)) == denied
+        keepalive = lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=lid)]), metadata=user)
+        assert _outcome(lambda: list(keepalive)) == denied
