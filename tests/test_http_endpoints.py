@@ -23,6 +23,7 @@ ETCD_NAMES = {
     "etcd_network_client_grpc_sent_bytes", "grpc_server_handled", "grpc_server_started",
     "etcd_debugging_mvcc_watcher_total", "etcd_debugging_mvcc_watch_stream_total",
     "etcd_server_quota_backend_bytes", "process_resident_memory_bytes",
+    "etcd_debugging_auth_revision",
 }
 
 

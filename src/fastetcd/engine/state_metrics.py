@@ -51,6 +51,9 @@ class StateCollector(Collector):
             sm.applied_index,
         )
         yield GaugeMetricFamily(
+            "etcd_debugging_auth_revision", "The current revision of auth store.", sm.auth.revision
+        )
+        yield GaugeMetricFamily(
             "fastetcd_watch_ring_bytes",
             "Bytes of committed events held in the watch ring (bounded; shared by every watcher).",
             sm.watch_hub.ring_bytes(),
