@@ -589,3 +589,32 @@ def test_lease_rules_of_later_etcd(server_factory: ServerFactory) -> None:
         assert _outcome(lambda: lease.LeaseLeases(pb.LeaseLeasesRequest(), metadata=user)) == denied
         keepalive = lease.LeaseKeepAlive(iter([pb.LeaseKeepAliveRequest(ID=lid)]), metadata=user)
         assert _outcome(lambda: list(keepalive)) == denied
+
+
+def test_nested_txn_ops_are_checked(server_factory: ServerFactory) -> None:
+    """Every op of a txn needs its permission, inside nested txns too (etcd 3.5.1 skipped those: a user
+    could write anywhere through one; etcd 3.5.28 closed it)."""
+    fe = server_factory("fastetcd", "fe", FAST_BCRYPT).endpoint
+    with channel(fe) as ch:
+        auth = rpc_pb2_grpc.AuthStub(ch)
+        kv = kv_stub(ch)
+        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
+        auth.RoleAdd(pb.AuthRoleAddRequest(name="r"))
+        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
+            name="r", perm={"key": b"mine", "permType": "READWRITE"}))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role="r"))
+        auth.AuthEnable(pb.AuthEnableRequest())
+        md = [("token", _token(ch, "u", "pw"))]
+
+        def nested(key: bytes) -> pb.TxnRequest:
+            inner = pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(key=key, value=b"1"))])
+            return pb.TxnRequest(success=[pb.RequestOp(request_txn=inner)])
+
+        assert _outcome(lambda: kv.Txn(nested(b"mine"), metadata=md)) == "OK"
+        assert _outcome(lambda: kv.Txn(nested(b"theirs"), metadata=md)) == (
+            "PERMISSION_DENIED: etcdserver: permission denied"
+        )
+        root = [("token", _token(ch, "root", "pw"))]
+        assert kv.Range(pb.RangeRequest(key=b"theirs"), metadata=root).count == 0
