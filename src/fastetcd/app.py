@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from fastetcd import __version__
 from fastetcd.config import Config
-from fastetcd.engine.auth_store import AuthStore
+from fastetcd.engine.auth_store import MAX_BCRYPT_COST, MIN_BCRYPT_COST, AuthStore
 from fastetcd.engine.auth_tokens import AuthOptionsError, token_provider
 from fastetcd.engine.compactor import Compactor
 from fastetcd.engine.state_machine import StateMachine
@@ -150,6 +150,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         tokens = token_provider(kind, opts, float(config.auth_token_ttl), jwt_ttl)
     except AuthOptionsError as e:
         raise OSError(f"--auth-token: {e}") from None
+    if not MIN_BCRYPT_COST <= config.bcrypt_cost <= MAX_BCRYPT_COST:
+        log.warning(
+            "use default bcrypt cost instead of the invalid given cost",
+            extra={"min-cost": MIN_BCRYPT_COST, "max-cost": MAX_BCRYPT_COST, "default-cost": 10,
+                   "given-cost": config.bcrypt_cost},
+        )
     store = open_store(config)
     member_id = member_id_for(config.name, config.advertise_client_urls)
     sm = StateMachine(

@@ -216,8 +216,8 @@ class Config:
                 raise ConfigError(f"--auth-token: jwt ttl: {e}") from None
         if self.auth_token_ttl < 0:
             raise ConfigError(f"--auth-token-ttl must not be negative, got {self.auth_token_ttl}")
-        if not 4 <= self.bcrypt_cost <= 31:
-            raise ConfigError(f"--bcrypt-cost must be between 4 and 31, got {self.bcrypt_cost}")
+        if self.bcrypt_cost < 0:
+            raise ConfigError(f"--bcrypt-cost must not be negative, got {self.bcrypt_cost}")
         if self.store == "cosmos" and not self.cosmos_endpoint:
             raise ConfigError("--store cosmos needs --cosmos-endpoint")
         if self.store == "cosmos" and not (self.cosmos_database and self.cosmos_container):

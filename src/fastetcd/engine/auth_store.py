@@ -26,6 +26,7 @@ from fastetcd.proto import auth_pb2
 from fastetcd.proto import rpc_pb2 as pb
 
 ROOT = "root"  # both the root user's and the root role's name
+MIN_BCRYPT_COST, MAX_BCRYPT_COST = 4, 31
 READ = auth_pb2.Permission.READ
 WRITE = auth_pb2.Permission.WRITE
 READWRITE = auth_pb2.Permission.READWRITE
@@ -192,13 +193,14 @@ class AuthState:
     # -------------------------------------------------------------- snapshots
 
     def dump(self) -> bytes:
+        """In name order, so two stores holding the same users and roles dump (and hash) the same."""
         parts = [_DUMP_HEAD.pack(self.enabled, self.revision, len(self.users), len(self.roles))]
-        for user in self.users.values():
+        for _, user in sorted(self.users.items()):
             msg = auth_pb2.User(name=user.name.encode(), password=user.password, roles=user.roles)
             if user.no_password:
                 msg.options.no_password = True
             parts.append(_framed(msg.SerializeToString()))
-        for name, perms in self.roles.items():
+        for name, perms in sorted(self.roles.items()):
             role = auth_pb2.Role(name=name.encode())
             for key, end, typ in perms:
                 role.keyPermission.add(key=key, range_end=end, permType=typ)
@@ -461,7 +463,7 @@ class AuthStore:
         self.state = AuthState()
         self.tokens: TokenProvider = tokens if tokens is not None else SimpleTokens()
         # bcrypt's own limits (Go's MinCost..MaxCost); etcd falls back to its default outside them.
-        self.bcrypt_cost = bcrypt_cost if 4 <= bcrypt_cost <= 31 else 10
+        self.bcrypt_cost = bcrypt_cost if MIN_BCRYPT_COST <= bcrypt_cost <= MAX_BCRYPT_COST else 10
         self._perms: dict[str, tuple[_Perms, _Perms]] = {}  # user -> merged (read, write): etcd's cache
 
     @property
