@@ -63,6 +63,7 @@ class SimpleTokens:
         self.clock = clock
         self.tokens: dict[str, tuple[str, float]] = {}  # token -> (user name, deadline)
         self.enabled = False
+        self._next_sweep = 0.0
 
     def info(self, token: str, revision: int) -> AuthInfo | None:
         # etcd first checks the shape "<prefix>.<uint index>", then the table.
@@ -88,8 +89,12 @@ class SimpleTokens:
         return token
 
     def _sweep(self) -> None:
-        """Forget expired tokens (etcd's keeper does it every second; here whenever a token is added)."""
+        """Forget expired tokens, at most once a second (etcd's keeper ticks every second; here a token
+        being added is the tick, so a burst of logins does not rescan the table for each)."""
         now = self.clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
         for token in [t for t, (_, deadline) in self.tokens.items() if now > deadline]:
             del self.tokens[token]
 
