@@ -7,16 +7,20 @@ Both servers hash passwords at ``--bcrypt-cost 4`` (bcrypt's minimum) so that th
 
 from __future__ import annotations
 
+import base64
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 from etcdctl_compare import Outcome
 from servers import ServerFactory
 from test_etcdctl_compat import Pair, _txn_stdin
+from test_etcdctl_watch_lease import WATCH_START_S, BackgroundCtl, LeasePair
 
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.proto import rpc_pb2_grpc
@@ -618,3 +622,53 @@ def test_nested_txn_ops_are_checked(server_factory: ServerFactory) -> None:
         )
         root = [("token", _token(ch, "root", "pw"))]
         assert kv.Range(pb.RangeRequest(key=b"theirs"), metadata=root).count == 0
+
+
+# ------------------------------------------------------------------ watches that are allowed
+
+
+@pytest.fixture
+def watch_pair(server_factory: ServerFactory, subject_kind: str) -> Iterator[LeasePair]:
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
+        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
+    with LeasePair(subject_f.result().endpoint, oracle_f.result().endpoint) as p:
+        yield p
+
+
+def test_limited_users_watches(watch_pair: LeasePair, tmp_path: Path) -> None:
+    """A limited user's allowed watches see what etcd's do, also after its role is revoked (etcd checks a
+    watch when it is created, not each event)."""
+    p = watch_pair
+    _setup_root_and_alice(p)  # type: ignore[arg-type]  # LeasePair runs commands as Pair does
+    specs = {
+        "single": [*ALICE, "watch", "a"],
+        "prefix": [*ALICE, "watch", "b", "--prefix", "--prev-kv"],
+        "range": [*ALICE, "watch", "d", "f", "-w", "json"],
+        "root": [*ROOT, "watch", "--prefix", ""],
+    }
+    background: list[BackgroundCtl] = []
+    try:
+        watches = {label: BackgroundCtl(p, tmp_path, label, args) for label, args in specs.items()}
+        background.extend(watches.values())
+        time.sleep(WATCH_START_S)
+        p.run(*ROOT, "put", "a", "1", expect_rc=0)
+        p.run(*ALICE, "put", "b1", "2", expect_rc=0)
+        p.run(*ROOT, "put", "d", "3", expect_rc=0)
+        p.run(*ROOT, "put", "x", "outside", expect_rc=0)
+        p.run(*ROOT, "user", "revoke-role", "alice", "r1", expect_rc=0)
+        p.run(*ALICE, "put", "b2", "refused", expect_rc=1)
+        p.run(*ROOT, "put", "b2", "after revoke", expect_rc=0)
+        p.run(*ROOT, "put", "a", "END-a", expect_rc=0)
+        p.run(*ROOT, "put", "b3", "END-b", expect_rc=0)
+        p.run(*ROOT, "put", "e", "END-d", expect_rc=0)
+        markers = {"single": b"END-a", "prefix": b"END-b", "range": base64.b64encode(b"END-d"),
+                   "root": b"END-d"}
+        missing = [label for label, w in watches.items() if not w.wait_for(markers[label])]
+        for w in watches.values():
+            w.stop()
+        assert not missing, f"the last writes never reached the watches {missing} on both servers"
+    finally:
+        for b in background:
+            b.kill()
+    p.check()
