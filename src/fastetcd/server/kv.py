@@ -20,7 +20,7 @@ from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server._wire import decode_range_request, encode_range_response
 from fastetcd.server.header import Header
 from fastetcd.server.range_stream import first_request, send_range_stream
-from fastetcd.server.service import answer, auth_info
+from fastetcd.server.service import answer, auth_info, may_read
 from fastetcd.wire_size import varint_len
 
 _SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
@@ -43,8 +43,7 @@ class KVService:
         # The C decoder takes canonical messages; protobuf decides everything else, errors included.
         r = decode_range_request(raw) or pb.RangeRequest.FromString(raw)
         check_range(r)
-        auth = self.sm.auth
-        auth.is_range_permitted(auth_info(auth), r.key, r.range_end)
+        may_read(self.sm.auth, r.key, r.range_end)
         rr = self.sm.range(r)
         return encode_range_response(self.header.encode(rr.rev), rr.kvs, rr.more, rr.count)
 
@@ -52,8 +51,7 @@ class KVService:
         """etcd 3.7's KV.RangeStream (server-streaming, routed as a bidi stream): server/range_stream.py."""
         r = pb.RangeRequest.FromString(await first_request(requests))
         check_range(r)
-        auth = self.sm.auth
-        auth.is_range_permitted(auth_info(auth), r.key, r.range_end)
+        may_read(self.sm.auth, r.key, r.range_end)
         await send_range_stream(self.sm, self.header, self.max_request_bytes, r, send)
 
     def put(self, raw: bytes) -> asyncio.Future[bytes]:
