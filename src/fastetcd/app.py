@@ -44,6 +44,18 @@ from fastetcd.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 
+# How long in-flight calls have to finish once the server is told to stop.
+STOP_GRACE = 2.0
+# Streams that never end by themselves: on stop the native transport ends them at once with UNAVAILABLE
+# (clientv3 reconnects them elsewhere), where etcd cuts them when its grace runs out; the other calls
+# finish within STOP_GRACE.
+ENDLESS_STREAMS = (
+    "/etcdserverpb.Watch/Watch",
+    "/etcdserverpb.Lease/LeaseKeepAlive",
+    "/grpc.health.v1.Health/Watch",
+    "/v3electionpb.Election/Observe",
+)
+
 
 def open_store(config: Config) -> Store:
     if config.store == "embedded":
@@ -110,7 +122,11 @@ def etcd_routes(
 
 
 async def _start_grpcio(config: Config, routes: Routes) -> grpc.aio.Server:
-    server = grpc_transport.build_server(routes, max_request_bytes=config.max_request_bytes)
+    server = grpc_transport.build_server(
+        routes,
+        max_request_bytes=config.max_request_bytes,
+        max_concurrent_streams=config.max_concurrent_streams,
+    )
     for url in config.client_urls:
         try:
             bound = server.add_insecure_port(url.address)
@@ -133,7 +149,13 @@ async def _start_native(config: Config, routes: Routes, endpoints: HttpEndpoints
         ) from None
 
     # The client port also answers HTTP/1.1 (/health, /version, /metrics...), as etcd's does.
-    server = NativeServer(routes, max_request_bytes=config.max_request_bytes, http_respond=endpoints.respond)
+    server = NativeServer(
+        routes,
+        max_request_bytes=config.max_request_bytes,
+        max_concurrent_streams=config.max_concurrent_streams,
+        handshake_timeout=config.handshake_timeout,
+        http_respond=endpoints.respond,
+    )
     for url in config.client_urls:
         try:
             await server.start(url.host, url.port)
@@ -222,7 +244,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         finally:
             log.info("stopping server")
             await http.stop()
-            await server.stop(2)
+            if config.transport == "native":
+                await server.stop(STOP_GRACE, end_streams=ENDLESS_STREAMS)  # type: ignore[call-arg]
+            else:
+                await server.stop(STOP_GRACE)
     finally:
         REGISTRY.unregister(state_metrics)
         await compactor.stop()

@@ -124,6 +124,17 @@ _OPTIONS: tuple[_Option, ...] = (
         parse_duration,
         "Duration of periodical watch progress notification (Go duration, e.g. 10m, 100ms).",
     ),
+    _Option(
+        "max-concurrent-streams",
+        _parse_int,
+        "Maximum concurrent streams that each client can open at a time.",
+    ),
+    _Option(
+        "handshake-timeout",
+        parse_duration,
+        "fastetcd only, native transport: time a new client connection has to send the HTTP/2 preface and "
+        "SETTINGS (or an HTTP/1 request head) before it is closed; 0 disables it.",
+    ),
     _Option("store", _parse_str, f"Where data lives: {' or '.join(STORES)}."),
     _Option(
         "transport",

@@ -150,6 +150,11 @@ class Config:
     store: str = "embedded"
     # The client port's HTTP/2 + gRPC implementation: grpcio, or libnghttp2 (server/native_transport.py).
     transport: str = "grpcio"
+    # etcd's default is math.MaxUint32: no limit on the streams one client connection may open at a time.
+    max_concurrent_streams: int = 2**32 - 1
+    # fastetcd only (grpc-go's ConnectionTimeout, 120s there): how long a new client connection may take to
+    # send its HTTP/2 preface and SETTINGS, or an HTTP/1 request head. Native transport; 0 disables it.
+    handshake_timeout: float = 20.0
     auto_compaction_mode: str = "periodic"
     # periodic: a Go duration or a bare integer meaning hours; revision: a revision count; "0" = off.
     auto_compaction_retention: str = "0"
@@ -188,6 +193,12 @@ class Config:
         for flag in ("max_request_bytes", "max_txn_ops"):
             if getattr(self, flag) <= 0:
                 raise ConfigError(f"--{_flag(flag)} must be positive, got {getattr(self, flag)}")
+        if not 0 < self.max_concurrent_streams <= 2**32 - 1:
+            raise ConfigError(
+                f"--max-concurrent-streams must be in 1..4294967295, got {self.max_concurrent_streams}"
+            )
+        if self.handshake_timeout < 0:
+            raise ConfigError("--handshake-timeout must not be negative")
         if self.snapshot_count < 0:
             raise ConfigError(f"--snapshot-count must not be negative, got {self.snapshot_count}")
         if self.log_level not in LOG_LEVELS:

@@ -60,6 +60,7 @@ cdef enum:
     GRPC_RESOURCE_EXHAUSTED = 8
     GRPC_UNIMPLEMENTED = 12
     GRPC_INTERNAL = 13
+    GRPC_UNAVAILABLE = 14
 
 # grpcio's own texts, so that both transports answer the same malformed call the same way.
 MSG_METHOD_NOT_FOUND = "Method not found!"
@@ -86,6 +87,19 @@ cdef enum:
 cdef enum:
     WRITE_CHUNK = 65536
     MAX_PING_STRIKES = 2  # grpc-go's maxPingStrikes: the third early ping earns a GOAWAY
+    # The longest HTTP/1 request line we wait for before deciding what a connection speaks.
+    MAX_REQUEST_LINE = 8192
+
+# How long a closing connection waits for the client to close its side (see close_lingering).
+LINGER_SECONDS = 1.0
+
+# grpc-go's defaultPingTimeout: with no stream open (and PermitWithoutStream false, as etcd sets it), a
+# client has no reason to ping more often than this.
+PING_WITHOUT_STREAM_INTERVAL = 2 * 3600.0
+# MAX_CONCURRENT_STREAMS meaning "no limit" (etcd's default, math.MaxUint32): nothing is advertised.
+UNLIMITED_STREAMS = 0xFFFFFFFF
+# The opaque data of the ping that follows the shutdown notice (grpc-go's goAwayPing).
+cdef bytes DRAIN_PING = bytes([1, 6, 1, 8, 0, 3, 3, 9])
 
 cdef bytes H_STATUS = b":status"
 cdef bytes H_200 = b"200"
@@ -97,6 +111,7 @@ cdef bytes H_GRPC_STATUS = b"grpc-status"
 cdef bytes H_GRPC_MESSAGE = b"grpc-message"
 cdef list RESPONSE_HEADERS = [(H_STATUS, H_200), (H_CONTENT_TYPE, H_GRPC), (H_ACCEPT_ENCODING, H_ENCODINGS)]
 cdef list OK_TRAILERS = [(H_GRPC_STATUS, b"0")]
+cdef bytes H_CONTENT_LENGTH = b"content-length"
 
 _TIMEOUT_UNITS = {ord("H"): 3600.0, ord("M"): 60.0, ord("S"): 1.0, ord("m"): 1e-3, ord("u"): 1e-6,
                   ord("n"): 1e-9}
@@ -185,12 +200,15 @@ cdef class ServerConfig:
     cdef readonly uint32_t max_concurrent_streams
     cdef readonly int32_t window_bytes
     cdef readonly double min_ping_interval
+    cdef readonly bint permit_without_stream
+    cdef readonly double handshake_timeout
     cdef readonly set connections
-    cdef object http_respond  # HTTP/1.x responder: (method, target) -> (status, content type, body)
+    cdef object http_respond  # HTTP responder: (method, target) -> (status, content type, body)
+    cdef nghttp2_option *option
 
     def __init__(self, dict routes, Py_ssize_t max_message_bytes, Py_ssize_t stream_buffer_bytes,
                  uint32_t max_concurrent_streams, int32_t window_bytes, double min_ping_interval,
-                 http_respond=None):
+                 http_respond=None, bint permit_without_stream=False, double handshake_timeout=20.0):
         self.routes = {}
         for path, (kind, fn) in routes.items():
             if kind not in _KINDS:
@@ -203,8 +221,15 @@ cdef class ServerConfig:
         self.max_concurrent_streams = max_concurrent_streams
         self.window_bytes = window_bytes
         self.min_ping_interval = min_ping_interval
+        self.permit_without_stream = permit_without_stream
+        self.handshake_timeout = handshake_timeout
         self.connections = set()
         self.http_respond = http_respond if http_respond is not None else http1.static_respond
+        # nghttp2 keeps up to MAX_CONCURRENT_STREAMS closed streams per connection, which is how it
+        # recognizes frames on a closed stream (a STREAM_CLOSED error; without them it ignores such
+        # frames). With no limit that would be a closed stream kept for every call the connection ever
+        # made, so only a bounded limit keeps them.
+        self.option = OPTION if max_concurrent_streams != UNLIMITED_STREAMS else OPTION_NO_CLOSED
 
 
 # ------------------------------------------------------------------------------------------ requests
@@ -304,6 +329,9 @@ cdef class Stream:
     cdef object rpc       # RpcMetrics of the method (None for an unknown one, as grpcio counts)
     cdef bint counted     # grpc_server_handled_total has this call
     cdef bytes token      # the "token" request header: etcd's auth token (call_context.Caller)
+    cdef bytes method
+    cdef bint grpc        # content-type application/grpc[+...]
+    cdef bint http        # not a gRPC call: answered by the HTTP responder once the request ends
 
     def __cinit__(self, Connection conn, int32_t sid):
         self.conn = conn
@@ -315,7 +343,7 @@ cdef class Stream:
     cdef int on_data(self, const uint8_t *data, size_t n) except -1:
         """Take a DATA payload: its messages go to the call, its bytes back to the window when due."""
         self.unconsumed += n
-        if self.req_state != REQ_BODY:
+        if self.req_state != REQ_BODY or self.http:
             self.release_window()
             return 0
         try:
@@ -435,6 +463,9 @@ cdef class Stream:
         if self.req_state == REQ_IGNORED:
             return
         self.req_state = REQ_DONE
+        if self.http:
+            self.respond_http()
+            return
         if self.kind == KIND_BIDI:
             self.requests.end()
             return
@@ -560,6 +591,36 @@ cdef class Stream:
             self.deferred = False
             nghttp2_session_resume_data(self.conn.session, self.sid)
 
+    cdef respond_http(self):
+        """A plain HTTP/2 request (no gRPC content-type): answered as etcd's HTTP mux answers it over TLS
+        (/health, /version, /metrics, ..., and 404 for the rest), a body and no trailers."""
+        cdef nghttp2_data_provider prd
+        cdef nghttp2_nv *nva
+        method = (self.method or b"GET").decode("latin-1")
+        try:
+            status, content_type, body = self.conn.config.http_respond(method, (self.path or b"/").decode("latin-1"))
+        except Exception as e:
+            log.error("native transport: HTTP responder failed", exc_info=e)
+            status, content_type, body = 500, http1.TEXT, b"Internal Server Error\n"
+        self.finished = True
+        if self.closed or self.conn.session == NULL:
+            return
+        headers = [(H_STATUS, str(status).encode()), (H_CONTENT_TYPE, content_type.encode("latin-1")),
+                   (H_CONTENT_LENGTH, str(len(body)).encode())]
+        nva = make_nva(headers)
+        if method == "HEAD" or not body:
+            nghttp2_submit_response(self.conn.session, self.sid, nva, len(headers), NULL)
+        else:
+            self.outq.append(body)
+            self.pending += len(body)
+            self.conn.buffered += len(body)
+            self.response_started = True
+            prd.source.ptr = <void *>self
+            prd.read_callback = data_source_read
+            nghttp2_submit_response(self.conn.session, self.sid, nva, len(headers), &prd)
+        free(nva)
+        self.conn.schedule_flush()
+
     cdef respond(self, bytes msg):
         """A unary call's answer: headers, the message, OK trailers."""
         if self.finished or self.closed:
@@ -649,6 +710,9 @@ cdef class Stream:
             limit = self.conn.config.stream_buffer_bytes
             if self.pending < limit:
                 self.wake_sender()
+        if not self.outq and self.finished and self.trailers is None:
+            data_flags[0] |= NGHTTP2_DATA_FLAG_EOF  # an HTTP answer: its last DATA ends the stream
+            return copied
         if not self.outq and self.finished:
             data_flags[0] |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM
             nva = make_nva(self.trailers)
@@ -746,12 +810,14 @@ cdef ssize_t data_source_read(nghttp2_session *session, int32_t stream_id, uint8
 
 
 cdef nghttp2_session_callbacks *CALLBACKS = NULL
-cdef nghttp2_option *OPTION = NULL
+cdef nghttp2_option *OPTION = NULL            # with a bounded MAX_CONCURRENT_STREAMS
+cdef nghttp2_option *OPTION_NO_CLOSED = NULL  # without one (see ServerConfig)
 
 
 cdef void init_library() except *:
-    global CALLBACKS, OPTION
-    if nghttp2_session_callbacks_new(&CALLBACKS) != 0 or nghttp2_option_new(&OPTION) != 0:
+    global CALLBACKS, OPTION, OPTION_NO_CLOSED
+    if (nghttp2_session_callbacks_new(&CALLBACKS) != 0 or nghttp2_option_new(&OPTION) != 0
+            or nghttp2_option_new(&OPTION_NO_CLOSED) != 0):
         raise MemoryError()
     nghttp2_session_callbacks_set_on_begin_headers_callback(CALLBACKS, on_begin_headers)
     nghttp2_session_callbacks_set_on_header_callback(CALLBACKS, on_header)
@@ -759,10 +825,10 @@ cdef void init_library() except *:
     nghttp2_session_callbacks_set_on_frame_recv_callback(CALLBACKS, on_frame_recv)
     nghttp2_session_callbacks_set_on_frame_send_callback(CALLBACKS, on_frame_send)
     nghttp2_session_callbacks_set_on_stream_close_callback(CALLBACKS, on_stream_close)
-    # Closed streams are kept only for priority bookkeeping, which gRPC does not use.
-    nghttp2_option_set_no_closed_streams(OPTION, 1)
     # Receive windows are given back by hand, so that unread requests hold the client back.
     nghttp2_option_set_no_auto_window_update(OPTION, 1)
+    nghttp2_option_set_no_auto_window_update(OPTION_NO_CLOSED, 1)
+    nghttp2_option_set_no_closed_streams(OPTION_NO_CLOSED, 1)
 
 
 init_library()
@@ -797,6 +863,9 @@ cdef class Connection:
     cdef double last_ping
     cdef int ping_strikes
     cdef bint reset_ping_strikes
+    # aborts a connection that does not finish its handshake (or its lingering close) in time
+    cdef object handshake_timer
+    cdef readonly bint drain_acked       # the client answered the ping sent with the shutdown notice
     # the write batch
     cdef uint8_t *wbuf
     cdef size_t wlen, wcap
@@ -820,9 +889,35 @@ cdef class Connection:
         self.transport = transport
         self.loop = asyncio.get_running_loop()
         self.config.connections.add(self)  # asyncio and uvloop set TCP_NODELAY themselves
+        self.arm_handshake_timer()
+
+    cdef void arm_handshake_timer(self) except *:
+        # grpc-go's ConnectionTimeout: the client preface and its first SETTINGS frame must arrive within
+        # the deadline, however slowly the bytes trickle in. (HTTP/1: each request head, including the
+        # wait for it on an idle keep-alive connection.)
+        if self.config.handshake_timeout > 0:
+            self.arm_timer(self.config.handshake_timeout)
+
+    cdef void arm_timer(self, double seconds) except *:
+        self.cancel_handshake_timer()
+        self.handshake_timer = self.loop.call_later(seconds, self.handshake_expired)
+
+    cdef void cancel_handshake_timer(self):
+        if self.handshake_timer is not None:
+            self.handshake_timer.cancel()
+            self.handshake_timer = None
+
+    def handshake_expired(self):
+        self.handshake_timer = None
+        if self.transport is not None:
+            log.debug("native transport: closing a connection that did not finish its handshake (or its "
+                      "lingering close) in time")
+            self.mode = MODE_CLOSED
+            self.transport.abort()
 
     def connection_lost(self, exc):
         self.mode = MODE_CLOSED
+        self.cancel_handshake_timer()
         self.config.connections.discard(self)
         streams = list(self.streams.values())
         self.streams.clear()
@@ -870,19 +965,26 @@ cdef class Connection:
             self.start_h2()
             self.feed(buf)
             return
-        # An HTTP/1.x request starts with an upper-case method token and a space.
-        cdef Py_ssize_t i = 0
+        # An HTTP/1.x request starts with an upper-case method token and a space, and its first line
+        # ends in HTTP/1.0 or HTTP/1.1. Anything else (say, a mistyped HTTP/2 preface) is closed without
+        # an answer: an HTTP/2 client would read an HTTP/1 answer as a broken frame.
+        cdef Py_ssize_t i = 0, nl
         while i < len(buf) and i < 16 and 65 <= buf[i] <= 90:
             i += 1
         if i == len(buf) and i < 16:
             self.sniffed = buf  # could still be a method name
             return
         if 0 < i < 16 and buf[i] == 32:
-            self.sniffed = b""
-            self.mode = MODE_H1
-            self.h1 = http1.Http1Session(self.config.http_respond)
-            self.feed_h1(buf)
-            return
+            nl = buf.find(b"\n")
+            if nl < 0 and len(buf) <= MAX_REQUEST_LINE:
+                self.sniffed = buf
+                return
+            if nl >= 0 and http1.is_request_line(buf[:nl]):
+                self.sniffed = b""
+                self.mode = MODE_H1
+                self.h1 = http1.Http1Session(self.config.http_respond)
+                self.feed_h1(buf)
+                return
         log.debug("native transport: closing a connection that speaks neither HTTP/2 nor HTTP/1")
         self.mode = MODE_CLOSED
         self.transport.close()
@@ -891,6 +993,7 @@ cdef class Connection:
         out = self.h1.feed(data)
         if out:
             self.transport.write(out)
+            self.arm_handshake_timer()  # the next request head has as long as the first
         if self.h1.closed:
             self.mode = MODE_CLOSED
             self.transport.close()
@@ -899,15 +1002,19 @@ cdef class Connection:
 
     cdef start_h2(self):
         cdef nghttp2_settings_entry iv[2]
-        cdef int rv = nghttp2_session_server_new2(&self.session, CALLBACKS, <void *>self, OPTION)
+        cdef size_t niv = 0
+        cdef int rv = nghttp2_session_server_new2(&self.session, CALLBACKS, <void *>self, self.config.option)
         if rv != 0:
             raise MemoryError(nghttp2_strerror(rv).decode())
         self.mode = MODE_H2
-        iv[0].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
-        iv[0].value = self.config.max_concurrent_streams
-        iv[1].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
-        iv[1].value = <uint32_t>self.config.window_bytes
-        nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, 2)
+        iv[niv].settings_id = NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE
+        iv[niv].value = <uint32_t>self.config.window_bytes
+        niv += 1
+        if self.config.max_concurrent_streams != UNLIMITED_STREAMS:  # unadvertised is unlimited
+            iv[niv].settings_id = NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS
+            iv[niv].value = self.config.max_concurrent_streams
+            niv += 1
+        nghttp2_submit_settings(self.session, NGHTTP2_FLAG_NONE, iv, niv)
         # The connection window, too: large requests (1.5 MiB puts) must not wait a round trip per 64 KiB.
         nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0, self.config.window_bytes)
 
@@ -950,8 +1057,18 @@ cdef class Connection:
         if (self.close_after_flush or (self.draining and not self.streams)
                 or (not nghttp2_session_want_read(self.session)
                     and not nghttp2_session_want_write(self.session))):
-            self.mode = MODE_CLOSED
+            self.close_lingering()
+
+    cdef void close_lingering(self) except *:
+        """Close our side, then wait (briefly) for the client to close its side. Closing the socket while the
+        client's bytes still arrive makes the kernel reset the connection, and a reset can destroy our last
+        frames (a GOAWAY, a PING answer) before the client reads them."""
+        self.mode = MODE_CLOSED  # what still arrives is read and dropped
+        if self.write_paused or not self.transport.can_write_eof():
             self.transport.close()
+            return
+        self.transport.write_eof()
+        self.arm_timer(LINGER_SECONDS)
 
     cdef void append_out(self, const uint8_t *data, size_t n) except *:
         cdef size_t cap
@@ -989,6 +1106,12 @@ cdef class Connection:
             return 0
         if namelen == 5 and memcmp(name, b":path", 5) == 0:
             s.path = PyBytes_FromStringAndSize(<const char *>value, valuelen)
+        elif namelen == 7 and memcmp(name, b":method", 7) == 0:
+            s.method = PyBytes_FromStringAndSize(<const char *>value, valuelen)
+        elif namelen == 12 and memcmp(name, b"content-type", 12) == 0:
+            # application/grpc, optionally +proto or ;params (gRPC's HTTP/2 spec)
+            s.grpc = valuelen >= 16 and memcmp(value, b"application/grpc", 16) == 0 and (
+                valuelen == 16 or value[16] == 43 or value[16] == 59)
         elif namelen == 13 and memcmp(name, b"grpc-encoding", 13) == 0:
             s.encoding = PyBytes_FromStringAndSize(<const char *>value, valuelen)
         elif namelen == 12 and memcmp(name, b"grpc-timeout", 12) == 0:
@@ -1018,13 +1141,21 @@ cdef class Connection:
                 self.start_call(s)
             if frame.hd.flags & NGHTTP2_FLAG_END_STREAM:
                 s.on_request_end()
-        elif t == NGHTTP2_PING and not (frame.hd.flags & NGHTTP2_FLAG_ACK):
-            self.on_ping()
+        elif t == NGHTTP2_PING:
+            if not (frame.hd.flags & NGHTTP2_FLAG_ACK):
+                self.on_ping()
+            elif memcmp(frame.ping.opaque_data, <const char *>DRAIN_PING, 8) == 0:
+                self.drain_acked = True
+        elif t == NGHTTP2_SETTINGS and self.handshake_timer is not None and self.mode == MODE_H2:
+            self.cancel_handshake_timer()  # the preface and the client's SETTINGS are in
         return 0
 
     cdef start_call(self, Stream s):
-        route = self.config.routes.get(s.path)
         s.req_state = REQ_BODY
+        if not s.grpc:
+            s.http = True
+            return
+        route = self.config.routes.get(s.path)
         if route is None:
             s.fail(GRPC_UNIMPLEMENTED, MSG_METHOD_NOT_FOUND)
             return
@@ -1065,16 +1196,20 @@ cdef class Connection:
         return 0
 
     cdef on_ping(self):
-        """grpc-go's policy: a ping sooner than min_ping_interval after the last, with no data sent in
-        between, is a strike; the third strike closes the connection with ENHANCE_YOUR_CALM."""
+        """grpc-go's handlePing: a ping sooner than min_ping_interval after the last, with no HEADERS or
+        DATA sent in between, is a strike; with no stream open (unless permit_without_stream) any ping
+        within two hours of the last is. The third strike closes the connection with ENHANCE_YOUR_CALM."""
         cdef double now = time.monotonic()
         cdef double last = self.last_ping
+        cdef double interval = self.config.min_ping_interval
         self.last_ping = now
         if self.reset_ping_strikes:
             self.reset_ping_strikes = False
             self.ping_strikes = 0
             return
-        if last and now - last < self.config.min_ping_interval:
+        if not self.streams and not self.config.permit_without_stream:
+            interval = PING_WITHOUT_STREAM_INTERVAL
+        if last and now - last < interval:
             self.ping_strikes += 1
             if self.ping_strikes > MAX_PING_STRIKES:
                 log.warning("native transport: too many pings from a client, closing its connection")
@@ -1086,9 +1221,11 @@ cdef class Connection:
     # ---- graceful stop (driven by NativeServer)
 
     def shutdown_notice(self):
-        """First GOAWAY: no new streams please (in-flight ones carry on)."""
+        """First GOAWAY: no new streams please (in-flight ones carry on), and a ping: once its answer is
+        back, the client has seen the notice, so no stream it opens later is in flight (grpc-go's drain)."""
         if self.mode == MODE_H2 and self.session != NULL:
             nghttp2_submit_shutdown_notice(self.session)
+            nghttp2_submit_ping(self.session, NGHTTP2_FLAG_NONE, <const uint8_t *><const char *>DRAIN_PING)
             self.flush()
         elif self.mode != MODE_CLOSED and self.transport is not None:
             self.mode = MODE_CLOSED  # sniffing or HTTP/1: nothing in flight worth waiting for
@@ -1102,6 +1239,20 @@ cdef class Connection:
                                   NGHTTP2_NO_ERROR, NULL, 0)
             self.draining = True
             self.flush()
+
+    def end_streams(self, paths, str message):
+        """End the calls on ``paths`` (streams that never end by themselves, such as Watch) with UNAVAILABLE,
+        as a client of a stopping etcd sees them end; other calls on the connection carry on."""
+        cdef Stream s
+        for s in list(self.streams.values()):
+            if s.path in paths and not s.http:
+                s.fail(GRPC_UNAVAILABLE, message)
+        self.flush()
+
+    @property
+    def draining_done(self):
+        """No ping answer to wait for: it came back, or the connection is not (or no longer) HTTP/2."""
+        return self.drain_acked or self.mode != MODE_H2 or self.session == NULL
 
     def abort(self):
         """Grace is over: drop the connection (connection_lost cancels what still runs)."""

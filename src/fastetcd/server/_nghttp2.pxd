@@ -94,10 +94,15 @@ cdef extern from "nghttp2/nghttp2.h":
         int32_t last_stream_id
         uint32_t error_code
 
+    ctypedef struct nghttp2_ping:
+        nghttp2_frame_hd hd
+        uint8_t opaque_data[8]
+
     ctypedef union nghttp2_frame:
         nghttp2_frame_hd hd
         nghttp2_headers headers
         nghttp2_rst_stream rst_stream
+        nghttp2_ping ping
         nghttp2_goaway goaway
 
     ctypedef struct nghttp2_settings_entry:
@@ -180,4 +185,5 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session *session, uint8_t flags, int32_t last_stream_id, uint32_t error_code,
         const uint8_t *opaque_data, size_t opaque_data_len)
     int nghttp2_submit_shutdown_notice(nghttp2_session *session)
+    int nghttp2_submit_ping(nghttp2_session *session, uint8_t flags, const uint8_t *opaque_data)
     const char *nghttp2_strerror(int lib_error_code)

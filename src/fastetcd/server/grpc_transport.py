@@ -116,13 +116,15 @@ def _generic_handlers(routes: Routes) -> list[grpc.GenericRpcHandler]:
     return [grpc.method_handlers_generic_handler(name, methods) for name, methods in services.items()]
 
 
-def build_server(routes: Routes, *, max_request_bytes: int) -> grpc.aio.Server:
+def build_server(
+    routes: Routes, *, max_request_bytes: int, max_concurrent_streams: int = 2**31 - 1
+) -> grpc.aio.Server:
     limit = max_request_bytes + GRPC_OVERHEAD_BYTES
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", 2**31 - 1),
-            ("grpc.max_concurrent_streams", 2**31 - 1),
+            ("grpc.max_concurrent_streams", min(max_concurrent_streams, 2**31 - 1)),  # a C int
             ("grpc.so_reuseport", 0),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),

@@ -133,3 +133,8 @@ class Http1Session:
         except Exception:
             response = (500, TEXT, b"Internal Server Error\n")
         return frame(method_s, response, close=not keep_alive)
+
+
+def is_request_line(line: bytes) -> bool:
+    """Whether ``line`` (the first line a client sent, CR included or not) is an HTTP/1.x request line."""
+    return _REQUEST_LINE.match(line.rstrip(b"\r")) is not None

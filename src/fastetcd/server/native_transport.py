@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from fastetcd.server import _native
 from fastetcd.server.grpc_transport import GRPC_OVERHEAD_BYTES
@@ -37,10 +37,16 @@ STREAM_BUFFER_BYTES = 256 * 1024
 WINDOW_BYTES = 4 * 1024 * 1024
 # etcd's default --grpc-keepalive-min-time: pings closer than this with no data sent are strikes.
 MIN_PING_INTERVAL = 5.0
-# Wait this long between GOAWAY's shutdown notice and the final GOAWAY, so that requests the client
-# sent before it saw the notice are still taken (grpc-go waits one ping round trip).
-NOTICE_DELAY = 0.05
-MAX_CONCURRENT_STREAMS = 2**31 - 1  # etcd's default is unlimited (math.MaxUint32); grpcio's the same
+# The final GOAWAY follows the shutdown notice once the client answered the ping sent with it (so
+# requests it sent before it saw the notice are still taken), or after this long (grpc-go waits up to a
+# minute; a stopping server has only its grace period).
+NOTICE_WAIT = 1.0
+MAX_CONCURRENT_STREAMS = _native.UNLIMITED_STREAMS  # etcd's default --max-concurrent-streams
+# grpc-go's ConnectionTimeout (120s there): a connection must send the HTTP/2 preface and its SETTINGS (or
+# an HTTP/1 request head) within this long, so that slow or idle half-open connections do not pile up.
+HANDSHAKE_TIMEOUT = 20.0
+# How calls that end_streams names end when the server stops (etcd's ErrGRPCStopped).
+STOPPED_MESSAGE = "etcdserver: server stopped"
 
 
 class NativeServer:
@@ -55,6 +61,8 @@ class NativeServer:
         max_concurrent_streams: int = MAX_CONCURRENT_STREAMS,
         window_bytes: int = WINDOW_BYTES,
         min_ping_interval: float = MIN_PING_INTERVAL,
+        permit_without_stream: bool = False,
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
         http_respond: Responder | None = None,
     ) -> None:
         self._config = _native.ServerConfig(
@@ -65,6 +73,8 @@ class NativeServer:
             window_bytes,
             min_ping_interval,
             http_respond,
+            permit_without_stream,
+            handshake_timeout,
         )
         self._servers: list[asyncio.base_events.Server] = []
 
@@ -100,18 +110,24 @@ class NativeServer:
     def connection_count(self) -> int:
         return len(self._config.connections)
 
-    async def stop(self, grace: float) -> None:
-        """Stop listening; GOAWAY every connection; let in-flight calls finish within ``grace``."""
+    async def stop(self, grace: float, *, end_streams: Collection[str] = ()) -> None:
+        """Stop listening; GOAWAY every connection (grpc-go's two phases); end the calls on the
+        ``end_streams`` paths (streams that would never end by themselves) with UNAVAILABLE; let the other
+        in-flight calls finish within ``grace``, then drop what is left."""
         deadline = time.monotonic() + grace
         for server in self._servers:
             server.close()
         conns = list(self._config.connections)
         for conn in conns:
             conn.shutdown_notice()
-        if conns:
-            await asyncio.sleep(min(NOTICE_DELAY, grace))
+        notice_end = min(deadline, time.monotonic() + NOTICE_WAIT)
+        while time.monotonic() < notice_end and not all(c.draining_done for c in self._config.connections):
+            await asyncio.sleep(0.005)
+        paths = {p.encode() for p in end_streams}
         for conn in list(self._config.connections):
             conn.goaway()
+            if paths:
+                conn.end_streams(paths, STOPPED_MESSAGE)
         while self._config.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         for conn in list(self._config.connections):
