@@ -612,6 +612,71 @@ def test_pings_spaced_by_data_are_fine(native: LoopThread) -> None:
         raw.close()
 
 
+def goaway_events(raw: RawH2) -> list[h2.events.ConnectionTerminated]:
+    return [e for e in raw.events if isinstance(e, h2.events.ConnectionTerminated)]
+
+
+def ping_every(raw: RawH2, n: int, interval: float) -> None:
+    """Send ``n`` pings ``interval`` apart, reading the answers in between."""
+    for i in range(n):
+        raw.conn.ping(b"%08d" % i)
+        raw.flush()
+        deadline = time.monotonic() + interval
+        while time.monotonic() < deadline and not raw.eof and not goaway_events(raw):
+            try:
+                raw.pump(max(deadline - time.monotonic(), 0.01))
+            except TimeoutError:
+                break
+
+
+def test_pings_without_a_stream_are_strikes() -> None:
+    # grpc-go with PermitWithoutStream false (etcd's setting): with no stream open, a client has no
+    # business pinging more often than every two hours, however far apart its pings are. The first
+    # ping is free; the next three are strikes, and the third strike earns the GOAWAY.
+    lt = LoopThread(min_ping_interval=0.05)
+    raw = RawH2(lt.port)
+    try:
+        ping_every(raw, 3, 0.2)
+        assert not goaway_events(raw) and acks(raw) == 3
+        ping_every(raw, 1, 0.2)
+        raw.read_until(lambda: bool(goaway_events(raw)))
+        (goaway,) = goaway_events(raw)
+        assert goaway.error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+        assert goaway.additional_data == b"too_many_pings"
+        raw.read_until(lambda: raw.eof)
+    finally:
+        raw.close()
+        lt.close()
+
+
+def test_pings_with_an_open_stream_follow_min_time() -> None:
+    # With a stream open, pings min_ping_interval apart are fine; closer ones are strikes.
+    lt = LoopThread(min_ping_interval=0.1)
+    raw = RawH2(lt.port)
+    try:
+        raw.request("/t.S/BidiHold", frame(b"x"), end=False)
+        raw.read_until(lambda: any(isinstance(e, h2.events.DataReceived) for e in raw.events))
+        ping_every(raw, 6, 0.15)  # the response's HEADERS and DATA reset the count once; then nothing is sent
+        assert not goaway_events(raw) and acks(raw) == 6
+        ping_every(raw, 4, 0.01)
+        raw.read_until(lambda: bool(goaway_events(raw)))
+        assert goaway_events(raw)[0].additional_data == b"too_many_pings"
+    finally:
+        raw.close()
+        lt.close()
+
+
+def test_permit_without_stream_allows_spaced_pings() -> None:
+    lt = LoopThread(min_ping_interval=0.05, permit_without_stream=True)
+    raw = RawH2(lt.port)
+    try:
+        ping_every(raw, 6, 0.1)
+        assert not goaway_events(raw) and acks(raw) == 6
+    finally:
+        raw.close()
+        lt.close()
+
+
 def test_max_concurrent_streams_is_advertised() -> None:
     lt = LoopThread(max_concurrent_streams=7)
     raw = RawH2(lt.port)
