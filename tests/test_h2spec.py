@@ -5,7 +5,7 @@ content-type as etcd's HTTP mux does over TLS (404 with a body for ``/``), so th
 response's DATA frame get one.
 
 Expected failures are asserted exactly: the test fails if any other case fails, and also if a listed case
-starts passing (then the list is out of date).
+starts passing (then the list is out of date). The one exception, RACING_CLOSED_STREAMS, is explained there.
 """
 
 from __future__ import annotations
@@ -34,15 +34,22 @@ NGHTTP2_LENIENT = {"http2/5.1.1/2"}
 # RFC 7540 allows for frames that were in flight. With a limit they pass (the stream-limit case).
 CLOSED_STREAMS_FORGOTTEN = {"http2/5.1/8", "http2/5.1/9", "http2/5.1/11", "http2/5.1/12"}
 
+# For the same reason, a race: these send a frame on a stream the client has half-closed. If it arrives
+# before the server answered, the stream is still open and nghttp2 answers STREAM_CLOSED (a pass); if the
+# answer went out first, the stream is closed and forgotten, and the frame ignored (a failure, in a few runs
+# out of ten). Either outcome is accepted for these, in this configuration only.
+RACING_CLOSED_STREAMS = {"http2/5.1/5", "http2/5.1/6", "http2/6.1/2"}
+
 # Needs an advertised SETTINGS_MAX_CONCURRENT_STREAMS, which "no limit" does not advertise.
 SKIPPED_UNLIMITED = {"http2/5.1.2/1"}
 
 
-def check(results: dict[str, str], expected_failures: set[str], expected_skips: set[str]) -> None:
+def check(results: dict[str, str], expected_failures: set[str], expected_skips: set[str],
+          either: set[str]) -> None:
     assert len(results) >= 138, f"h2spec ran only {len(results)} cases"
     failed = {case for case, outcome in results.items() if outcome == "failed"}
     skipped = {case for case, outcome in results.items() if outcome == "skipped"}
-    unexpected, fixed = sorted(failed - expected_failures), sorted(expected_failures - failed)
+    unexpected, fixed = sorted(failed - expected_failures - either), sorted(expected_failures - failed)
     assert not unexpected, f"unexpected h2spec failures: {unexpected}"
     assert not fixed, f"h2spec cases listed as expected failures now pass (update the list): {fixed}"
     assert skipped == expected_skips, f"skipped cases changed: {sorted(skipped)}"
@@ -58,16 +65,17 @@ def still_serves(port: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("args", "expected_failures", "expected_skips"),
+    ("args", "expected_failures", "expected_skips", "either"),
     [
-        pytest.param([], NGHTTP2_LENIENT | CLOSED_STREAMS_FORGOTTEN, SKIPPED_UNLIMITED, id="etcd-defaults"),
-        pytest.param(["--max-concurrent-streams", "100"], NGHTTP2_LENIENT, set(), id="stream-limit"),
+        pytest.param([], NGHTTP2_LENIENT | CLOSED_STREAMS_FORGOTTEN, SKIPPED_UNLIMITED, RACING_CLOSED_STREAMS,
+                     id="etcd-defaults"),
+        pytest.param(["--max-concurrent-streams", "100"], NGHTTP2_LENIENT, set(), set(), id="stream-limit"),
     ],
 )
-def test_h2spec(tmp_path: Path, args: list[str], expected_failures: set[str],
-                expected_skips: set[str]) -> None:
+def test_h2spec(tmp_path: Path, args: list[str], expected_failures: set[str], expected_skips: set[str],
+                either: set[str]) -> None:
     with start_fastetcd(tmp_path, ["--transport", "native", "--store", "embedded", *args]) as server:
         results = run_h2spec(server.port, SECTIONS, tmp_path / "h2spec.xml")
         assert server.alive(), server.log_tail()
-        check(results, expected_failures, expected_skips)
+        check(results, expected_failures, expected_skips, either)
         still_serves(server.port)
