@@ -32,6 +32,11 @@ def grpc_headers(path: str) -> list[tuple[str, str]]:
             ("content-type", "application/grpc"), ("te", "trailers")]
 
 
+def stateless_block(headers: list[tuple[str, str]]) -> bytes:
+    """A header block that leaves the HPACK table alone: it may be sent any number of times, in any order."""
+    return hpack.Encoder().encode([hpack.NeverIndexedHeaderTuple(n, v) for n, v in headers])
+
+
 class FrameClient:
     """Answers the server's PINGs and SETTINGS and gives back flow-control windows for what it reads, but
     only while it reads (``read_until``); between reads it is a client that does not read."""

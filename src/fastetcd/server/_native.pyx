@@ -202,13 +202,15 @@ cdef class ServerConfig:
     cdef readonly double min_ping_interval
     cdef readonly bint permit_without_stream
     cdef readonly double handshake_timeout
+    cdef readonly Py_ssize_t connection_buffer_bytes
     cdef readonly set connections
     cdef object http_respond  # HTTP responder: (method, target) -> (status, content type, body)
     cdef nghttp2_option *option
 
     def __init__(self, dict routes, Py_ssize_t max_message_bytes, Py_ssize_t stream_buffer_bytes,
                  uint32_t max_concurrent_streams, int32_t window_bytes, double min_ping_interval,
-                 http_respond=None, bint permit_without_stream=False, double handshake_timeout=20.0):
+                 http_respond=None, bint permit_without_stream=False, double handshake_timeout=20.0,
+                 Py_ssize_t connection_buffer_bytes=32 * 1024 * 1024):
         self.routes = {}
         for path, (kind, fn) in routes.items():
             if kind not in _KINDS:
@@ -223,6 +225,7 @@ cdef class ServerConfig:
         self.min_ping_interval = min_ping_interval
         self.permit_without_stream = permit_without_stream
         self.handshake_timeout = handshake_timeout
+        self.connection_buffer_bytes = connection_buffer_bytes
         self.connections = set()
         self.http_respond = http_respond if http_respond is not None else http1.static_respond
         # nghttp2 keeps up to MAX_CONCURRENT_STREAMS closed streams per connection, which is how it
@@ -513,6 +516,10 @@ cdef class Stream:
 
     async def run_unary(self, bytes msg):
         try:
+            if self.conn.over_budget:
+                await self.conn.output_room()
+                if self.closed:
+                    return
             resp = await self.handler(msg)
         except asyncio.CancelledError:
             return  # the client went away or the deadline passed (already answered)
@@ -557,6 +564,8 @@ cdef class Stream:
                 await self.send_waiter
             finally:
                 self.send_waiter = None
+        if self.conn.over_budget and not self.closed:
+            await self.conn.output_room()
         if self.closed or self.finished:
             raise StreamClosed("the stream is closed")
         self.enqueue(msg)
@@ -570,6 +579,7 @@ cdef class Stream:
             self.outq.append(msg)
         self.pending += 5 + n
         self.conn.buffered += 5 + n
+        self.conn.buffered_changed()
         self.start_or_resume()
 
     cdef start_or_resume(self):
@@ -614,6 +624,7 @@ cdef class Stream:
             self.outq.append(body)
             self.pending += len(body)
             self.conn.buffered += len(body)
+            self.conn.buffered_changed()
             self.response_started = True
             prd.source.ptr = <void *>self
             prd.read_callback = data_source_read
@@ -706,6 +717,8 @@ cdef class Stream:
                 self.out_off += take
         self.pending -= copied
         self.conn.buffered -= copied
+        if copied and self.conn.over_budget:
+            self.conn.buffered_changed()
         if copied and self.send_waiter is not None:
             limit = self.conn.config.stream_buffer_bytes
             if self.pending < limit:
@@ -733,6 +746,7 @@ cdef class Stream:
         self.conn.buffered -= self.pending
         self.pending = 0
         self.outq.clear()
+        self.conn.buffered_changed()
         if self.requests is not None:
             self.requests.end(StreamClosed("the stream was reset"))
         if self.task is not None and not self.task.done() and not self.finished:
@@ -855,6 +869,11 @@ cdef class Connection:
     cdef bytes sniffed
     cdef object h1
     cdef readonly Py_ssize_t buffered    # message bytes queued on this connection's streams
+    # buffered reached config.connection_buffer_bytes: no new call starts and nothing more is read until
+    # the client takes some (a client that opens many calls and never reads holds a bounded amount)
+    cdef readonly bint over_budget
+    cdef list room_waiters
+    cdef bint reading_paused
     cdef bint write_paused
     cdef bint flush_scheduled
     cdef bint draining                   # final GOAWAY sent: close once the last stream is done
@@ -873,6 +892,7 @@ cdef class Connection:
     def __cinit__(self, ServerConfig config):
         self.config = config
         self.streams = {}
+        self.room_waiters = []
         self.sniffed = b""
 
     def __dealloc__(self):
@@ -927,19 +947,50 @@ cdef class Connection:
             nghttp2_session_del(self.session)
             self.session = NULL
         self.transport = None
+        self.wake_room_waiters()  # they see the connection gone
 
     def pause_writing(self):
         # The socket is not draining: stop producing frames and stop reading requests (which would
         # produce more) until it is.
         self.write_paused = True
-        if self.transport is not None:
-            self.transport.pause_reading()
+        self.update_reading()
 
     def resume_writing(self):
         self.write_paused = False
         if self.transport is not None:
-            self.transport.resume_reading()
+            self.update_reading()
             self.flush()
+
+    cdef void update_reading(self) except *:
+        cdef bint pause = self.write_paused or self.over_budget
+        if pause != self.reading_paused and self.transport is not None and self.mode != MODE_CLOSED:
+            self.reading_paused = pause
+            if pause:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
+
+    cdef void buffered_changed(self) except *:
+        cdef bint over = self.buffered >= self.config.connection_buffer_bytes
+        if over == self.over_budget:
+            return
+        self.over_budget = over
+        self.update_reading()
+        if not over:
+            self.wake_room_waiters()
+
+    cdef void wake_room_waiters(self):
+        waiters, self.room_waiters = self.room_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    async def output_room(self):
+        """Wait until this connection's queued output is below its budget (or the connection is gone)."""
+        while self.over_budget and self.transport is not None:
+            waiter = self.loop.create_future()
+            self.room_waiters.append(waiter)
+            await waiter
 
     def eof_received(self):
         return False  # close our side too
@@ -1023,6 +1074,12 @@ cdef class Connection:
             self.session, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
         if rv < 0:
             log.debug("native transport: HTTP/2 session error: %s", nghttp2_strerror(<int>rv).decode())
+            # nghttp2 says why in a GOAWAY itself for most errors; for these fatal ones (a bad preface, a
+            # flood, a header block of too many CONTINUATIONs) it leaves the connection to us: say it too.
+            if rv != NGHTTP2_ERR_BAD_CLIENT_MAGIC:
+                nghttp2_session_terminate_session(
+                    self.session, NGHTTP2_PROTOCOL_ERROR if rv == NGHTTP2_ERR_CALLBACK_FAILURE
+                    else NGHTTP2_ENHANCE_YOUR_CALM)
             self.close_after_flush = True
         self.flush()
 

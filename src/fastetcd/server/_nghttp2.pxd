@@ -22,6 +22,8 @@ cdef extern from "nghttp2/nghttp2.h":
         NGHTTP2_ERR_DEFERRED
         NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE
         NGHTTP2_ERR_CALLBACK_FAILURE
+        NGHTTP2_ERR_BAD_CLIENT_MAGIC
+        NGHTTP2_ERR_FLOODED
 
     enum:
         NGHTTP2_DATA
@@ -185,5 +187,6 @@ cdef extern from "nghttp2/nghttp2.h":
         nghttp2_session *session, uint8_t flags, int32_t last_stream_id, uint32_t error_code,
         const uint8_t *opaque_data, size_t opaque_data_len)
     int nghttp2_submit_shutdown_notice(nghttp2_session *session)
+    int nghttp2_session_terminate_session(nghttp2_session *session, uint32_t error_code)
     int nghttp2_submit_ping(nghttp2_session *session, uint8_t flags, const uint8_t *opaque_data)
     const char *nghttp2_strerror(int lib_error_code)

@@ -45,6 +45,10 @@ MAX_CONCURRENT_STREAMS = _native.UNLIMITED_STREAMS  # etcd's default --max-concu
 # grpc-go's ConnectionTimeout (120s there): a connection must send the HTTP/2 preface and its SETTINGS (or
 # an HTTP/1 request head) within this long, so that slow or idle half-open connections do not pile up.
 HANDSHAKE_TIMEOUT = 20.0
+# A connection whose calls have this many response bytes queued (the client is not reading them) starts
+# no new call and is not read from until the client takes some: what a client that opens many calls and
+# never reads costs. One call's answer may exceed it (it is queued whole, as grpc-go queues it).
+CONNECTION_BUFFER_BYTES = 32 * 1024 * 1024
 # How calls that end_streams names end when the server stops (etcd's ErrGRPCStopped).
 STOPPED_MESSAGE = "etcdserver: server stopped"
 
@@ -63,6 +67,7 @@ class NativeServer:
         min_ping_interval: float = MIN_PING_INTERVAL,
         permit_without_stream: bool = False,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        connection_buffer_bytes: int = CONNECTION_BUFFER_BYTES,
         http_respond: Responder | None = None,
     ) -> None:
         self._config = _native.ServerConfig(
@@ -75,6 +80,7 @@ class NativeServer:
             http_respond,
             permit_without_stream,
             handshake_timeout,
+            connection_buffer_bytes,
         )
         self._servers: list[asyncio.base_events.Server] = []
 
