@@ -222,8 +222,10 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             LockService(sm, header, max_request_bytes=config.max_request_bytes),
             ElectionService(sm, header, max_request_bytes=config.max_request_bytes),
         )
+        native: NativeServer | None = None
+        server: grpc.aio.Server | NativeServer
         if config.transport == "native":
-            server: grpc.aio.Server | NativeServer = await _start_native(config, routes, endpoints)
+            server = native = await _start_native(config, routes, endpoints)
         else:
             server = await _start_grpcio(config, routes)
         log.info(
@@ -244,8 +246,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         finally:
             log.info("stopping server")
             await http.stop()
-            if config.transport == "native":
-                await server.stop(STOP_GRACE, end_streams=ENDLESS_STREAMS)  # type: ignore[call-arg]
+            if native is not None:
+                await native.stop(STOP_GRACE, end_streams=ENDLESS_STREAMS)
             else:
                 await server.stop(STOP_GRACE)
     finally:
