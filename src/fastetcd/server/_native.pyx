@@ -477,23 +477,22 @@ cdef class Stream:
         if msg is None:
             self.fail(GRPC_INTERNAL, MSG_NO_REQUEST)
             return
+        if self.kind == KIND_DIRECT and self.conn.over_budget:
+            # Reading stopped at the budget, but the calls already read still come in (one read can hold
+            # hundreds): they wait their turn instead of each queueing its answer.
+            self.conn.deferred.append((self, msg))
+            return
+        self.start_unary(msg)
+
+    cdef start_unary(self, bytes msg):
         # The handler sees its caller through CALLER (a task copies the context it is created in). The
         # connection's context holds the default, anonymous caller: set only when there is someone.
         caller = CALLER.set(self.caller()) if self.token is not None else None
         try:
             if self.kind == KIND_DIRECT:
-                try:
-                    resp = self.handler(msg)
-                except Exception as e:
-                    code, text = status_for(e)
-                    self.fail(code, text)
-                    return
-                if type(resp) is bytes:
-                    self.respond(resp)
-                else:
-                    resp.add_done_callback(self.on_answer)
-                return
-            self.task = self.conn.loop.create_task(self.run_unary(msg))
+                self.run_direct(msg)
+            else:
+                self.task = self.conn.loop.create_task(self.run_unary(msg))
         finally:
             if caller is not None:
                 CALLER.reset(caller)
@@ -502,6 +501,18 @@ cdef class Stream:
         if self.token is None:
             return ANONYMOUS
         return Caller(self.token.decode("utf-8", "replace"))
+
+    cdef run_direct(self, bytes msg):
+        try:
+            resp = self.handler(msg)
+        except Exception as e:
+            code, text = status_for(e)
+            self.fail(code, text)
+            return
+        if type(resp) is bytes:
+            self.respond(resp)
+        else:
+            resp.add_done_callback(self.on_answer)
 
     def on_answer(self, fut):
         """A direct handler's future resolved: answer (unless the call already ended)."""
@@ -873,6 +884,7 @@ cdef class Connection:
     # the client takes some (a client that opens many calls and never reads holds a bounded amount)
     cdef readonly bint over_budget
     cdef list room_waiters
+    cdef readonly object deferred        # (stream, request) of direct calls read while over budget
     cdef bint reading_paused
     cdef bint write_paused
     cdef bint flush_scheduled
@@ -893,6 +905,7 @@ cdef class Connection:
         self.config = config
         self.streams = {}
         self.room_waiters = []
+        self.deferred = collections.deque()
         self.sniffed = b""
 
     def __dealloc__(self):
@@ -947,6 +960,7 @@ cdef class Connection:
             nghttp2_session_del(self.session)
             self.session = NULL
         self.transport = None
+        self.deferred.clear()
         self.wake_room_waiters()  # they see the connection gone
 
     def pause_writing(self):
@@ -984,6 +998,16 @@ cdef class Connection:
         for w in waiters:
             if not w.done():
                 w.set_result(None)
+        if self.deferred and self.transport is not None:
+            self.loop.call_soon(self.run_deferred)  # not from inside nghttp2's callbacks
+
+    def run_deferred(self):
+        cdef Stream s
+        while self.deferred and not self.over_budget and self.transport is not None:
+            s, msg = self.deferred.popleft()
+            if not s.closed and not s.finished:
+                s.start_unary(msg)
+        self.flush()
 
     async def output_room(self):
         """Wait until this connection's queued output is below its budget (or the connection is gone)."""
