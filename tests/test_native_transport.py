@@ -754,6 +754,38 @@ def test_http1_health_and_version(native: LoopThread) -> None:
     assert resp.startswith(b"HTTP/1.1 405 Method Not Allowed\r\n")
 
 
+def test_plain_http2_requests_get_the_http_answers(native: LoopThread) -> None:
+    # No gRPC content-type: answered as etcd's HTTP mux answers HTTP/2 (over TLS there), with a body.
+    raw = RawH2(native.port)
+    try:
+        answers = {}
+        for method, path in (("GET", "/health"), ("GET", "/"), ("HEAD", "/version"), ("POST", "/health")):
+            sid = raw.conn.get_next_available_stream_id()
+            raw.conn.send_headers(sid, [(":method", method), (":scheme", "http"), (":path", path),
+                                        (":authority", "x")], end_stream=True)
+            raw.flush()
+            (head,) = raw.headers(sid)
+            body = b"".join(e.data for e in raw.events if isinstance(e, h2.events.DataReceived)
+                            and e.stream_id == sid)
+            answers[method, path] = (head[b":status"], head[b"content-type"], body)
+        assert answers["GET", "/health"] == (b"200", b"text/plain; charset=utf-8",
+                                             b'{"health":"true","reason":""}')
+        assert answers["GET", "/"] == (b"404", b"text/plain; charset=utf-8", b"404 page not found\n")
+        assert answers["HEAD", "/version"][:2] == (b"200", b"application/json")
+        assert answers["HEAD", "/version"][2] == b""
+        assert answers["POST", "/health"][0] == b"405"
+        assert unary_on(raw, "/t.S/Echo", b"grpc still") == b"grpc still"  # gRPC on the same connection
+    finally:
+        raw.close()
+
+
+def unary_on(raw: RawH2, path: str, payload: bytes) -> bytes:
+    sid = raw.request(path, frame(payload))
+    raw.headers(sid)
+    return b"".join(e.data for e in raw.events
+                    if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)[5:]
+
+
 def test_http1_keep_alive_serves_several_requests(native: LoopThread) -> None:
     with socket.create_connection(("127.0.0.1", native.port), timeout=5) as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
