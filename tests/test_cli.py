@@ -41,6 +41,7 @@ def test_defaults_are_etcds():
         "0",
     )
     assert c.experimental_watch_progress_notify_interval == 600.0
+    assert c.max_concurrent_streams == 2**32 - 1  # etcd's math.MaxUint32: no limit
     assert Config(name="n1").data_dir == "n1.etcd"
     assert Config(quota_backend_bytes=0).quota_backend_bytes == 2 * GiB
     assert Config(quota_backend_bytes=-1).quota_backend_bytes == -1  # etcd: negative disables the quota
@@ -123,6 +124,8 @@ def test_flags_map_to_config():
             "--auto-compaction-retention", "10",
             "--experimental-watch-progress-notify-interval", "100ms",
             "--store", "embedded",
+            "--max-concurrent-streams", "100",
+            "--handshake-timeout", "3s",
         ],
         {},
     )
@@ -136,6 +139,7 @@ def test_flags_map_to_config():
     assert c.log_level == "debug"
     assert c.auto_compaction_revisions == 10
     assert c.experimental_watch_progress_notify_interval == pytest.approx(0.1)
+    assert (c.max_concurrent_streams, c.handshake_timeout) == (100, 3.0)
 
 
 def test_env_vars_apply_and_flags_win():
@@ -177,6 +181,8 @@ def test_listen_without_advertise_is_refused_like_etcd():
         ([], {"FASTETCD_MAX_REQUEST_BYTES": "x"}, "environment variable FASTETCD_MAX_REQUEST_BYTES"),
         (["--listen-client-urls", "http://h", "--advertise-client-urls", "http://h:1"], {}, "host:port"),
         (["--store", "cosmos"], {}, "--cosmos-endpoint"),
+        (["--max-concurrent-streams", "0"], {}, "--max-concurrent-streams must be in 1..4294967295"),
+        (["--handshake-timeout", "-1s"], {}, "--handshake-timeout"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(args, env, needle):
