@@ -30,8 +30,9 @@ NGHTTP2_LENIENT = {"http2/5.1.1/2"}
 # With etcd's default --max-concurrent-streams (no limit), nghttp2 keeps no closed streams (it would keep
 # one per call the connection ever made: unbounded memory, see ServerConfig in _native.pyx), so it cannot
 # tell a closed stream from one it never knew, and ignores DATA and HEADERS on closed streams instead of
-# answering STREAM_CLOSED. Harmless for gRPC clients: a frame that races a stream's end is ignored, which
-# RFC 7540 allows for frames that were in flight. With a limit they pass (the stream-limit case).
+# answering STREAM_CLOSED. Harmless for gRPC clients: a frame that races a stream's end is ignored (as
+# grpc-go, etcd's server, ignores DATA for a stream it no longer has). With a limit they pass (the
+# stream-limit case).
 CLOSED_STREAMS_FORGOTTEN = {"http2/5.1/8", "http2/5.1/9", "http2/5.1/11", "http2/5.1/12"}
 
 # For the same reason, a race: these send a frame on a stream the client has half-closed. If it arrives
