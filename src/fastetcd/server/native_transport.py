@@ -10,8 +10,13 @@ signatures grpc_transport.py takes:
 
 Errors: ``EtcdError`` → its code and message; protobuf ``DecodeError`` → INTERNAL "grpc: error
 unmarshalling request: ..."; anything else → UNKNOWN, as grpcio reports it. The same port answers
-HTTP/1.x: ``http_respond(method, target) -> (status, content type, body)`` answers (the server passes
+HTTP/1.x, and HTTP/2 requests without a gRPC content-type (as etcd's HTTP mux does):
+``http_respond(method, target) -> (status, content type, body)`` answers (the server passes
 ``HttpEndpoints.respond``); without one, ``GET /health`` and ``GET /version`` (see http1.py).
+
+Against hostile or broken clients: grpc-go's connection timeout (``handshake_timeout``), its ping policy
+(``min_ping_interval``, ``permit_without_stream``) and its two-phase GOAWAY on ``stop``; bounds on queued
+output per stream and per connection (``stream_buffer_bytes``, ``connection_buffer_bytes``).
 """
 
 from __future__ import annotations
