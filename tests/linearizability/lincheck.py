@@ -21,14 +21,19 @@ BUILD_SCRIPT = REPO / "ci" / "build_lincheck.sh"
 LINEARIZABLE, NOT_LINEARIZABLE, BAD_INPUT, UNDECIDED = 0, 1, 2, 3
 
 _build_lock = threading.Lock()
+_built = False
 
 
 def lincheck_binary() -> Path:
     """bench/.bin/lincheck, built first if it is missing or older than its sources (a few seconds, plus
-    fetching porcupine from the Go module proxy the first time)."""
+    fetching porcupine from the Go module proxy the first time); checked once per test process."""
+    global _built
     with _build_lock:
-        build = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=600)
-        assert build.returncode == 0, f"{BUILD_SCRIPT} failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}"
+        if not _built:
+            build = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=600)
+            assert build.returncode == 0, \
+                f"{BUILD_SCRIPT} failed:\n{build.stdout[-2000:]}{build.stderr[-2000:]}"
+            _built = True
     return LINCHECK
 
 

@@ -122,6 +122,15 @@ func check(h *History, timeout time.Duration, html string) *Report {
 		KeptUnknown: p.keptUnknown, Gaps: p.gaps, Violations: p.violations,
 	}
 	rep.SerialIssues = checkSerializable(h, p)
+	// Empty lists, not JSON nulls, in the report.
+	for _, list := range []*[]string{&rep.Violations, &rep.SerialIssues, &rep.Explanation} {
+		if *list == nil {
+			*list = []string{}
+		}
+	}
+	if rep.Gaps == nil {
+		rep.Gaps = []int64{}
+	}
 	model := kvModel(h)
 	ops := make([]porcupine.Operation, len(p.checked))
 	for i, op := range p.checked {

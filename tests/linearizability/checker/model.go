@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/binary"
 	"fmt"
 	"hash/fnv"
 	"sort"
@@ -168,15 +169,17 @@ func kvModel(h *History) porcupine.Model {
 			return true
 		},
 		Hash: func(state interface{}) uint64 {
+			// The revision and every key's mod_revision identify a state of a correct history; the
+			// values go in too, as Equal compares them.
 			s := state.(*kvState)
 			f := fnv.New64a()
-			fmt.Fprint(f, s.rev)
+			var buf [8]byte
+			binary.LittleEndian.PutUint64(buf[:], uint64(s.rev))
+			f.Write(buf[:])
 			for _, ks := range s.keys {
-				if ks.present {
-					fmt.Fprint(f, "|", ks.value, ",", ks.mod, ",", ks.create, ",", ks.version)
-				} else {
-					fmt.Fprint(f, "|-")
-				}
+				binary.LittleEndian.PutUint64(buf[:], uint64(ks.mod))
+				f.Write(buf[:])
+				f.Write([]byte(ks.value))
 			}
 			return f.Sum64()
 		},

@@ -36,17 +36,22 @@ type prepared struct {
 	gaps          []int64
 	bumps         map[int64]*Op // revision → the write that made it (known and patched writes)
 	maxRev        int64
-	violations    []string
+	violations    []string // of the linearizable operations (porcupine must reject them too)
+	serialIssues  []string // what serializable reads saw (the weaker check's)
 }
 
 const maxViolations = 8
 
-func (p *prepared) violate(format string, args ...interface{}) {
-	if len(p.violations) < maxViolations {
-		p.violations = append(p.violations, fmt.Sprintf(format, args...))
-	} else if len(p.violations) == maxViolations {
-		p.violations = append(p.violations, "… (more)")
+func addViolation(list *[]string, format string, args ...interface{}) {
+	if len(*list) < maxViolations {
+		*list = append(*list, fmt.Sprintf(format, args...))
+	} else if len(*list) == maxViolations {
+		*list = append(*list, "… (more)")
 	}
+}
+
+func (p *prepared) violate(format string, args ...interface{}) {
+	addViolation(&p.violations, format, args...)
 }
 
 func prepare(h *History) *prepared {
@@ -67,6 +72,10 @@ func prepare(h *History) *prepared {
 		if r.Out == nil {
 			continue
 		}
+		violate := p.violate
+		if r.Serializable {
+			violate = func(format string, args ...interface{}) { addViolation(&p.serialIssues, format, args...) }
+		}
 		for _, kv := range r.Out.KVs {
 			if ini, ok := initial[kv.Value]; ok && ini.Key == kv.Key {
 				continue
@@ -74,24 +83,24 @@ func prepare(h *History) *prepared {
 			w := byValue[kv.Value]
 			switch {
 			case w == nil:
-				p.violate("%s saw %s=%s, a value no operation wrote", describeOp(r, r.Out), shortKey(kv.Key), kv.Value)
+				violate("%s saw %s=%s, a value no operation wrote", describeOp(r, r.Out), shortKey(kv.Key), kv.Value)
 			case w.Key != kv.Key:
-				p.violate("%s saw the value %s under key %s, but it was written to %s",
+				violate("%s saw the value %s under key %s, but it was written to %s",
 					describeOp(r, r.Out), kv.Value, shortKey(kv.Key), shortKey(w.Key))
 			case w.Call > r.ret():
-				p.violate("%s saw %s, which %s wrote only after that read returned",
+				violate("%s saw %s, which %s wrote only after that read returned",
 					describeOp(r, r.Out), kv.Value, describeOp(w, w.Out))
 			case w.Out == nil:
 				w.Out = &Output{Revision: kv.Mod, Succeeded: true}
 				w.patched = true
 				p.patched++
 			case w.patched && w.Out.Revision != kv.Mod:
-				p.violate("the value %s was seen with mod_revision %d and with %d", kv.Value, w.Out.Revision, kv.Mod)
+				violate("the value %s was seen with mod_revision %d and with %d", kv.Value, w.Out.Revision, kv.Mod)
 			case !w.bumps():
-				p.violate("%s saw %s, the value of a compare-and-swap that failed: %s",
+				violate("%s saw %s, the value of a compare-and-swap that failed: %s",
 					describeOp(r, r.Out), kv.Value, describeOp(w, w.Out))
 			case w.Out.Revision != kv.Mod:
-				p.violate("%s saw %s with mod_revision %d, but its write answered revision %d: %s",
+				violate("%s saw %s with mod_revision %d, but its write answered revision %d: %s",
 					describeOp(r, r.Out), kv.Value, kv.Mod, w.Out.Revision, describeOp(w, w.Out))
 			}
 		}

@@ -25,12 +25,8 @@ type keyWrite struct {
 }
 
 func checkSerializable(h *History, p *prepared) []string {
-	var out []string
-	violate := func(format string, args ...interface{}) {
-		if len(out) < maxViolations {
-			out = append(out, fmt.Sprintf(format, args...))
-		}
-	}
+	out := append([]string(nil), p.serialIssues...)
+	violate := func(format string, args ...interface{}) { addViolation(&out, format, args...) }
 	// Known writes per key, in revision order.
 	perKey := make([][]keyWrite, len(h.Keys))
 	for rev, op := range p.bumps {
