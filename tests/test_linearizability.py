@@ -182,6 +182,22 @@ def test_kill_9_and_restart_mid_load_is_linearizable(request: pytest.FixtureRequ
     _assert_linearizable(check_history(history, tmp_path))
 
 
+def test_timeouts_are_unknown_outcomes(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """A fifth of the operations get a deadline of a few milliseconds, so many time out while the
+    server applies them anyway: unknown outcomes that did take effect, which the checker must place
+    (from the reads that saw them, or as the only writes that can fill a revision) and accept."""
+    kind = request.config.getoption("--subject")
+    with start_server(kind, tmp_path / "server") as server, \
+            Recorder([server.endpoint], clients=8, seed=5, short_deadline=0.003,
+                     short_deadline_share=0.2) as rec:
+        time.sleep(LOAD_S)
+    history = rec.history
+    assert sum(1 for op in history.ops if op.is_write and op.out is None) >= 5, history.stats()
+    verdict = check_history(history, tmp_path)
+    _assert_linearizable(verdict)
+    assert verdict.report["patched_unknown_writes"] > 0, verdict.describe()
+
+
 # ----------------------------------------------------------------------------------------------------
 # planted violations in a real history: the checker must catch them
 

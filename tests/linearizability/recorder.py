@@ -70,7 +70,8 @@ class Recorder:
 
     def __init__(self, endpoints: Sequence[str], *, clients: int = 12, keys: int = 4, prefix: str = "/lin/",
                  seed: int = 0, rpc_timeout: float = 5.0, backoff: float = 0.05,
-                 mix: Sequence[tuple[str, bool, int]] = DEFAULT_MIX) -> None:
+                 mix: Sequence[tuple[str, bool, int]] = DEFAULT_MIX,
+                 short_deadline: float | None = None, short_deadline_share: float = 0.0) -> None:
         if not endpoints:
             raise ValueError("no endpoints")
         self.endpoints = list(endpoints)
@@ -81,6 +82,10 @@ class Recorder:
         self.rpc_timeout = rpc_timeout
         self.backoff = backoff
         self.mix = list(mix)
+        # A share of the operations with a deadline so short that many expire while the server is still
+        # working on them: timeouts whose writes may well have been applied (unknown outcomes for real).
+        self.short_deadline = short_deadline
+        self.short_deadline_share = short_deadline_share if short_deadline else 0.0
         self.history = History(self.keys, 0)
         self._ids = itertools.count()  # next() on a count is atomic under the GIL
         self._ops: list[list[Op]] = [[] for _ in range(clients)]
@@ -189,9 +194,12 @@ class Recorder:
                     op.expect_mod = last[1] if last else 0
                 elif kind == "cas_value":
                     op.expect_value = last[0] if last else f"c{c}-never"
+                timeout = self.rpc_timeout
+                if self.short_deadline and rng.random() < self.short_deadline_share:
+                    timeout = self.short_deadline
                 op.call = time.monotonic_ns()
                 try:
-                    op.out = self._invoke(stub, op)
+                    op.out = self._invoke(stub, op, timeout)
                     op.ret = time.monotonic_ns()
                 except grpc.RpcError as e:
                     op.error = f"{e.code().name}: {e.details()}"
@@ -203,8 +211,7 @@ class Recorder:
                 reads_only = False
                 self._remember(op, seen)
 
-    def _invoke(self, kv: rpc_pb2_grpc.KVStub, op: Op) -> Output:
-        t = self.rpc_timeout
+    def _invoke(self, kv: rpc_pb2_grpc.KVStub, op: Op, t: float) -> Output:
         key = op.key.encode()
         if op.kind == "put":
             r = kv.Put(rpc_pb2.PutRequest(key=key, value=op.value.encode()), timeout=t)
