@@ -19,6 +19,10 @@ A checker is only worth its rejections, so before any acceptance is trusted it i
 stale read planted in a real history, and a set of hand-made histories pins each rule down (including
 an unknown write that makes an otherwise impossible read legal).
 
+Unknown outcomes are exercised for real twice: a kill -9 and restart mid-load (clients fail through the
+gap; nothing acknowledged may be lost), and operations with a deadline of a few milliseconds (timeouts
+whose writes the server applied anyway, which the checker must place).
+
 The servers are real processes (fastetcd as --subject/--store/--transport choose, real etcd 3.5.1 as
 the reference, and a three-member etcd cluster for clients on several endpoints). The whole module takes
 about a minute: a few seconds of load per server on a shared machine.
