@@ -135,12 +135,18 @@ func prepare(h *History) *prepared {
 			}
 		}
 	}
-	for rev := h.Initial.Revision + 1; rev <= p.maxRev; rev++ {
+	// More gaps than unknown writes is a violation already; stopping there bounds the loop by the
+	// history's size even if a server answered a wildly wrong revision.
+	for rev := h.Initial.Revision + 1; rev <= p.maxRev && len(p.gaps) <= len(unknownWrites); rev++ {
 		if p.bumps[rev] == nil {
 			p.gaps = append(p.gaps, rev)
 		}
 	}
-	if len(p.gaps) > 0 {
+	if len(p.gaps) > len(unknownWrites) {
+		p.violate("revisions up to %d answered, but no write made %s, and there are only %d writes of unknown outcome",
+			p.maxRev, revList(p.gaps), len(unknownWrites))
+		p.droppedWrites = len(unknownWrites)
+	} else if len(p.gaps) > 0 {
 		// An operation that answered revision >= g is linearized after the write that made g, so that
 		// write was invoked before the operation returned.
 		top := p.gaps[len(p.gaps)-1]
