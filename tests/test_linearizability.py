@@ -83,6 +83,18 @@ def _assert_rich(history: History, min_ops: int) -> None:
 
 
 @pytest.fixture(scope="module")
+def trusted_checker(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A checker is trusted only after it rejected a stale read: every test that accepts a history asks
+    for this first (the minimal stale reads of HAND_MADE; the real-history plants are tests of their own)."""
+    workdir = tmp_path_factory.mktemp("lin-trust")
+    for name, history, code, porcupine in HAND_MADE:
+        if name.startswith("stale read"):
+            verdict = check_history(history, workdir, name.replace(" ", "-"), html_on_failure=False)
+            got = (verdict.returncode, verdict.report.get("porcupine"))
+            assert got == (code, porcupine) == (NOT_LINEARIZABLE, "Illegal"), verdict.describe()
+
+
+@pytest.fixture(scope="module")
 def subject_history(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
                     fastetcd_store: str) -> Iterator[History]:
     """One history recorded against the server under test (fastetcd on the chosen store and transport,
@@ -95,11 +107,13 @@ def subject_history(request: pytest.FixtureRequest, tmp_path_factory: pytest.Tem
         server.kill()
 
 
+@pytest.mark.usefixtures("trusted_checker")
 def test_subject_is_linearizable(subject_history: History, tmp_path: Path) -> None:
     _assert_rich(subject_history, 500)
     _assert_linearizable(check_history(subject_history, tmp_path))
 
 
+@pytest.mark.usefixtures("trusted_checker")
 def test_etcd_is_linearizable(tmp_path: Path) -> None:
     """The reference: real etcd 3.5.1 must pass, or the recorder or the model is wrong."""
     with start_server("etcd", tmp_path / "etcd") as server:
@@ -134,6 +148,7 @@ def _start_etcd_cluster(workdir: Path, members: int = 3) -> list[ServerProcess]:
     return servers
 
 
+@pytest.mark.usefixtures("trusted_checker")
 def test_etcd_cluster_on_three_endpoints_is_linearizable(tmp_path: Path) -> None:
     """Clients spread over the three members of a real etcd cluster: linearizable reads on followers
     are linearizable (ReadIndex); serializable ones may be stale, which the weaker model allows."""
@@ -148,6 +163,7 @@ def test_etcd_cluster_on_three_endpoints_is_linearizable(tmp_path: Path) -> None
     _assert_linearizable(check_history(history, tmp_path))
 
 
+@pytest.mark.usefixtures("trusted_checker")
 def test_fastetcd_on_cosmos_is_linearizable(cosmos_session_server: CosmosServer, tmp_path: Path) -> None:
     """The Cosmos store explicitly, whatever --store says (its writes are Cosmos batches)."""
     cosmos_session_server.clear_faults()
@@ -158,6 +174,7 @@ def test_fastetcd_on_cosmos_is_linearizable(cosmos_session_server: CosmosServer,
     _assert_linearizable(check_history(history, tmp_path))
 
 
+@pytest.mark.usefixtures("trusted_checker")
 def test_kill_9_and_restart_mid_load_is_linearizable(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """kill -9 under load, then a restart on the same data dir and port: the clients see errors
     (unknown outcomes) through the gap, and the whole history must still be linearizable, so no
@@ -186,6 +203,7 @@ def test_kill_9_and_restart_mid_load_is_linearizable(request: pytest.FixtureRequ
     _assert_linearizable(check_history(history, tmp_path))
 
 
+@pytest.mark.usefixtures("trusted_checker")
 def test_timeouts_are_unknown_outcomes(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """A fifth of the operations get a deadline of a few milliseconds, so many time out while the
     server applies them anyway: unknown outcomes that did take effect, which the checker must place
