@@ -31,7 +31,6 @@ about a minute: a few seconds of load per server on a shared machine.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -53,7 +52,7 @@ from fastetcd.testing import (
 )
 
 # Seconds of load per recorded history, and clients. 12 clients on 4 keys overlap on every key all the
-# time; a few seconds is a couple of thousand operations here, which porcupine decides in about a second.
+# time; a few seconds is a few thousand operations here, which porcupine decides in well under a second.
 LOAD_S = 3.0
 CLIENTS = 12
 
@@ -96,15 +95,13 @@ def trusted_checker(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="module")
 def subject_history(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-                    fastetcd_store: str) -> Iterator[History]:
+                    fastetcd_store: str) -> History:
     """One history recorded against the server under test (fastetcd on the chosen store and transport,
     or etcd with --subject=etcd); the stale-read tests plant their reads into a copy of it."""
     kind = request.config.getoption("--subject")
-    server = start_server(kind, tmp_path_factory.mktemp("lin-subject"))
-    try:
-        yield _record([server.endpoint], seconds=LOAD_S + 1)
-    finally:
-        server.kill()
+    with start_server(kind, tmp_path_factory.mktemp("lin-subject")) as server:
+        history = _record([server.endpoint], seconds=LOAD_S + 1)
+    return history
 
 
 @pytest.mark.usefixtures("trusted_checker")
