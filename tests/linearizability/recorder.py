@@ -84,6 +84,7 @@ class Recorder:
         self.mix = list(mix)
         # A share of the operations with a deadline so short that many expire while the server is still
         # working on them: timeouts whose writes may well have been applied (unknown outcomes for real).
+        # Drawn from (0, short_deadline], so some expire mid-flight however fast the server is.
         self.short_deadline = short_deadline
         self.short_deadline_share = short_deadline_share if short_deadline else 0.0
         self.history = History(self.keys, 0)
@@ -196,7 +197,7 @@ class Recorder:
                     op.expect_value = last[0] if last else f"c{c}-never"
                 timeout = self.rpc_timeout
                 if self.short_deadline and rng.random() < self.short_deadline_share:
-                    timeout = self.short_deadline
+                    timeout = rng.uniform(self.short_deadline / 20, self.short_deadline)
                 op.call = time.monotonic_ns()
                 try:
                     op.out = self._invoke(stub, op, timeout)
