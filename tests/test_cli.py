@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import fastetcd
 from fastetcd.cli import parse_config
 from fastetcd.config import Config, ConfigError, GiB, parse_duration, parse_url
 from fastetcd.log import setup_logging
@@ -222,7 +223,11 @@ def test_help_lists_every_flag_with_env_and_default():
 def test_version():
     r = run_fastetcd("--version")
     assert r.returncode == 0
-    assert re.search(r"^fastetcd Version: \d+\.\d+\.\d+$", r.stdout, re.M)
+    # From git tags through setuptools-scm: X.Y.Z on a tag, a PEP 440 dev version between tags.
+    m = re.search(r"^fastetcd Version: (\S+)$", r.stdout, re.M)
+    assert m and re.fullmatch(r"\d+\.\d+(\.\d+)?(\.dev\d+)?(\+[\w.]+)?", m.group(1)), r.stdout
+    assert m.group(1) == fastetcd.__version__ != "0+unknown"
+    assert re.search(r"^Git SHA: ([0-9a-f]{7,}|N/A)$", r.stdout, re.M), r.stdout
     assert re.search(r"^etcd API Version: 3\.5\.\d+$", r.stdout, re.M)
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from fastetcd import ETCD_COMPAT_VERSION, __version__
+from fastetcd import ETCD_COMPAT_VERSION, __commit_id__, __version__
 from fastetcd.config import (
     COMPACTION_MODES,
     LOG_LEVELS,
@@ -221,9 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def git_sha() -> str:
+    """The commit fastetcd was built from, short as etcd prints it; "N/A" when built from an sdist."""
+    if not __commit_id__:
+        return "N/A"
+    return __commit_id__.removeprefix("g")[:9]  # setuptools-scm's git node is "g" + the hash
+
+
 def version_text() -> str:
+    # etcd's layout (etcd --version): the version from git tags (setuptools-scm), then the commit.
     return (
         f"fastetcd Version: {__version__}\n"
+        f"Git SHA: {git_sha()}\n"
         f"etcd API Version: {ETCD_COMPAT_VERSION}\n"
         f"Python Version: {platform.python_version()}\n"
         f"OS/Arch: {sys.platform}/{platform.machine()}"
