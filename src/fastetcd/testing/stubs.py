@@ -19,6 +19,9 @@ UNLIMITED_CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 _READY_PROBE_KEY = b"__ready_probe__"
+_RANGE_METHOD = "/etcdserverpb.KV/Range"
+# RangeRequest{key: _READY_PROBE_KEY}: field 1 (key), wire type 2 (length-delimited), a one-byte length.
+_READY_PROBE_REQUEST = b"\x0a" + bytes([len(_READY_PROBE_KEY)]) + _READY_PROBE_KEY
 
 
 def channel(endpoint: str, *, unlimited: bool = False,
@@ -62,12 +65,15 @@ def range_answers(endpoint: str, timeout: float = 1.0) -> bool:
     This is the readiness probe for both servers: more than accepting TCP connections, it means the
     server serves reads (for etcd, a linearizable read: it has a leader). A server with auth enabled
     answers an anonymous Range with "user name is empty", once it would have served it.
-    """
-    from fastetcd.proto import rpc_pb2
 
+    The request is encoded by hand and the answer left as bytes, so probing never imports fastetcd.proto:
+    its messages (mvccpb.KeyValue, etcdserverpb.*) would clash in protobuf's default descriptor pool with an
+    etcd client library's own copies of them, in a user's test process (fastetcd.pytest_plugin).
+    """
     with grpc.insecure_channel(endpoint) as ch:
+        range_call = ch.unary_unary(_RANGE_METHOD)  # no (de)serializers: bytes in, bytes out
         try:
-            kv_stub(ch).Range(rpc_pb2.RangeRequest(key=_READY_PROBE_KEY), timeout=timeout)
+            range_call(_READY_PROBE_REQUEST, timeout=timeout)
         except grpc.RpcError as e:
             return e.details() == "etcdserver: user name is empty"  # type: ignore[attr-defined]
     return True
