@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+import fastetcd._core  # noqa: F401  (the compiled core imports)
+import fastetcd.server._native
 import pytest
 
 import fastetcd
@@ -19,12 +21,10 @@ from fastetcd.testing import etcd_tool, etcdctl_env
 def test_the_wheel_not_a_checkout_is_imported():
     venv = Path(sys.prefix).resolve()
     assert Path(fastetcd.__file__).resolve().is_relative_to(venv), fastetcd.__file__
-    import fastetcd._core  # noqa: F401  (the compiled core)
-    import fastetcd.server._native as native
-
     # libnghttp2 comes from the wheel (fastetcd.libs/, found through the RPATH auditwheel set), not the OS.
     maps = Path("/proc/self/maps").read_text()
-    assert any("fastetcd.libs/libnghttp2" in line for line in maps.splitlines()), native.__file__
+    native = fastetcd.server._native.__file__
+    assert any("fastetcd.libs/libnghttp2" in line for line in maps.splitlines()), native
 
 
 def etcdctl(endpoint, *args, timeout=30):
