@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import platform
+import re
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -222,10 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def git_sha() -> str:
-    """The commit fastetcd was built from, short as etcd prints it; "N/A" when built from an sdist."""
-    if not __commit_id__:
-        return "N/A"
-    return __commit_id__.removeprefix("g")[:9]  # setuptools-scm's git node is "g" + the hash
+    """The commit fastetcd was built from, as etcd prints it; "N/A" for a release built from an sdist."""
+    if __commit_id__:
+        return __commit_id__.removeprefix("g")[:9]  # setuptools-scm's git node is "g" + the hash
+    # Built from an sdist (a wheel from `python -m build`): no git, but a dev version carries "+g<hash>".
+    m = re.search(r"\+g([0-9a-f]{7,})", __version__)
+    return m.group(1)[:9] if m else "N/A"
 
 
 def version_text() -> str:
