@@ -2,6 +2,15 @@
 
 Not unit tests: run with `python -m pytest bench/test_core_bench.py --benchmark-only`.
 Each benchmark also checks the result it times, so a core that got fast by getting wrong fails here.
+
+A regression gate in CI (.ci/run), like bench/test_transport_bench.py: compared on minimums with the baseline
+bench/baselines/*/0002_core.json, failing only past +150% (a shared 2-core machine moves figures by tens of
+percent; a core path that went back to Python objects per key moves them by more). The whole file takes
+~15 s (the 100k-key fixture is built once per module), so CI runs all of it. Refresh the baseline after an
+intended change, on an idle machine of CI's kind:
+
+    python -m pytest bench/test_core_bench.py --benchmark-only --benchmark-storage=bench/baselines \
+        --benchmark-save=core        # writes 000N_core.json: replace 0002_core.json with it
 Shapes follow bench/compare.py and TARGETS.md: 8-byte keys with 256-byte values for single-key work,
 a kube-like prefix of 100k keys × 1 KiB for lists and counts.
 """
