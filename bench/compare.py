@@ -320,9 +320,14 @@ def calibrate_total(bench: Path, server: Server, wl: Workload, seconds: float) -
 
 
 def compare(
-    servers: Sequence[Server], workloads: Sequence[Workload], repeat: int, seconds: float, bench: Path
+    servers: Sequence[Server], workloads: Sequence[Workload], repeat: int, seconds: float, bench: Path,
+    plan: bool = True,
 ) -> dict[Workload, dict[str, Cell]]:
+    """Every workload on every server, ``repeat`` runs each after a sizing warm-up. With ``plan`` the
+    steps are added to PROGRESS here; a caller that planned them already passes False."""
     results: dict[Workload, dict[str, Cell]] = {wl: {s.name: Cell() for s in servers} for wl in workloads}
+    if plan:
+        PROGRESS.expect(len(workloads) * len(servers) * (repeat + 1))
     for wl in workloads:
         totals: dict[str, int] = {}
         for s in servers:
@@ -331,9 +336,11 @@ def compare(
                 continue
             try:
                 totals[s.name] = calibrate_total(bench, s, wl, seconds)
+                PROGRESS.step(f"  {wl.label:12s} {s.name:9s} warm-up: {totals[s.name]:,} ops per run")
             except Exception as exc:  # one broken server must not lose the other's figures
                 results[wl][s.name].error = str(exc).splitlines()[0]
-                log(f"  {wl.label:12s} {s.name:9s} FAILED: {exc}")
+                PROGRESS.expect(-repeat)  # its runs will not happen
+                PROGRESS.step(f"  {wl.label:12s} {s.name:9s} FAILED: {exc}")
         for i in range(repeat):
             # Alternate who goes first so neither side always runs right after the other's load.
             order = servers if i % 2 == 0 else list(reversed(servers))
@@ -346,12 +353,13 @@ def compare(
                     r = run_tool(bench, s, wl, total, timeout=max(120.0, seconds * 20))
                 except Exception as exc:
                     cell.error = str(exc).splitlines()[0]
-                    log(f"  {wl.label:12s} {s.name:9s} FAILED: {exc}")
+                    PROGRESS.expect(-(repeat - 1 - i))  # its later runs will not happen
+                    PROGRESS.step(f"  {wl.label:12s} {s.name:9s} FAILED: {exc}")
                     continue
                 cell.runs.append(r)
                 errs = sum(r.errors.values())
                 p50, p99 = r.percentiles.get("50", 0) * 1e3, r.percentiles.get("99", 0) * 1e3
-                log(
+                PROGRESS.step(
                     f"  {wl.label:12s} {s.name:9s} run {i + 1}/{repeat}: {r.rps:9.0f} ops/s  "
                     f"p50 {p50:6.2f} ms  p99 {p99:6.2f} ms"
                     f"  srv {r.server_us_per_op:6.1f} µs/op  cli {r.client_us_per_op:6.1f} µs/op"
@@ -363,6 +371,42 @@ def compare(
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds + 0.5), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
+class Progress:
+    """Where a long run is, on stderr: which step of how many, time so far, and an estimate of what is left.
+
+    A step is one run (or one warm-up, load or restart) of one server. The estimate is the mean step so far
+    times the steps left: rough when steps differ in length (a 1M-key load against one list), and it
+    improves as the run goes. Scripts ``expect`` their steps up front and ``step`` as each one ends.
+    """
+
+    def __init__(self) -> None:
+        self.start()
+
+    def start(self) -> None:
+        self.t0 = time.monotonic()
+        self.total = 0
+        self.done = 0
+
+    def expect(self, steps: int) -> None:
+        self.total = max(self.done, self.total + steps)
+
+    def step(self, msg: str) -> None:
+        """Count a finished step and log ``msg`` after where the run now is."""
+        self.done += 1
+        self.total = max(self.total, self.done)
+        elapsed = time.monotonic() - self.t0
+        left = elapsed / self.done * (self.total - self.done)
+        log(f"[{self.done}/{self.total}  {_clock(elapsed)} elapsed, ~{_clock(left)} left] {msg.strip()}")
+
+
+PROGRESS = Progress()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -401,6 +445,15 @@ def table_rows(
                 row.append(_fmt(cells[n].median(attr), digits=1))
         rows.append(row)
     return head, rows
+
+
+def results_json(results: dict[Workload, dict[str, Cell]]) -> list[dict[str, object]]:
+    """Every cell's runs as plain data (the --json file's "results"; bench/plot.py reads them)."""
+    return [
+        {"workload": asdict(wl), "server": n, "error": c.error, "runs": [asdict(r) for r in c.runs]}
+        for wl, cells in results.items()
+        for n, c in cells.items()
+    ]
 
 
 def failures(results: dict[Workload, dict[str, Cell]], start_errors: dict[str, str]) -> list[str]:
@@ -513,6 +566,9 @@ def add_common_args(p: argparse.ArgumentParser, *, servers: bool = True, json_ou
     p.add_argument("--markdown", action="store_true", help="print a block ready for bench/RESULTS.md")
     if json_out:
         p.add_argument("--json", type=Path, help="also write every run's raw figures to this file")
+    p.add_argument("--plot", type=Path, metavar="PNG",
+                   help="also draw the results into this PNG (bench/plot.py; needs matplotlib, the bench "
+                        "extra); bench/plot.py redraws it from --json's file")
 
 
 def parse_bench_args(
@@ -537,6 +593,22 @@ def note_other_cpu(notes: dict[str, str], other_cores: list[float]) -> None:
         notes["CPU used by other processes during runs"] = (
             f"median {statistics.median(others):.2f} cores, max {others[-1]:.2f} (of {os.cpu_count()})"
         )
+
+
+def write_outputs(raw: dict[str, object], json_path: Path | None, plot_path: Path | None) -> list[str]:
+    """Save ``raw`` as JSON and draw it as a PNG, as asked; returns what failed (the figures are printed
+    anyway, so a missing matplotlib costs the plot, not the run)."""
+    if json_path:
+        json_path.write_text(json.dumps(raw, indent=1))
+    if not plot_path:
+        return []
+    try:
+        import plot  # bench/plot.py, beside this file
+    except ImportError as exc:
+        return [f"plot: {exc} (pip install matplotlib, or the bench extra)"]
+    plot.render(raw, plot_path)
+    log(f"plot written to {plot_path}")
+    return []
 
 
 def ensure_tool() -> Path:
@@ -579,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bench = ensure_tool()
 
     started = time.monotonic()
+    PROGRESS.start()
     notes = machine_notes()
     with tempfile.TemporaryDirectory(prefix="fastetcd-bench-") as tmp:
         servers = make_servers(names, Path(tmp), "", args.python, args.fastetcd_arg)
@@ -595,18 +668,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
 
     head, rows = table_rows(results, names)
-    if args.json:
-        raw = {
-            "notes": notes,
-            "results": [
-                {"workload": asdict(wl), "server": n, "error": c.error, "runs": [asdict(r) for r in c.runs]}
-                for wl, cells in results.items()
-                for n, c in cells.items()
-            ],
-        }
-        args.json.write_text(json.dumps(raw, indent=1))
+    raw = {"kind": "compare", "notes": notes, "results": results_json(results)}
     command = "python bench/compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    failed = failures(results, start_errors)
+    failed = failures(results, start_errors) + write_outputs(raw, args.json, args.plot)
     if args.markdown:
         print_markdown(head, rows, notes, command.strip(), failed)
     else:

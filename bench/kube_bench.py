@@ -36,7 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
@@ -44,6 +44,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import (  # noqa: E402  (bench/ is not a package; compare.py sits beside this file)
+    PROGRESS,
     REPO,
     EtcdServer,
     FastetcdServer,
@@ -58,8 +59,10 @@ from compare import (  # noqa: E402  (bench/ is not a package; compare.py sits b
     machine_notes,
     make_servers,
     parse_bench_args,
+    results_json,
     running,
     table_rows,
+    write_outputs,
 )
 
 from fastetcd.testing import prefix_end, tree_memory  # noqa: E402  (compare put src/ on sys.path)
@@ -279,6 +282,7 @@ class Results:
     t3: dict[str, list[Sample]] = field(default_factory=dict)
     t6: tuple[list[str], list[list[str]]] | None = None
     t6_p50: dict[str, float | None] = field(default_factory=dict)
+    t6_runs: list[dict[str, object]] = field(default_factory=list)  # compare.py's JSON form, for plots
     t7: dict[str, Sample] = field(default_factory=dict)
     t7_after_restart: dict[str, int] = field(default_factory=dict)
     t8: dict[str, Sample] = field(default_factory=dict)
@@ -291,7 +295,7 @@ def phase_list(servers: Sequence[Server], args: argparse.Namespace, res: Results
     for s in live:
         secs = load(s, args.keys, 1024)
         res.loads[f"{s.name} {args.keys:,} × 1 KiB"] = f"{secs:.1f} s"
-        log(f"{s.name}: loaded {args.keys:,} × 1 KiB in {secs:.1f} s")
+        PROGRESS.step(f"{s.name}: loaded {args.keys:,} × 1 KiB in {secs:.1f} s")
         if "t2" in ops:  # warm-up list, untimed: first touches of pages/caches belong to neither side
             paginated_list(s.endpoint, args.keys)()
     for i in range(args.repeat):
@@ -299,9 +303,10 @@ def phase_list(servers: Sequence[Server], args: argparse.Namespace, res: Results
             if "t2" in ops:
                 smp = measured(s, paginated_list(s.endpoint, args.keys))
                 res.t2.setdefault(s.name, []).append(smp)
-                log(f"  T2 {s.name:9s} run {i + 1}: {smp.value * 1e3:8.1f} ms  srv {smp.server_cpu:.2f} s"
-                    f"  cli {smp.client_cpu:.2f} s  others {smp.other_cores:.2f} cores"
-                    f"  {smp.note}")  # fmt: skip
+                PROGRESS.step(
+                    f"  T2 {s.name:9s} run {i + 1}/{args.repeat}: {smp.value * 1e3:8.1f} ms"
+                    f"  srv {smp.server_cpu:.2f} s  cli {smp.client_cpu:.2f} s"
+                    f"  others {smp.other_cores:.2f} cores  {smp.note}")  # fmt: skip
             if "t3" in ops:
                 calls: list[float] = []
                 smp = measured(s, count_calls(s.endpoint, args.keys, args.count_calls, calls))
@@ -310,8 +315,9 @@ def phase_list(servers: Sequence[Server], args: argparse.Namespace, res: Results
                 smp.server_cpu /= len(calls) + 1
                 smp.client_cpu /= len(calls) + 1
                 res.t3.setdefault(s.name, []).append(smp)
-                log(f"  T3 {s.name:9s} run {i + 1}: {smp.value * 1e3:8.3f} ms/call (median of {len(calls)})"
-                    f"  srv {smp.server_cpu * 1e3:.3f} ms/call")  # fmt: skip
+                PROGRESS.step(
+                    f"  T3 {s.name:9s} run {i + 1}/{args.repeat}: {smp.value * 1e3:8.3f} ms/call"
+                    f" (median of {len(calls)})  srv {smp.server_cpu * 1e3:.3f} ms/call")  # fmt: skip
 
 
 def phase_stream(servers: Sequence[Server], args: argparse.Namespace, res: Results) -> None:
@@ -320,14 +326,16 @@ def phase_stream(servers: Sequence[Server], args: argparse.Namespace, res: Resul
     for s in live:
         secs = load(s, args.keys, 1024)
         res.loads[f"{s.name} {args.keys:,} × 1 KiB (T2s)"] = f"{secs:.1f} s"
-        log(f"{s.name}: loaded {args.keys:,} × 1 KiB in {secs:.1f} s")
+        PROGRESS.step(f"{s.name}: loaded {args.keys:,} × 1 KiB in {secs:.1f} s")
         stream_list(s.endpoint, args.keys)()  # warm-up, untimed
     for i in range(args.repeat):
         for s in live if i % 2 == 0 else list(reversed(live)):
             smp = measured(s, stream_list(s.endpoint, args.keys))
             res.t2s.setdefault(s.name, []).append(smp)
-            log(f"  T2s {s.name:9s} run {i + 1}: {smp.value * 1e3:8.1f} ms  srv {smp.server_cpu:.2f} s"
-                f"  cli {smp.client_cpu:.2f} s  others {smp.other_cores:.2f} cores  {smp.note}")  # fmt: skip
+            PROGRESS.step(
+                f"  T2s {s.name:9s} run {i + 1}/{args.repeat}: {smp.value * 1e3:8.1f} ms"
+                f"  srv {smp.server_cpu:.2f} s  cli {smp.client_cpu:.2f} s"
+                f"  others {smp.other_cores:.2f} cores  {smp.note}")  # fmt: skip
 
 
 def phase_restart(servers: Sequence[Server], args: argparse.Namespace, res: Results) -> None:
@@ -338,7 +346,7 @@ def phase_restart(servers: Sequence[Server], args: argparse.Namespace, res: Resu
         res.loads[f"{s.name} {args.big_keys:,} × 256 B"] = f"{secs:.1f} s"
         time.sleep(2)  # let background work after the load (group commit tail, GC) settle
         res.t7[s.name] = Sample(float(tree_rss(s.pid)))
-        log(f"  T7 {s.name:9s} RSS {res.t7[s.name].value / 2**20:.0f} MiB after loading"
+        PROGRESS.step(f"  T7 {s.name:9s} RSS {res.t7[s.name].value / 2**20:.0f} MiB after loading"
             f" {args.big_keys:,} keys"
             f" in {secs:.1f} s")  # fmt: skip
         t0 = time.monotonic()
@@ -354,7 +362,8 @@ def phase_restart(servers: Sequence[Server], args: argparse.Namespace, res: Resu
         if check.count != args.big_keys:
             res.errors.append(f"{s.name} after restart counts {check.count} keys, expected {args.big_keys}")
         res.t7_after_restart[s.name] = tree_rss(s.pid)
-        log(f"  T8 {s.name:9s} restart {smp.value:.2f} s (server CPU {smp.server_cpu:.2f} s), count ok,"
+        PROGRESS.step(
+            f"  T8 {s.name:9s} restart {smp.value:.2f} s (server CPU {smp.server_cpu:.2f} s), count ok,"
             f" RSS after restart {res.t7_after_restart[s.name] / 2**20:.0f} MiB")  # fmt: skip
         s.stop()  # the next server loads and restarts alone
 
@@ -453,6 +462,38 @@ def print_table(head: list[str], rows: list[list[str]], markdown: bool) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 
+def planned_steps(ops: set[str], servers: int, repeat: int) -> int:
+    """The steps PROGRESS counts: loads, runs, warm-ups, T7 and T8, per server."""
+    steps = 0
+    if ops & {"t2", "t3"}:
+        steps += servers * (1 + repeat * len(ops & {"t2", "t3"}))
+    if "t6" in ops:
+        steps += servers * (1 + repeat)  # compare.py's warm-up and runs
+    if "t2s" in ops:
+        steps += len(T2S_SERVERS) * (1 + repeat)
+    if "t7" in ops:
+        steps += servers * 2
+    return steps
+
+
+def results_json_kube(res: Results, notes: dict[str, str], args: argparse.Namespace) -> dict[str, object]:
+    """Every sample as plain data (the --json file; bench/plot.py reads it)."""
+    return {
+        "kind": "kube",
+        "notes": notes,
+        "keys": args.keys,  # T2/T3/T2s, × 1 KiB
+        "big_keys": args.big_keys,  # T7/T8, × 256 B
+        "t2": {n: [asdict(x) for x in xs] for n, xs in res.t2.items()},
+        "t2s": {n: [asdict(x) for x in xs] for n, xs in res.t2s.items()},
+        "t3": {n: [asdict(x) for x in xs] for n, xs in res.t3.items()},
+        "t6": res.t6_runs,
+        "t7": {n: asdict(x) for n, x in res.t7.items()},
+        "t7_after_restart": res.t7_after_restart,
+        "t8": {n: asdict(x) for n, x in res.t8.items()},
+        "errors": res.errors,
+    }
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="t2,t3,t6,t7",
@@ -462,7 +503,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--count-calls", type=int, default=20, help="count_only calls per T3 run")
     p.add_argument("--repeat", type=int, default=3, help="runs per server for T2/T3/T6; median reported")
     p.add_argument("--seconds", type=float, default=5.0, help="length of one T6 run (default 5)")
-    return parse_bench_args(p, argv, quick_help="smoke run: 10k / 100k keys, 1 repeat", json_out=False,
+    return parse_bench_args(p, argv, quick_help="smoke run: 10k / 100k keys, 1 repeat",
                             quick={"keys": 10_000, "big_keys": 100_000, "repeat": 1, "seconds": 1.0,
                                    "count_calls": 5})
 
@@ -478,6 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.exit(f"unknown server(s) in {names}")
     res = Results()
     started = time.monotonic()
+    PROGRESS.start()
+    PROGRESS.expect(planned_steps(ops, len(names), args.repeat))
     notes = machine_notes()
     bench = ensure_tool() if "t6" in ops else None
     with tempfile.TemporaryDirectory(prefix="fastetcd-kube-bench-") as tmpdir:
@@ -490,7 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     phase_list(servers, args, res, ops)
                 if "t6" in ops and bench is not None:
                     wl = Workload("put", 1, 1)
-                    cells = compare([s for s in servers if s.alive()], [wl], args.repeat, args.seconds, bench)
+                    cells = compare([s for s in servers if s.alive()], [wl], args.repeat, args.seconds, bench,
+                                    plan=False)
+                    res.t6_runs = results_json(cells)
                     head, rows = table_rows(cells, [n for n in names if n in cells[wl]])
                     res.t6 = (head, rows)
                     res.t6_p50 = {n: c.median_pctl("50") for n, c in cells[wl].items()}
@@ -546,6 +591,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key == "T6" and len(res.t6_p50) == 2:
             a, b = (res.t6_p50.get(n) for n in names)
             print(f"\nT6 p50 ratio {names[-1]}/{names[0]}: {_ratio(a, b)}")
+    res.errors += write_outputs(results_json_kube(res, notes, args), args.json, args.plot)
     if res.errors:
         print("\nNot measured / errors:\n")
         for e in res.errors:

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from compare import (
+    PROGRESS,
     REPO,
     Server,
     children_cpu_seconds,
@@ -48,6 +49,7 @@ from compare import (
     parse_bench_args,
     print_markdown,
     running,
+    write_outputs,
 )
 
 LOADGEN_SRC = REPO / "bench" / "loadgen"
@@ -162,27 +164,31 @@ def describe(r: Run) -> str:
 def compare_servers(servers: Sequence[Server], ops: Sequence[str], settings: Settings, repeat: int,
                     tool: Path, warmup: bool) -> dict[str, dict[str, list[Run]]]:
     results: dict[str, dict[str, list[Run]]] = {op: {s.name: [] for s in servers} for op in ops}
+    PROGRESS.expect(len(ops) * len(servers) * (repeat + (1 if warmup else 0)))
     for op in ops:
         if warmup:
             for s in servers:
                 if s.alive():
                     try:
                         run_loadgen(tool, s, op, settings, short=True)
+                        PROGRESS.step(f"  {op:12s} {s.name:9s} warm-up")
                     except Exception as exc:
-                        log(f"  {op:12s} {s.name:9s} warm-up failed: {exc}")
+                        PROGRESS.step(f"  {op:12s} {s.name:9s} warm-up failed: {exc}")
+                else:
+                    PROGRESS.expect(-1)
         for i in range(repeat):
             # Alternate who goes first so neither side always runs right after the other's load.
             for s in servers if i % 2 == 0 else list(reversed(servers)):
                 if not s.alive():
-                    log(f"  {op:12s} {s.name:9s} not running")
+                    PROGRESS.step(f"  {op:12s} {s.name:9s} not running")
                     continue
                 try:
                     r = run_loadgen(tool, s, op, settings)
                 except Exception as exc:
-                    log(f"  {op:12s} {s.name:9s} FAILED: {exc}")
+                    PROGRESS.step(f"  {op:12s} {s.name:9s} FAILED: {exc}")
                     continue
                 results[op][s.name].append(r)
-                log(f"  {op:12s} {s.name:9s} run {i + 1}/{repeat}: {describe(r)}  "
+                PROGRESS.step(f"  {op:12s} {s.name:9s} run {i + 1}/{repeat}: {describe(r)}  "
                     f"srv {r.server_us_per_unit:7.2f} µs  cli {r.client_us_per_unit:7.2f} µs  "
                     f"others {r.other_cores:4.2f} cores")
     return results
@@ -290,6 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tool = ensure_loadgen()
 
     started = time.monotonic()
+    PROGRESS.start()
     notes = machine_notes()
     go = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True).stdout.strip() or "go ?"
     notes["load generator"] = f"bench/loadgen (Go: etcd api/v3 v3.5.21 protos over grpc-go 1.59), {go}"
@@ -310,14 +317,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.seconds:g} s; median of {args.repeat}, servers alternate run by run"
     )
     head, rows = table(results, names, settings)
-    if args.json:
-        args.json.write_text(json.dumps({
-            "notes": notes,
-            "runs": [asdict(r) for cells in results.values() for runs in cells.values() for r in runs],
-        }, indent=1))
+    raw = {
+        "kind": "watch",
+        "notes": notes,
+        "runs": [{**asdict(r), "server": n} for cells in results.values() for n, runs in cells.items()
+                 for r in runs],
+    }
+    plot_failed = write_outputs(raw, args.json, args.plot)
     command = "python bench/watch_bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     failed = [f"{op} on {n}" for op, cells in results.items() for n, runs in cells.items() if not runs]
-    failed += [f"{n}: {e}" for n, e in start_errors.items()]
+    failed += [f"{n}: {e}" for n, e in start_errors.items()] + plot_failed
     if args.markdown:
         print_markdown(head, rows, notes, command.strip(), [])
     else:
