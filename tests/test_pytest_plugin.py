@@ -77,6 +77,12 @@ def test_server_args(fastetcd_factory):
     server = fastetcd_factory(["--name=second"])
     record("factory", server)
     assert [m.name for m in client(server.endpoint).members] == ["second"]
+
+
+def test_crash_on_purpose(fastetcd_factory):
+    server = fastetcd_factory()
+    record("crashed", server)
+    server.kill()  # the test's own doing: teardown must not call it a failure
 '''
 
 
@@ -105,7 +111,7 @@ def _gone(pid: int) -> bool:
 
 def test_fixtures_in_a_user_project(pytester: pytest.Pytester) -> None:
     result = _run(pytester)
-    result.assert_outcomes(passed=5)
+    result.assert_outcomes(passed=6)
     seen = _seen(pytester)
     # Session-scoped: one server for both tests.
     assert seen["session_first"]["endpoint"] == seen["session_second"]["endpoint"]
@@ -121,7 +127,7 @@ def test_fixtures_in_a_user_project(pytester: pytest.Pytester) -> None:
 def test_server_arg_option(pytester: pytest.Pytester) -> None:
     # --fastetcd-server-arg reaches every server; the factory's own args come after it and win.
     result = _run(pytester, "--fastetcd-server-arg=--name=from-option", "-k", "args or fresh_first")
-    result.assert_outcomes(passed=2, deselected=3)
+    result.assert_outcomes(passed=2, deselected=4)
     seen = _seen(pytester)
     assert "--name=from-option" in seen["fresh_first"]["argv"]
     argv = seen["factory"]["argv"]
@@ -146,7 +152,7 @@ def test_cosmos_option(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("FASTETCD_PYTEST_COSMOS_ENDPOINT", cosmos_server.endpoint)
     monkeypatch.setenv("FASTETCD_PYTEST_COSMOS_KEY", cosmos_server.key)
     result = _run(pytester, "-k", "fresh")
-    result.assert_outcomes(passed=2, deselected=3)
+    result.assert_outcomes(passed=2, deselected=4)
     for row in _seen(pytester).values():
         argv = row["argv"]
         assert argv[argv.index("--store") + 1] == "cosmos"
