@@ -6,7 +6,9 @@ Each benchmark also checks the result it times, so a core that got fast by getti
 A regression gate in CI (.ci/run), like bench/test_transport_bench.py: compared on minimums with the baseline
 bench/baselines/*/0002_core.json, failing only past +150% (a shared 2-core machine moves figures by tens of
 percent; a core path that went back to Python objects per key moves them by more). The whole file takes
-~15 s (the 100k-key fixture is built once per module), so CI runs all of it. Refresh the baseline after an
+~15 s (the 100k-key fixture is built once per module), so CI runs all of it, up to three times: the 100k-key
+scans are bound by memory and cache, and a neighbour thrashing the cache can slow a whole run 3-4x; a real
+regression fails every attempt. Refresh the baseline after an
 intended change, on an idle machine of CI's kind:
 
     python -m pytest bench/test_core_bench.py --benchmark-only --benchmark-storage=bench/baselines \
