@@ -49,7 +49,10 @@ trap 'rm -rf "$raw"' EXIT
 "$PYTHON" -m build --outdir "$raw" .
 
 wheel="$(ls "$raw"/fastetcd-*.whl)"
-if ! "$PYTHON" -m zipfile -l "$wheel" | grep -q 'fastetcd/server/_native\.'; then
+# The listing first, grep after: `grep -q` stops reading at the first match, and under pipefail the
+# lister's broken pipe would fail the check.
+listing="$("$PYTHON" -m zipfile -l "$wheel")"
+if ! grep -q 'fastetcd/server/_native\.' <<<"$listing"; then
     echo "build_wheels: $wheel has no native transport (fastetcd/server/_native); was libnghttp2 found?" >&2
     exit 1
 fi
