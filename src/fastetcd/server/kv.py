@@ -198,7 +198,18 @@ def _overlaps(dels: list[tuple[bytes, bytes]], k: bytes) -> bool:
 
 
 def check_intervals(reqs) -> tuple[set[bytes], list[tuple[bytes, bytes]]]:
-    """etcd's checkIntervals: no key may be put twice, or put and deleted, in one branch of a txn."""
+    """etcd's checkIntervals: no key may be put twice, or put and deleted, in one branch of a txn.
+    Returns what the branch puts and deletes, which an enclosing txn checks against its own ops."""
+    if len(reqs) == 1:  # the common branch: one op cannot conflict with itself
+        op = reqs[0]
+        kind = op.WhichOneof("request")
+        if kind == "request_put":
+            return {op.request_put.key}, []
+        if kind == "request_delete_range":
+            d = op.request_delete_range
+            return set(), [(d.key, d.range_end) if d.range_end else (d.key, d.key + b"\x00")]
+        if kind != "request_txn":
+            return set(), []
     dels: list[tuple[bytes, bytes]] = []
     for op in reqs:
         if op.WhichOneof("request") != "request_delete_range":
