@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import urllib.parse
 from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY
@@ -34,6 +36,7 @@ from fastetcd.server.lease import LeaseService
 from fastetcd.server.lock import LockService
 from fastetcd.server.maintenance import MaintenanceService
 from fastetcd.server.routes import BIDI, DIRECT, UNARY, Bidi, Direct, Routes, Unary
+from fastetcd.server.tls import ALPN_GRPC, ALPN_HTTP1, ServerTLS, TLSError, self_cert
 from fastetcd.server.watch import WatchService
 
 if TYPE_CHECKING:
@@ -121,15 +124,46 @@ def etcd_routes(
     return routes
 
 
-async def _start_grpcio(config: Config, routes: Routes) -> grpc.aio.Server:
+def client_tls(config: Config) -> ServerTLS | None:
+    """The client (and metrics) listeners' TLS, or None when no URL is https:// (etcd's embed rules)."""
+    urls = [*config.client_urls, *config.metrics_urls]
+    if not any(u.scheme == "https" for u in urls):
+        if config.cert_file or config.client_cert_auth:
+            log.warning("scheme is HTTP while key and cert files or --client-cert-auth are present; ignoring "
+                        "them", extra={"client-urls": ",".join(config.listen_client_urls)})
+        return None
+    cert_file = key_file = None
+    if config.auto_tls and not config.cert_file:
+        # etcd's ClientAutoTLS: a self-signed pair for the listen and advertise hosts, in the data dir.
+        hosts = [u.host for u in config.client_urls]
+        hosts += [u.hostname or "" for u in map(urllib.parse.urlsplit, config.advertise_client_urls)]
+        cert_file, key_file = self_cert(
+            os.path.join(config.data_dir, "fixtures", "client"), hosts, config.self_signed_cert_validity
+        )
+        log.warning("automatically generated a self-signed client certificate (--auto-tls)",
+                    extra={"cert-file": cert_file})
+    elif config.auto_tls:
+        log.warning("ignoring client auto TLS since certs given")
+    try:
+        return ServerTLS(config.tls_info(cert_file, key_file))
+    except TLSError as e:
+        raise OSError(str(e)) from None
+
+
+async def _start_grpcio(config: Config, routes: Routes, tls: ServerTLS | None) -> grpc.aio.Server:
     server = grpc_transport.build_server(
         routes,
         max_request_bytes=config.max_request_bytes,
         max_concurrent_streams=config.max_concurrent_streams,
+        client_cert_auth=config.client_cert_auth,
     )
     for url in config.client_urls:
         try:
-            bound = server.add_insecure_port(url.address)
+            if url.scheme == "https":
+                assert tls is not None
+                bound = server.add_secure_port(url.address, grpc_transport.server_credentials(tls))
+            else:
+                bound = server.add_insecure_port(url.address)
         except RuntimeError as e:  # grpcio reports a failed bind this way
             raise OSError(f"cannot listen on {url}: {e}") from None
         if bound == 0:
@@ -138,7 +172,9 @@ async def _start_grpcio(config: Config, routes: Routes) -> grpc.aio.Server:
     return server
 
 
-async def _start_native(config: Config, routes: Routes, endpoints: HttpEndpoints) -> NativeServer:
+async def _start_native(
+    config: Config, routes: Routes, endpoints: HttpEndpoints, tls: ServerTLS | None
+) -> NativeServer:
     # Imported here: the grpcio transport must work where the nghttp2 extension was not built.
     try:
         from fastetcd.server.native_transport import NativeServer
@@ -155,10 +191,12 @@ async def _start_native(config: Config, routes: Routes, endpoints: HttpEndpoints
         max_concurrent_streams=config.max_concurrent_streams,
         handshake_timeout=config.handshake_timeout,
         http_respond=endpoints.respond,
+        client_cert_auth=config.client_cert_auth,
     )
     for url in config.client_urls:
+        ctx = tls.server_context(ALPN_GRPC) if tls is not None and url.scheme == "https" else None
         try:
-            await server.start(url.host, url.port)
+            await server.start(url.host, url.port, ssl_context=ctx)
         except OSError as e:
             await server.stop(0)
             raise OSError(f"cannot listen on {url}: {e.strerror or e}") from None
@@ -178,6 +216,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             extra={"min-cost": MIN_BCRYPT_COST, "max-cost": MAX_BCRYPT_COST, "default-cost": 10,
                    "given-cost": config.bcrypt_cost},
         )
+    tls = client_tls(config)  # before the store: a bad certificate fails the start with nothing opened
     store = open_store(config)
     member_id = member_id_for(config.name, config.advertise_client_urls)
     sm = StateMachine(
@@ -225,16 +264,18 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         native: NativeServer | None = None
         server: grpc.aio.Server | NativeServer
         if config.transport == "native":
-            server = native = await _start_native(config, routes, endpoints)
+            server = native = await _start_native(config, routes, endpoints, tls)
         else:
-            server = await _start_grpcio(config, routes)
+            server = await _start_grpcio(config, routes, tls)
+        secure = any(u.scheme == "https" for u in config.client_urls)
         log.info(
-            "serving client traffic insecurely",
+            "serving client traffic securely" if secure else "serving client traffic insecurely",
             extra={"address": ",".join(config.listen_client_urls), "version": __version__,
                    "revision": sm.committed_rev},
         )
         for url in config.metrics_urls:
-            await http.listen(url.host, url.port)
+            ctx = tls.server_context(ALPN_HTTP1) if tls is not None and url.scheme == "https" else None
+            await http.listen(url.host, url.port, ctx)
         if config.metrics_urls:
             log.info("serving metrics and health", extra={"address": ",".join(config.listen_metrics_urls)})
         try:

@@ -54,6 +54,19 @@ def _parse_str(text: str) -> str:
     return text
 
 
+def _parse_bool(text: str) -> bool:
+    # Go's strconv.ParseBool, which etcd's boolean flags use.
+    if text in ("1", "t", "T", "TRUE", "true", "True"):
+        return True
+    if text in ("0", "f", "F", "FALSE", "false", "False"):
+        return False
+    raise ConfigError("parse error: not a boolean")
+
+
+def _parse_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 @dataclass(frozen=True)
 class _Option:
     flag: str  # without the leading dashes, exactly etcd's spelling
@@ -166,6 +179,22 @@ _OPTIONS: tuple[_Option, ...] = (
     ),
     _Option("auth-token-ttl", _parse_int, "The lifetime in seconds of the auth token (simple tokens)."),
     _Option("bcrypt-cost", _parse_int, "Specify bcrypt algorithm cost factor for auth password hashing."),
+    # Security: etcd's client TLS flags (they also cover https:// metrics URLs, as in etcd).
+    _Option("cert-file", _parse_str, "Path to the client server TLS cert file.", default_text=""),
+    _Option("key-file", _parse_str, "Path to the client server TLS key file.", default_text=""),
+    _Option("trusted-ca-file", _parse_str, "Path to the client server TLS trusted CA cert file "
+            "(clients must then present a certificate it signed).", default_text=""),
+    _Option("client-cert-auth", _parse_bool, "Enable client cert authentication (the certificate's CN "
+            "identifies the user).", default_text="false"),
+    _Option("auto-tls", _parse_bool, "Client TLS using generated certificates (self-signed, kept in "
+            "<data-dir>/fixtures/client).", default_text="false"),
+    _Option("self-signed-cert-validity", _parse_int, "The validity period of the --auto-tls certificate, "
+            "in years."),
+    _Option("cipher-suites", _parse_list, "Comma-separated list of supported TLS cipher suites (Go's "
+            "names; TLS 1.2 only; empty: the library's defaults).", default_text=""),
+    _Option("tls-min-version", _parse_str, "Minimum TLS version supported: TLS1.2 or TLS1.3."),
+    _Option("tls-max-version", _parse_str, "Maximum TLS version supported: TLS1.2 or TLS1.3 (empty: the "
+            "highest available).", default_text=""),
 )
 
 
@@ -211,12 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     for opt in _OPTIONS:
+        # A boolean flag alone means true (Go's flag package: --client-cert-auth, --auto-tls=false).
+        flag_kw: dict[str, Any] = {"nargs": "?", "const": "true"} if opt.parse is _parse_bool else {}
         parser.add_argument(
             f"--{opt.flag}",
             dest=opt.field,
             default=None,
             metavar=opt.flag.rsplit("-", 1)[-1].upper(),
             help=f"{opt.help} [default: '{_default_text(opt, defaults)}'; env {opt.env}]",
+            **flag_kw,
         )
     parser.add_argument("--version", action="store_true", help="Print the version and exit.")
     return parser
@@ -375,6 +407,11 @@ def run(config: Config) -> int:
         # stream; what it reports (a failed bind, say) reaches us as exceptions anyway. An explicit
         # GRPC_VERBOSITY still wins. Must happen before grpc is first imported.
         os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    if config.cipher_suites and config.transport == "grpcio":
+        # grpcio takes its TLS 1.2 cipher list only from this variable, read once when grpc starts.
+        from fastetcd.server.tls import openssl_ciphers
+
+        os.environ["GRPC_SSL_CIPHER_SUITES"] = openssl_ciphers(config.cipher_suites)
     from fastetcd.app import serve  # late: --help and flag errors must not need the server built
 
     try:

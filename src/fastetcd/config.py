@@ -13,6 +13,7 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from fastetcd.engine.auth_tokens import AuthOptionsError, parse_auth_token
+from fastetcd.server.tls import TLSError, TLSInfo
 
 GiB = 1024 * 1024 * 1024
 DEFAULT_QUOTA_BACKEND_BYTES = 2 * GiB  # etcd's DefaultQuotaBytes, used when the flag is 0
@@ -116,8 +117,8 @@ def parse_url(raw: str) -> URL:
         raise ConfigError(f"invalid URL {raw!r}: {e}") from None
     if u.scheme not in ("http", "https", "unix", "unixs"):
         raise ConfigError(f"URL scheme must be http, https, unix, or unixs: {raw}")
-    if u.scheme != "http":
-        raise ConfigError(f"URL scheme {u.scheme} is not supported yet (only http): {raw}")
+    if u.scheme not in ("http", "https"):
+        raise ConfigError(f"URL scheme {u.scheme} is not supported yet (only http and https): {raw}")
     try:
         port = u.port
     except ValueError:
@@ -170,6 +171,16 @@ class Config:
     auth_token: str = "simple"
     auth_token_ttl: int = 300  # seconds a simple token lives after its last use
     bcrypt_cost: int = 10  # bcrypt's cost for hashing user passwords (4..31)
+    # TLS on https:// client and metrics URLs (etcd's client TLS flags; server/tls.py).
+    cert_file: str = ""
+    key_file: str = ""
+    trusted_ca_file: str = ""
+    client_cert_auth: bool = False
+    auto_tls: bool = False
+    self_signed_cert_validity: int = 1  # years, for --auto-tls
+    cipher_suites: list[str] = field(default_factory=list)  # Go's names; TLS 1.2 only, as in Go
+    tls_min_version: str = "TLS1.2"
+    tls_max_version: str = ""  # "": the highest the library has (TLS 1.3)
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -229,10 +240,48 @@ class Config:
             raise ConfigError(f"--auth-token-ttl must not be negative, got {self.auth_token_ttl}")
         if self.bcrypt_cost < 0:
             raise ConfigError(f"--bcrypt-cost must not be negative, got {self.bcrypt_cost}")
+        self._validate_tls()
         if self.store == "cosmos" and not self.cosmos_endpoint:
             raise ConfigError("--store cosmos needs --cosmos-endpoint")
         if self.store == "cosmos" and not (self.cosmos_database and self.cosmos_container):
             raise ConfigError("--store cosmos needs --cosmos-database and --cosmos-container")
+
+    def _validate_tls(self) -> None:
+        try:
+            self.tls_info().validate()
+        except TLSError as e:
+            raise ConfigError(str(e)) from None
+        if self.self_signed_cert_validity <= 0:
+            raise ConfigError("--self-signed-cert-validity must be positive")
+        has_tls = bool(self.cert_file or self.auto_tls)
+        for kind, flag in (("client", "listen_client_urls"), ("metrics", "listen_metrics_urls")):
+            for raw in getattr(self, flag):
+                if parse_url(raw).scheme == "https" and not has_tls:
+                    # etcd's text (--auto-tls also satisfies it, as in etcd)
+                    raise ConfigError(
+                        f"TLS key/cert (--cert-file, --key-file) must be provided for {kind} url {raw} "
+                        "with HTTPS scheme"
+                    )
+        if self.transport == "grpcio" and any(u.scheme == "https" for u in self.client_urls):
+            # grpcio's Python API cannot bound the TLS versions (its floor is TLS 1.2, its ceiling 1.3).
+            if self.tls_min_version == "TLS1.3" or self.tls_max_version == "TLS1.2":
+                raise ConfigError(
+                    "--tls-min-version TLS1.3 and --tls-max-version TLS1.2 need --transport native: "
+                    "grpcio serves TLS 1.2 and 1.3 and cannot be limited to one"
+                )
+
+    def tls_info(self, cert_file: str | None = None, key_file: str | None = None) -> TLSInfo:
+        """The client TLS settings (also the metrics listener's, as in etcd). ``cert_file`` and
+        ``key_file`` override the flags (--auto-tls's generated pair)."""
+        return TLSInfo(
+            cert_file=self.cert_file if cert_file is None else cert_file,
+            key_file=self.key_file if key_file is None else key_file,
+            trusted_ca_file=self.trusted_ca_file,
+            client_cert_auth=self.client_cert_auth,
+            cipher_suites=tuple(self.cipher_suites),
+            min_version=self.tls_min_version,
+            max_version=self.tls_max_version,
+        )
 
     # --- parsed views -----------------------------------------------------------------------
 

@@ -487,7 +487,9 @@ cdef class Stream:
     cdef start_unary(self, bytes msg):
         # The handler sees its caller through CALLER (a task copies the context it is created in). The
         # connection's context holds the default, anonymous caller: set only when there is someone.
-        caller = CALLER.set(self.caller()) if self.token is not None else None
+        caller = None
+        if self.token is not None or self.conn.common_name is not None:
+            caller = CALLER.set(self.caller())
         try:
             if self.kind == KIND_DIRECT:
                 self.run_direct(msg)
@@ -498,9 +500,11 @@ cdef class Stream:
                 CALLER.reset(caller)
 
     cdef object caller(self):
+        # The token header, and the client certificate's CN kept by the connection (--client-cert-auth)
+        cn = self.conn.common_name
         if self.token is None:
-            return ANONYMOUS
-        return Caller(self.token.decode("utf-8", "replace"))
+            return ANONYMOUS if cn is None else Caller(None, cn)
+        return Caller(self.token.decode("utf-8", "replace"), cn)
 
     cdef run_direct(self, bytes msg):
         try:
@@ -900,6 +904,9 @@ cdef class Connection:
     # the write batch
     cdef uint8_t *wbuf
     cdef size_t wlen, wcap
+    # The verified client certificate's CN under --client-cert-auth (set by native_transport.py's TLS
+    # connection before any stream), else None.
+    cdef public object common_name
 
     def __cinit__(self, ServerConfig config):
         self.config = config

@@ -17,6 +17,7 @@ from fastetcd import errors, metrics
 from fastetcd.metrics import RpcMetrics
 from fastetcd.server.call_context import ANONYMOUS, CALLER, Caller
 from fastetcd.server.routes import BIDI, DIRECT, Bidi, Direct, Routes, Unary
+from fastetcd.server.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +26,15 @@ log = logging.getLogger(__name__)
 GRPC_OVERHEAD_BYTES = 512 * 1024
 
 
-def _caller(context: grpc.aio.ServicerContext) -> Caller:
+def _caller(context: grpc.aio.ServicerContext, cert_cn: bool) -> Caller:
     token = None
     for key, value in context.invocation_metadata() or ():
         if key == "token":
             token = value
     common_name = None
-    names = (context.auth_context() or {}).get("x509_common_name")
+    # etcd takes the CN as the user only with --client-cert-auth (EtcdServer.AuthInfoFromCtx); a
+    # certificate required by --trusted-ca-file alone authenticates the connection, not a user.
+    names = (context.auth_context() or {}).get("x509_common_name") if cert_cn else None
     if names:
         common_name = names[0].decode()
     if token is None and common_name is None:
@@ -49,10 +52,10 @@ def _awaiting(fn: Direct) -> Unary:
     return call
 
 
-def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
+def _unary(fn: Unary, rpc: RpcMetrics, cert_cn: bool) -> grpc.RpcMethodHandler:
     async def handler(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         rpc.start()
-        CALLER.set(_caller(context))
+        CALLER.set(_caller(context, cert_cn))
         metrics.GRPC_RECEIVED.n += len(request)
         try:
             response = await fn(request)
@@ -71,10 +74,10 @@ def _unary(fn: Unary, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     return grpc.unary_unary_rpc_method_handler(handler)
 
 
-def _bidi(fn: Bidi, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
+def _bidi(fn: Bidi, rpc: RpcMetrics, cert_cn: bool) -> grpc.RpcMethodHandler:
     async def handler(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         rpc.start()
-        CALLER.set(_caller(context))
+        CALLER.set(_caller(context, cert_cn))
 
         async def counted() -> AsyncIterator[bytes]:
             async for request in requests:
@@ -101,7 +104,7 @@ def _bidi(fn: Bidi, rpc: RpcMetrics) -> grpc.RpcMethodHandler:
     return grpc.stream_stream_rpc_method_handler(handler)
 
 
-def _generic_handlers(routes: Routes) -> list[grpc.GenericRpcHandler]:
+def _generic_handlers(routes: Routes, cert_cn: bool) -> list[grpc.GenericRpcHandler]:
     """One generic handler per gRPC service ("etcdserverpb.KV"), with raw-bytes methods."""
     services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
     for path, (kind, fn) in routes.items():
@@ -117,8 +120,11 @@ def _generic_handlers(routes: Routes) -> list[grpc.GenericRpcHandler]:
 
 
 def build_server(
-    routes: Routes, *, max_request_bytes: int, max_concurrent_streams: int = 2**31 - 1
+    routes: Routes, *, max_request_bytes: int, max_concurrent_streams: int = 2**31 - 1,
+    client_cert_auth: bool = False,
 ) -> grpc.aio.Server:
+    """A grpc.aio server for ``routes``; with ``client_cert_auth`` the services see the verified client
+    certificate's CN (``Caller.common_name``)."""
     limit = max_request_bytes + GRPC_OVERHEAD_BYTES
     server = grpc.aio.server(
         options=[
@@ -130,5 +136,33 @@ def build_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ]
     )
-    server.add_generic_rpc_handlers(_generic_handlers(routes))
+    server.add_generic_rpc_handlers(_generic_handlers(routes, client_cert_auth))
     return server
+
+
+def server_credentials(tls: ServerTLS) -> grpc.ServerCredentials:
+    """TLS credentials that follow ``tls``'s files: grpcio asks the fetcher on every new connection, and
+    it answers with the new certificate once the files changed (etcd rereads them per handshake)."""
+    seen = tls.generation
+
+    def configuration() -> grpc.ServerCertificateConfiguration:
+        pem = tls.pem()
+        return grpc.ssl_server_certificate_configuration(
+            [(pem.private_key, pem.cert_chain)], root_certificates=pem.root_certificates
+        )
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        nonlocal seen
+        try:
+            tls.refresh()
+            if tls.generation == seen:
+                return None  # grpcio keeps the current one
+            seen = tls.generation
+            return configuration()
+        except Exception:  # an exception here would fail the handshake with no trace of why
+            log.exception("TLS certificate reload failed")
+            return None
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(), fetch, require_client_authentication=tls.info.requires_client_cert
+    )

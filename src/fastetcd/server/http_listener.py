@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from http import HTTPStatus
 
 import h11
@@ -26,8 +27,12 @@ class HttpListener:
         self.endpoints = endpoints
         self._servers: list[asyncio.Server] = []
 
-    async def listen(self, host: str, port: int) -> None:
-        server = await asyncio.start_server(self._serve, host or None, port)
+    async def listen(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Serve on ``host:port``; over TLS with ``ssl_context`` (an https:// metrics URL)."""
+        tls_kw: dict[str, object] = {}
+        if ssl_context is not None:
+            tls_kw = {"ssl": ssl_context, "ssl_handshake_timeout": 10.0}
+        server = await asyncio.start_server(self._serve, host or None, port, **tls_kw)  # type: ignore[arg-type]
         self._servers.append(server)
 
     async def stop(self) -> None:
@@ -68,7 +73,7 @@ class HttpListener:
                     writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
                 except h11.LocalProtocolError:
                     pass
-        except (TimeoutError, ConnectionError):
+        except (TimeoutError, ConnectionError, ssl.SSLError):
             pass
         finally:
             writer.close()

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable, Collection
 
 from fastetcd.server import _native
 from fastetcd.server.grpc_transport import GRPC_OVERHEAD_BYTES
 from fastetcd.server.http1 import Responder
+from fastetcd.server.tls import common_name
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,18 @@ CONNECTION_BUFFER_BYTES = 32 * 1024 * 1024
 STOPPED_MESSAGE = "etcdserver: server stopped"
 
 
+class _TlsConnection(_native.Connection):
+    """A connection over asyncio's TLS transport: the handshake is done when this is made, so the verified
+    client certificate is known before the first stream; its CN goes to every call (``Caller``)."""
+
+    cert_cn = False  # set on a subclass per server: etcd uses the CN only with --client-cert-auth
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.cert_cn:
+            self.common_name = common_name(transport.get_extra_info("peercert"))
+        super().connection_made(transport)
+
+
 class NativeServer:
     """gRPC over libnghttp2 on asyncio; one instance serves all its listening sockets."""
 
@@ -74,6 +88,7 @@ class NativeServer:
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
         connection_buffer_bytes: int = CONNECTION_BUFFER_BYTES,
         http_respond: Responder | None = None,
+        client_cert_auth: bool = False,
     ) -> None:
         self._config = _native.ServerConfig(
             routes,
@@ -88,6 +103,8 @@ class NativeServer:
             connection_buffer_bytes,
         )
         self._servers: list[asyncio.base_events.Server] = []
+        self._handshake_timeout = handshake_timeout
+        self._tls_protocol = type("TlsConnection", (_TlsConnection,), {"cert_cn": client_cert_auth})
 
     @property
     def max_message_bytes(self) -> int:
@@ -96,12 +113,26 @@ class NativeServer:
     def _protocol(self) -> _native.Connection:
         return _native.Connection(self._config)
 
-    async def start(self, host: str | None, port: int, *, reuse_port: bool = False) -> list[tuple]:
-        """Listen on ``host:port`` (host None or "" = all interfaces); returns the bound addresses."""
+    def _tls_connection(self) -> _native.Connection:
+        return self._tls_protocol(self._config)
+
+    async def start(self, host: str | None, port: int, *, reuse_port: bool = False,
+                    ssl_context: ssl.SSLContext | None = None) -> list[tuple]:
+        """Listen on ``host:port`` (host None or "" = all interfaces); returns the bound addresses.
+
+        With ``ssl_context`` the port serves TLS only (server/tls.py builds it: ALPN h2 for gRPC and
+        http/1.1 for the HTTP/1 endpoints, both answered after the handshake as on a plain port).
+        """
         loop = asyncio.get_running_loop()
+        tls_kw: dict[str, object] = {}
+        if ssl_context is not None:
+            # the TLS handshake gets grpc-go's connection timeout too (its clock then restarts for the
+            # HTTP/2 preface, which comes after)
+            tls_kw = {"ssl": ssl_context, "ssl_handshake_timeout": self._handshake_timeout}
         server = await loop.create_server(
-            self._protocol, host or None, port, reuse_address=True, reuse_port=reuse_port or None,
-            backlog=1024,
+            self._tls_connection if ssl_context is not None else self._protocol,
+            host or None, port, reuse_address=True, reuse_port=reuse_port or None, backlog=1024,
+            **tls_kw,  # type: ignore[arg-type]
         )
         self._servers.append(server)
         return [sock.getsockname() for sock in server.sockets]
