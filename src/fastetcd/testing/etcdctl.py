@@ -8,6 +8,8 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastetcd.testing.tls import DEFAULT, ClientTls, _Default, resolve_client
+
 
 def etcd_tool(name: str = "etcd") -> str:
     """The path of ``etcd``, ``etcdctl`` or ``etcdutl``.
@@ -40,11 +42,22 @@ def etcdctl_env() -> dict[str, str]:
     return env
 
 
+def etcdctl_command(endpoint: str, tls: ClientTls | None | _Default = DEFAULT) -> list[str]:
+    """``etcdctl --endpoints=<endpoint>``, over TLS with ``tls`` (by default the process-wide client TLS:
+    an ``https://`` endpoint and the certificate flags); the caller appends the command."""
+    client = resolve_client(tls)
+    if client is None:
+        return [etcd_tool("etcdctl"), f"--endpoints={endpoint}"]
+    url = endpoint if "://" in endpoint else f"https://{endpoint}"
+    return [etcd_tool("etcdctl"), f"--endpoints={url}", *client.etcdctl_flags()]
+
+
 def run_etcdctl(endpoint: str, args: Sequence[str], stdin: str | None = None,
-                timeout: float = 60.0) -> tuple[int, str, str]:
-    """Run ``etcdctl --endpoints=<endpoint> <args>``; returns (exit code, stdout, stderr) as text."""
+                timeout: float = 60.0, tls: ClientTls | None | _Default = DEFAULT) -> tuple[int, str, str]:
+    """Run ``etcdctl --endpoints=<endpoint> <args>`` (see :func:`etcdctl_command` for ``tls``); returns
+    (exit code, stdout, stderr) as text."""
     proc = subprocess.run(
-        [etcd_tool("etcdctl"), f"--endpoints={endpoint}", *args],
+        [*etcdctl_command(endpoint, tls), *args],
         input=stdin,
         capture_output=True,
         text=True,

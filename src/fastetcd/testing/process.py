@@ -23,6 +23,7 @@ from typing import IO, Any, Literal
 from fastetcd.testing.etcdctl import etcd_tool
 from fastetcd.testing.ports import LOOPBACK, free_port
 from fastetcd.testing.stubs import range_answers
+from fastetcd.testing.tls import DEFAULT, ClientTls, ServerTls, _Default, resolve_client, resolve_server
 
 START_TIMEOUT_S = 30.0
 ServerKind = Literal["etcd", "fastetcd"]
@@ -68,11 +69,18 @@ class ServerProcess:
     metrics_url: str | None = None
     """``http://host:port`` of its ``--listen-metrics-urls`` (/metrics, /health) when started with
     ``metrics=True``, else None."""
+    client_tls: ClientTls | None = None
+    """How a client reaches it over TLS (its client URL is https://), or None: plain text."""
     _log_file: IO[bytes] | None = field(default=None, repr=False)
 
     @property
     def port(self) -> int:
         return int(self.endpoint.rsplit(":", 1)[1])
+
+    @property
+    def url(self) -> str:
+        """Its client URL: ``http://`` or ``https://`` + :attr:`endpoint`."""
+        return f"{'https' if self.client_tls is not None else 'http'}://{self.endpoint}"
 
     @property
     def pid(self) -> int:
@@ -167,7 +175,7 @@ def wait_ready(server: ServerProcess, timeout: float = START_TIMEOUT_S, poll_int
                 f"{server.kind} exited with code {server.proc.returncode} before answering;"
                 f" log tail:\n{server.log_tail()}"
             )
-        if range_answers(server.endpoint, timeout=1.0):
+        if range_answers(server.endpoint, timeout=1.0, tls=server.client_tls):
             return
         time.sleep(poll_interval)
     server.kill()
@@ -206,17 +214,33 @@ def _metrics_args(metrics: bool) -> tuple[list[str], str | None]:
 # real etcd
 
 
+def _tls_choice(tls: ServerTls | None | _Default,
+                client_tls: ClientTls | None | _Default) -> tuple[ServerTls | None, ClientTls | None]:
+    """The server's TLS flags and how the harness reaches it. Both default to the process-wide TLS
+    (fastetcd.testing.tls); a server given its own TLS needs its own client side too (the probe)."""
+    server = resolve_server(tls)
+    if isinstance(tls, _Default) or not isinstance(client_tls, _Default):
+        client = resolve_client(client_tls)
+    else:
+        client = None
+    if server is not None and client is None:
+        raise ValueError("a server on TLS needs client_tls (how the readiness probe and clients reach it)")
+    return server, client
+
+
 def etcd_command(endpoint: str, peer_port: int, data_dir: Path, *, name: str = "oracle", fsync: bool = False,
                  log_level: str = "error", extra_args: Sequence[str] = (),
-                 binary: str | None = None) -> list[str]:
-    """The command line of a single-member etcd serving clients on ``endpoint`` (``host:port``)."""
+                 binary: str | None = None, tls: ServerTls | None = None) -> list[str]:
+    """The command line of a single-member etcd serving clients on ``endpoint`` (``host:port``), over
+    TLS with ``tls`` (https:// client URLs and its flags)."""
     peer = f"http://{LOOPBACK}:{peer_port}"
+    scheme = "https" if tls is not None else "http"
     argv = [
         binary or etcd_tool("etcd"),
         "--name", name,
         "--data-dir", str(data_dir),
-        "--listen-client-urls", f"http://{endpoint}",
-        "--advertise-client-urls", f"http://{endpoint}",
+        "--listen-client-urls", f"{scheme}://{endpoint}",
+        "--advertise-client-urls", f"{scheme}://{endpoint}",
         "--listen-peer-urls", peer,
         "--initial-advertise-peer-urls", peer,
         "--initial-cluster", f"{name}={peer}",
@@ -224,27 +248,34 @@ def etcd_command(endpoint: str, peer_port: int, data_dir: Path, *, name: str = "
     ]  # fmt: skip
     if not fsync:
         argv.append("--unsafe-no-fsync")
+    if tls is not None:
+        argv.extend(tls.args())
     argv.extend(extra_args)
     return argv
 
 
 def start_etcd(workdir: Path, extra_args: Sequence[str] = (), *, port: int | None = None, fsync: bool = False,
                name: str = "oracle", log_level: str = "error", binary: str | None = None,
-               metrics: bool = False, wait: bool = True, timeout: float = START_TIMEOUT_S) -> ServerProcess:
+               metrics: bool = False, wait: bool = True, timeout: float = START_TIMEOUT_S,
+               tls: ServerTls | None | _Default = DEFAULT,
+               client_tls: ClientTls | None | _Default = DEFAULT) -> ServerProcess:
     """A single-member real etcd with its data in ``workdir/etcd`` and its log in ``workdir/etcd.log``.
 
     fsync is off by default: an oracle's answers do not depend on it and runs are several times faster;
     crash tests and benchmarks that want etcd's durability pass ``fsync=True``. Starting again on the same
     ``workdir`` finds the data of the previous run. ``binary`` defaults to :func:`etcd_tool`. With
-    ``metrics`` it also serves /metrics on a port of its own (:attr:`ServerProcess.metrics_url`).
+    ``metrics`` it also serves /metrics on a port of its own (:attr:`ServerProcess.metrics_url`). ``tls`` and
+    ``client_tls``: see :func:`start_fastetcd`.
     """
+    server_tls, client = _tls_choice(tls, client_tls)
     workdir = _workdir(workdir)
     endpoint = _endpoint(port)
     metrics_args, metrics_url = _metrics_args(metrics)
     argv = etcd_command(endpoint, free_port(), workdir / "etcd", name=name, fsync=fsync, log_level=log_level,
-                        extra_args=[*metrics_args, *extra_args], binary=binary)
+                        extra_args=[*metrics_args, *extra_args], binary=binary, tls=server_tls)
     server = spawn("etcd", argv, endpoint, workdir, workdir / "etcd.log", cwd=workdir)
     server.metrics_url = metrics_url
+    server.client_tls = client
     if wait:
         _wait_or_kill(server, timeout)
     return server
@@ -363,20 +394,23 @@ def run_fastetcd(*args: str, env: Mapping[str, str] | None = None, timeout: floa
 
 
 def fastetcd_command(endpoint: str, data_dir: Path | None, *, name: str | None = "fe",
-                     extra_args: Sequence[str] = (), python: str | None = None) -> list[str]:
+                     extra_args: Sequence[str] = (), python: str | None = None,
+                     tls: ServerTls | None = None) -> list[str]:
     """The command line of a fastetcd serving clients on ``endpoint`` (``host:port``).
 
     The one place a serving fastetcd's command line is built: listen and advertise URLs, ``--name`` and
     ``--data-dir`` (either left out when None: the server's own defaults apply), then the process-wide
-    :attr:`FastetcdDefaults.extra_args`, then ``extra_args``.
+    :attr:`FastetcdDefaults.extra_args`, then ``extra_args``. With ``tls``: https:// URLs and its flags.
     """
-    url = f"http://{endpoint}"
+    url = f"{'https' if tls is not None else 'http'}://{endpoint}"
     args: list[str] = []
     if name is not None:
         args += ["--name", name]
     if data_dir is not None:
         args += ["--data-dir", str(data_dir)]
     args += ["--listen-client-urls", url, "--advertise-client-urls", url]
+    if tls is not None:
+        args += tls.args()
     return fastetcd_argv(*args, *_defaults.extra_args, *extra_args, python=python)
 
 
@@ -384,8 +418,9 @@ def start_fastetcd(workdir: Path, extra_args: Sequence[str] = (), *, port: int |
                    name: str | None = "fe", explicit_data_dir: bool = True,
                    cosmos: CosmosTarget | None = None, container: str | None = None,
                    python: str | None = None, pythonpath: Sequence[str | Path] | None = None,
-                   metrics: bool = False, wait: bool = True,
-                   timeout: float = START_TIMEOUT_S) -> ServerProcess:
+                   metrics: bool = False, wait: bool = True, timeout: float = START_TIMEOUT_S,
+                   tls: ServerTls | None | _Default = DEFAULT,
+                   client_tls: ClientTls | None | _Default = DEFAULT) -> ServerProcess:
     """A fastetcd with its data in ``workdir/fastetcd`` and its log in ``workdir/fastetcd.log``.
 
     It runs in ``workdir``. With ``explicit_data_dir=False`` neither ``--name`` nor ``--data-dir`` is
@@ -398,7 +433,11 @@ def start_fastetcd(workdir: Path, extra_args: Sequence[str] = (), *, port: int |
     the code it runs (see :func:`fastetcd_env`). With ``metrics`` it also serves /metrics on a port of
     its own (:attr:`ServerProcess.metrics_url`). With ``wait`` (default) this returns once the server
     answers a Range, and raises RuntimeError if it does not within ``timeout``.
+
+    TLS: ``tls`` (the server's flags; https:// URLs) and ``client_tls`` (how the probe and the harness's
+    clients reach it) default to the process-wide TLS of fastetcd.testing.tls, plain text unless set.
     """
+    server_tls, client = _tls_choice(tls, client_tls)
     workdir = _workdir(workdir)
     endpoint = _endpoint(port)
     metrics_args, metrics_url = _metrics_args(metrics)
@@ -416,10 +455,12 @@ def start_fastetcd(workdir: Path, extra_args: Sequence[str] = (), *, port: int |
         name=name if explicit_data_dir else None,
         extra_args=[*store_args, *metrics_args, *extra_args],
         python=python,
+        tls=server_tls,
     )
     server = spawn("fastetcd", argv, endpoint, workdir, workdir / "fastetcd.log",
                    env=fastetcd_env(pythonpath, extra), cwd=workdir)
     server.metrics_url = metrics_url
+    server.client_tls = client
     server.cosmos_container = container if cosmos is not None else None
     if wait:
         _wait_or_kill(server, timeout)

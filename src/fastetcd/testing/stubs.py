@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from fastetcd.testing.tls import DEFAULT, ClientTls, _Default, resolve_client
+
 if TYPE_CHECKING:
     from fastetcd.proto import rpc_pb2_grpc
 
@@ -24,11 +26,17 @@ _RANGE_METHOD = "/etcdserverpb.KV/Range"
 _READY_PROBE_REQUEST = b"\x0a" + bytes([len(_READY_PROBE_KEY)]) + _READY_PROBE_KEY
 
 
-def channel(endpoint: str, *, unlimited: bool = False,
-            options: Sequence[tuple[str, object]] = ()) -> grpc.Channel:
-    """An insecure channel to ``host:port``; ``unlimited`` lifts gRPC's message size limits."""
+def channel(endpoint: str, *, unlimited: bool = False, options: Sequence[tuple[str, object]] = (),
+            tls: ClientTls | None | _Default = DEFAULT) -> grpc.Channel:
+    """A channel to ``host:port``; ``unlimited`` lifts gRPC's message size limits.
+
+    Plain text, or TLS with ``tls`` (by default the process-wide client TLS, see fastetcd.testing.tls).
+    """
     opts = [*(UNLIMITED_CHANNEL_OPTIONS if unlimited else []), *options]
-    return grpc.insecure_channel(endpoint, options=opts)
+    client = resolve_client(tls)
+    if client is None:
+        return grpc.insecure_channel(endpoint, options=opts)
+    return grpc.secure_channel(endpoint, client.grpc_credentials(endpoint), options=opts)
 
 
 def kv_stub(ch: grpc.Channel) -> rpc_pb2_grpc.KVStub:
@@ -59,7 +67,7 @@ def maintenance_stub(ch: grpc.Channel) -> rpc_pb2_grpc.MaintenanceStub:
     return rpc_pb2_grpc.MaintenanceStub(ch)
 
 
-def range_answers(endpoint: str, timeout: float = 1.0) -> bool:
+def range_answers(endpoint: str, timeout: float = 1.0, tls: ClientTls | None | _Default = DEFAULT) -> bool:
     """True when the server at ``endpoint`` answers a Range with OK, or refuses it for want of a user.
 
     This is the readiness probe for both servers: more than accepting TCP connections, it means the
@@ -70,7 +78,11 @@ def range_answers(endpoint: str, timeout: float = 1.0) -> bool:
     its messages (mvccpb.KeyValue, etcdserverpb.*) would clash in protobuf's default descriptor pool with an
     etcd client library's own copies of them, in a user's test process (fastetcd.pytest_plugin).
     """
-    with grpc.insecure_channel(endpoint) as ch:
+    try:
+        ch = channel(endpoint, tls=tls)
+    except OSError:  # insecure_skip_verify could not fetch the certificate: not listening yet
+        return False
+    with ch:
         range_call = ch.unary_unary(_RANGE_METHOD)  # no (de)serializers: bytes in, bytes out
         try:
             range_call(_READY_PROBE_REQUEST, timeout=timeout)
