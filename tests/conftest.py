@@ -33,6 +33,9 @@ from servers import ServerFactory, ServerPair  # noqa: E402
 from fastetcd.testing import (  # noqa: E402
     CosmosTarget,
     ServerProcess,
+    TestPki,
+    make_pki,
+    set_default_tls,
     set_fastetcd_defaults,
     start_etcd,
     start_server,
@@ -57,6 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--store", choices=("embedded", "cosmos"), default="embedded",
                     help="fastetcd's store; 'cosmos' uses one Cosmos test server for the session and a "
                          "fresh container per data dir")
+    group.addoption("--tls", action="store_true", default=False,
+                    help="every server the fixtures start serves mutual TLS on https:// URLs (one test CA), "
+                         "and every harness client uses it")
     group.addoption("--fastetcd-arg", action="append", default=[], metavar="ARG",
                     help="extra command-line argument for every fastetcd the tests start (repeatable; "
                          "use --fastetcd-arg=--flag for arguments that start with '-')")
@@ -67,6 +73,27 @@ def cosmos_session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     """One Cosmos test server (a node process) for the whole session; tests share it, one container each."""
     with cosmos_server_running(tmp_path_factory.mktemp("cosmos-server")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    """One test CA with server and client certificates for the session (fastetcd.testing.make_pki)."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def harness_tls(request: pytest.FixtureRequest) -> Iterator[bool]:
+    """With --tls, the process-wide TLS of fastetcd.testing: servers serve mTLS, clients present the
+    session CA's client certificate. True when on."""
+    if not request.config.getoption("--tls"):
+        yield False
+        return
+    pki: TestPki = request.getfixturevalue("test_pki")
+    previous = set_default_tls(pki.server_tls(client_cert_auth=True), pki.client_tls())
+    try:
+        yield True
+    finally:
+        set_default_tls(*previous)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -31,7 +31,7 @@ from kv_differential import (
 )
 
 from fastetcd.proto import rpc_pb2
-from fastetcd.testing import kv_stub
+from fastetcd.testing import channel, kv_stub
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -63,7 +63,7 @@ def run_sequence(seed: int, n_ops: int, subject: str, oracle: str) -> int:
     gen = Generator(rng, model)
     history: list[str] = []
     succeeded = 0
-    with grpc.insecure_channel(subject) as sch, grpc.insecure_channel(oracle) as och:
+    with channel(subject) as sch, channel(oracle) as och:  # TLS under --tls
         s_stub, o_stub = kv_stub(sch), kv_stub(och)
 
         def both(method: str, req: Message) -> tuple[Outcome, Outcome]:

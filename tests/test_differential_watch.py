@@ -50,7 +50,7 @@ from kv_differential import (
 from watch_streams import WatchLog, WatchResponse, WatchStream, attribute
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
-from fastetcd.testing import prefix_end
+from fastetcd.testing import channel, prefix_end
 
 NOPUT = rpc_pb2.WatchCreateRequest.NOPUT
 NODELETE = rpc_pb2.WatchCreateRequest.NODELETE
@@ -256,7 +256,7 @@ class Side:
 
     def __init__(self, name: str, endpoint: str) -> None:
         self.name = name
-        self.channel = grpc.insecure_channel(endpoint)
+        self.channel = channel(endpoint)  # TLS under --tls
         self.kv = rpc_pb2_grpc.KVStub(self.channel)
         self.lease = rpc_pb2_grpc.LeaseStub(self.channel)
         self.all_keys = WatchStream(self.channel)

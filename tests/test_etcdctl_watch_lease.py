@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 from etcdctl_compare import Comparison, Outcome, json_line, normalize
 
-from fastetcd.testing import etcd_tool, etcdctl_env, run_etcdctl
+from fastetcd.testing import etcdctl_command, etcdctl_env, run_etcdctl
 
 TTL_TOLERANCE_S = 2
 WATCH_START_S = 1.0  # etcdctl needs well under this to connect and create its watch
@@ -176,7 +176,7 @@ class BackgroundCtl:
             self.paths.append((out, err))
             with open(out, "wb") as fo, open(err, "wb") as fe:
                 self.procs.append(subprocess.Popen(
-                    [etcd_tool("etcdctl"), f"--endpoints={view.endpoint}", *view.args(args)],
+                    [*etcdctl_command(view.endpoint), *view.args(args)],  # TLS flags under --tls
                     stdin=subprocess.PIPE if interactive else subprocess.DEVNULL, stdout=fo, stderr=fe,
                     env=etcdctl_env(), start_new_session=True))
 
