@@ -54,7 +54,9 @@ class ClientTls:
         if self.cert is not None:
             flags += [f"--cert={self.cert}", f"--key={self.key}"]
         if self.insecure_skip_verify:
-            flags.append("--insecure-skip-tls-verify")
+            # etcdctl applies the skip only to a TLS config it made: without certificate flags, only when
+            # told not to use its default "insecure transport" (then it makes an empty one).
+            flags += ["--insecure-transport=false", "--insecure-skip-tls-verify"]
         return flags
 
     def grpc_credentials(self, endpoint: str) -> grpc.ChannelCredentials:
