@@ -80,13 +80,14 @@ def test_urls_parse_like_etcd():
     assert parse_url("http://[::1]:0").address == "[::1]:0"
     assert parse_url("http://:2379").address == "[::]:2379"
     assert parse_url("http://localhost:2379").host == "localhost"
+    assert parse_url("https://127.0.0.1:2379").scheme == "https"
     for raw, msg in [
         ("http://127.0.0.1", 'URL address does not have the form "host:port"'),
         ("ftp://127.0.0.1:1", "URL scheme must be http, https, unix, or unixs"),
         ("http://127.0.0.1:1/x", "URL must not contain a path"),
         ("127.0.0.1:2379", "URL scheme must be"),
         ("http://127.0.0.1:99999", 'URL address does not have the form "host:port"'),
-        ("https://127.0.0.1:2379", "not supported yet"),
+        ("unixs://127.0.0.1:2379", "not supported yet"),
     ]:
         with pytest.raises(ConfigError, match=re.escape(msg)):
             parse_url(raw)
@@ -339,3 +340,31 @@ def test_data_dir_in_use_exits_1_with_one_line(tmp_path):
         assert code == 0, first.output()
     finally:
         first.kill()
+
+
+def test_tls_flags() -> None:
+    """etcd's client TLS flags: spelling, boolean forms (a bare flag is true), environment variables."""
+    url = ["--listen-client-urls", "https://127.0.0.1:2379", "--advertise-client-urls", "https://127.0.0.1:2379"]
+    c, _ = parse_config([*url, "--cert-file", "s.pem", "--key-file", "k.pem", "--client-cert-auth",
+                         "--trusted-ca-file", "ca.pem", "--cipher-suites",
+                         "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+                         "--tls-max-version", "TLS1.3"], {})
+    assert (c.cert_file, c.key_file, c.trusted_ca_file) == ("s.pem", "k.pem", "ca.pem")
+    assert c.client_cert_auth is True
+    assert c.cipher_suites == ["TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+                               "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]
+    assert (c.tls_min_version, c.tls_max_version) == ("TLS1.2", "TLS1.3")
+    c, _ = parse_config([*url, "--auto-tls=true", "--client-cert-auth=false"], {})
+    assert (c.auto_tls, c.client_cert_auth) == (True, False)
+    env = {"FASTETCD_AUTO_TLS": "1", "FASTETCD_CLIENT_CERT_AUTH": "t", "FASTETCD_TLS_MIN_VERSION": "TLS1.3",
+           "FASTETCD_TRANSPORT": "native"}
+    c, _ = parse_config(url, env)
+    assert (c.auto_tls, c.client_cert_auth, c.tls_min_version) == (True, True, "TLS1.3")
+    with pytest.raises(ConfigError, match="not a boolean"):
+        parse_config([*url, "--auto-tls=yes"], {})
+    with pytest.raises(ConfigError, match="must be given together"):
+        Config(cert_file="s.pem")
+    with pytest.raises(ConfigError, match="must be provided for metrics url https://127.0.0.1:2381"):
+        Config(listen_metrics_urls=["https://127.0.0.1:2381"])
+    with pytest.raises(ConfigError, match=r"min version \(TLS1.3\) is greater than max version \(TLS1.2\)"):
+        Config(tls_min_version="TLS1.3", tls_max_version="TLS1.2", transport="native")
