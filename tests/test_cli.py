@@ -368,3 +368,12 @@ def test_tls_flags() -> None:
         Config(listen_metrics_urls=["https://127.0.0.1:2381"])
     with pytest.raises(ConfigError, match=r"min version \(TLS1.3\) is greater than max version \(TLS1.2\)"):
         Config(tls_min_version="TLS1.3", tls_max_version="TLS1.2", transport="native")
+
+
+def test_readme_flag_table_lists_every_flag() -> None:
+    """The README's flag table is the user's reference: every flag, with its environment variable."""
+    from fastetcd.cli import _OPTIONS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [opt.flag for opt in _OPTIONS if f"| `--{opt.flag}` | `{opt.env}` |" not in readme]
+    assert not missing, f"README.md's flag table lacks {missing}"
