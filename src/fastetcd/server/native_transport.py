@@ -17,6 +17,10 @@ HTTP/1.x, and HTTP/2 requests without a gRPC content-type (as etcd's HTTP mux do
 Against hostile or broken clients: grpc-go's connection timeout (``handshake_timeout``), its ping policy
 (``min_ping_interval``, ``permit_without_stream``) and its two-phase GOAWAY on ``stop``; bounds on queued
 output per stream and per connection (``stream_buffer_bytes``, ``connection_buffer_bytes``).
+
+TLS: ``start(..., ssl_context=...)`` serves through asyncio's TLS transport (contexts from tls.py, ALPN
+h2 and http/1.1); the connection protocol sees plain bytes after the handshake, and under
+--client-cert-auth keeps the verified client certificate's CN as ``common_name`` for every call.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ class _TlsConnection(_native.Connection):
     """A connection over asyncio's TLS transport: the handshake is done when this is made, so the verified
     client certificate is known before the first stream; its CN goes to every call (``Caller``)."""
 
-    cert_cn = False  # set on a subclass per server: etcd uses the CN only with --client-cert-auth
+    cert_cn = False  # etcd takes the CN as the user only with --client-cert-auth (set per connection)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self.cert_cn:
@@ -104,7 +108,7 @@ class NativeServer:
         )
         self._servers: list[asyncio.base_events.Server] = []
         self._handshake_timeout = handshake_timeout
-        self._tls_protocol = type("TlsConnection", (_TlsConnection,), {"cert_cn": client_cert_auth})
+        self._client_cert_auth = client_cert_auth
 
     @property
     def max_message_bytes(self) -> int:
@@ -114,7 +118,9 @@ class NativeServer:
         return _native.Connection(self._config)
 
     def _tls_connection(self) -> _native.Connection:
-        return self._tls_protocol(self._config)
+        conn = _TlsConnection(self._config)
+        conn.cert_cn = self._client_cert_auth
+        return conn
 
     async def start(self, host: str | None, port: int, *, reuse_port: bool = False,
                     ssl_context: ssl.SSLContext | None = None) -> list[tuple]:
