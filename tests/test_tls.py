@@ -472,3 +472,19 @@ def test_kube_apiserver_style_client(server_factory: ServerFactory, test_pki: Te
         assert got == expected, f"{args}: fastetcd {got} etcd {expected}"
         if want:
             assert got[1] == want, args
+
+
+# ----------------------------------------------------------------------------------------- the --tls option
+
+
+def test_harness_tls_option(harness_tls: bool, server_pair: Any) -> None:
+    """Under --tls the fixtures' servers (fastetcd and the oracle) serve mutual TLS only and the harness's
+    clients use it; without it, plain text. CI's TLS pass runs this to prove the pass is really over TLS."""
+    scheme = "https" if harness_tls else "http"
+    for server in (server_pair.subject, server_pair.oracle):
+        assert server.url == f"{scheme}://{server.endpoint}"
+        rc, out, err = run_etcdctl(server.endpoint, ["put", "h", "1"])  # the harness's default client
+        assert (rc, out) == (0, "OK\n"), err
+        if harness_tls:
+            with channel(server.endpoint, tls=None) as ch, pytest.raises(grpc.RpcError):
+                kv_stub(ch).Range(rpc_pb2.RangeRequest(key=b"h"), timeout=3)
