@@ -241,12 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for opt in _OPTIONS:
         # A boolean flag alone means true (Go's flag package: --client-cert-auth, --auto-tls=false).
-        flag_kw: dict[str, Any] = {"nargs": "?", "const": "true"} if opt.parse is _parse_bool else {}
+        is_bool = opt.parse is _parse_bool
+        flag_kw: dict[str, Any] = {"nargs": "?", "const": "true"} if is_bool else {}
         parser.add_argument(
             f"--{opt.flag}",
             dest=opt.field,
             default=None,
-            metavar=opt.flag.rsplit("-", 1)[-1].upper(),
+            metavar="BOOL" if is_bool else opt.flag.rsplit("-", 1)[-1].upper(),
             help=f"{opt.help} [default: '{_default_text(opt, defaults)}'; env {opt.env}]",
             **flag_kw,
         )
