@@ -34,6 +34,7 @@ from watch_streams import REQUIRE_LEADER, Received, WatchStream
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
 from fastetcd.testing import ServerProcess, prefix_end
+from fastetcd.testing import channel as dial
 
 PODS = b"/registry/pods/"
 EVENTS = b"/registry/events/"
@@ -196,7 +197,7 @@ def kube_server(server_factory: ServerFactory, subject_kind: str) -> Iterator[Se
 
 def test_kube_apiserver_pattern(kube_server: ServerProcess, subject_kind: str) -> None:
     rng = random.Random(1)
-    channel = grpc.insecure_channel(kube_server.endpoint)
+    channel = dial(kube_server.endpoint)  # kube-apiserver's mutual TLS under --tls
     kv, lease = rpc_pb2_grpc.KVStub(channel), rpc_pb2_grpc.LeaseStub(channel)
     names = [b"default/pod-%04d" % i for i in range(INITIAL_PODS)]
     for name in names:

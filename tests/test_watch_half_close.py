@@ -6,14 +6,14 @@ that iterator ends, or a watch that replays history ends before delivering anyth
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from fastetcd.proto import rpc_pb2, rpc_pb2_grpc
+from fastetcd.testing import channel
 
 
 def _events_after_half_close(endpoint: str, key: bytes, want: int) -> list[tuple[int, bytes]]:
-    with grpc.insecure_channel(endpoint) as ch:
+    with channel(endpoint) as ch:  # TLS under --tls
         watch = rpc_pb2_grpc.WatchStub(ch)
         create = rpc_pb2.WatchRequest(
             create_request=rpc_pb2.WatchCreateRequest(key=key, range_end=key + b"\xff", start_revision=1)
@@ -31,7 +31,7 @@ def _events_after_half_close(endpoint: str, key: bytes, want: int) -> list[tuple
 @pytest.mark.parametrize("which", ["subject", "oracle"])
 def test_half_closed_watch_still_replays_and_follows(server_pair, which: str) -> None:
     server = getattr(server_pair, which)
-    with grpc.insecure_channel(server.endpoint) as ch:
+    with channel(server.endpoint) as ch:
         kv = rpc_pb2_grpc.KVStub(ch)
         for i in range(3):
             kv.Put(rpc_pb2.PutRequest(key=b"hc/%d" % i, value=b"v"))
