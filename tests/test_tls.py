@@ -379,7 +379,11 @@ class _InProcess:
             async for _ in requests:
                 await send((caller().common_name or "<none>").encode())
 
-        routes: Any = {"/test.Caller/Who": ("unary", who), "/test.Caller/WhoStream": ("bidi", who_stream)}
+        def who_direct(raw: bytes) -> bytes:  # a "direct" route: answered without a coroutine
+            return (caller().common_name or "<none>").encode()
+
+        routes: Any = {"/test.Caller/Who": ("unary", who), "/test.Caller/WhoStream": ("bidi", who_stream),
+                       "/test.Caller/WhoDirect": ("direct", who_direct)}
         if self.transport == "native":
             from fastetcd.server.native_transport import NativeServer
 
@@ -416,11 +420,13 @@ def in_process() -> Iterator[Callable[[str, TLSInfo], _InProcess]]:
         server.close()
 
 
-def _who(port: int, client: ClientTls) -> tuple[str, str]:
+def _who(port: int, client: ClientTls) -> tuple[str, str, str]:
+    """The CN a unary, a bidi and a direct handler see."""
     with channel(f"{LOOPBACK}:{port}", tls=client) as ch:
         unary = ch.unary_unary("/test.Caller/Who")(b"", timeout=10).decode()
         stream = [r.decode() for r in ch.stream_stream("/test.Caller/WhoStream")(iter([b"x"]), timeout=10)]
-    return unary, stream[0]
+        direct = ch.unary_unary("/test.Caller/WhoDirect")(b"", timeout=10).decode()
+    return unary, stream[0], direct
 
 
 def test_client_certificate_cn_reaches_the_services(in_process: Callable[[str, TLSInfo], _InProcess],
@@ -430,11 +436,11 @@ def test_client_certificate_cn_reaches_the_services(in_process: Callable[[str, T
     files = {"cert_file": str(pki.server.cert), "key_file": str(pki.server.key),
              "trusted_ca_file": str(pki.ca)}
     server = in_process(transport, TLSInfo(**files, client_cert_auth=True))
-    assert _who(server.port, pki.client_tls(kube)) == ("kube-apiserver", "kube-apiserver")
-    assert _who(server.port, pki.client_tls()) == ("root", "root")
+    assert _who(server.port, pki.client_tls(kube)) == ("kube-apiserver",) * 3
+    assert _who(server.port, pki.client_tls()) == ("root",) * 3
     # a CA file alone requires a certificate, but (as in etcd) its CN is no user without --client-cert-auth
     plain = in_process(transport, TLSInfo(**files, client_cert_auth=False))
-    assert _who(plain.port, pki.client_tls(kube)) == ("<none>", "<none>")
+    assert _who(plain.port, pki.client_tls(kube)) == ("<none>",) * 3
 
 
 # ----------------------------------------------------------------------------------------- kube-apiserver

@@ -110,11 +110,11 @@ def _generic_handlers(routes: Routes, cert_cn: bool) -> list[grpc.GenericRpcHand
     for path, (kind, fn) in routes.items():
         service, method = path.lstrip("/").split("/")
         if kind == BIDI:
-            handler = _bidi(fn, RpcMetrics("bidi_stream", path))  # type: ignore[arg-type]
+            handler = _bidi(fn, RpcMetrics("bidi_stream", path), cert_cn)  # type: ignore[arg-type]
         elif kind == DIRECT:
-            handler = _unary(_awaiting(fn), RpcMetrics("unary", path))  # type: ignore[arg-type]
+            handler = _unary(_awaiting(fn), RpcMetrics("unary", path), cert_cn)  # type: ignore[arg-type]
         else:
-            handler = _unary(fn, RpcMetrics("unary", path))  # type: ignore[arg-type]
+            handler = _unary(fn, RpcMetrics("unary", path), cert_cn)  # type: ignore[arg-type]
         services.setdefault(service, {})[method] = handler
     return [grpc.method_handlers_generic_handler(name, methods) for name, methods in services.items()]
 
