@@ -8,6 +8,11 @@ sees the caller that opened it.
 Example: etcdctl --user root:pw get k sends metadata ``token: <simple token>``; over mutual TLS the
 verified client certificate's subject CN (say ``kube-apiserver``) comes along too. The auth store takes
 the token if there is one, else the CN (etcd's rule: a certificate stands in for a password).
+
+Where the CN comes from (only under --client-cert-auth, as in etcd): grpcio's ``auth_context()``
+(grpc_transport.py); on the native transport the TLS connection keeps it as ``Connection.common_name``
+(native_transport.py, at the handshake) and _native.pyx sets ``CALLER`` per call from it: in a unary or
+bidi call's task, and around a direct handler's synchronous call.
 """
 
 from __future__ import annotations
