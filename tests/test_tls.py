@@ -22,6 +22,7 @@ from typing import Any
 
 import grpc
 import pytest
+import uvloop
 from cryptography import x509
 from servers import ServerFactory
 
@@ -360,8 +361,9 @@ class _InProcess:
     """One transport serving one route that answers the caller's certificate CN, on a loop thread of its
     own: what the services would see (server/call_context.py), through a real TLS handshake."""
 
-    def __init__(self, transport: str, info: TLSInfo) -> None:
-        self.loop = asyncio.new_event_loop()
+    def __init__(self, transport: str, info: TLSInfo, loop: str = "uvloop") -> None:
+        # uvloop is what fastetcd serves on; the stock loop is its fallback where uvloop is missing.
+        self.loop = uvloop.new_event_loop() if loop == "uvloop" else asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.tls = ServerTLS(info)
@@ -407,12 +409,12 @@ class _InProcess:
         self.loop.close()
 
 
-@pytest.fixture
-def in_process() -> Iterator[Callable[[str, TLSInfo], _InProcess]]:
+@pytest.fixture(params=["uvloop", "asyncio"])
+def in_process(request: pytest.FixtureRequest) -> Iterator[Callable[[str, TLSInfo], _InProcess]]:
     made: list[_InProcess] = []
 
     def make(transport: str, info: TLSInfo) -> _InProcess:
-        made.append(_InProcess(transport, info))
+        made.append(_InProcess(transport, info, request.param))
         return made[-1]
 
     yield make
