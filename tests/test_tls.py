@@ -24,6 +24,7 @@ import grpc
 import pytest
 import uvloop
 from cryptography import x509
+from etcdctl_compare import normalize
 from servers import ServerFactory
 
 from fastetcd.proto import rpc_pb2
@@ -449,18 +450,32 @@ def test_client_certificate_cn_reaches_the_services(in_process: Callable[[str, T
 
 
 # What kube-apiserver does against its etcd over mutual TLS, as etcdctl commands (grpc-go, like
-# kube-apiserver's client): (args, expected stdout). Once auth lands, the same client runs with the CN
-# "kube-apiserver" as a user whose role is limited to /registry/: add the role setup to
-# KUBE_AUTH_SETUP and the refused out-of-prefix writes to KUBE_STEPS.
-KUBE_AUTH_SETUP: list[list[str]] = []
-KUBE_STEPS: list[tuple[list[str], str]] = [
+# kube-apiserver's client). Auth is on, with no password anywhere: the administrator's certificate (CN
+# "root") makes it root and kube-apiserver's (CN "kube-apiserver") makes it a user whose role covers
+# /registry/ only, as etcd does under --client-cert-auth. Steps: (args, expected stdout or None for a
+# refusal); every step must also match etcd 3.5.1 exactly (exit code, stdout, stderr).
+KUBE_AUTH_SETUP: list[list[str]] = [
+    ["user", "add", "root", "--new-user-password=not-used-by-anyone"],
+    ["user", "grant-role", "root", "root"],
+    ["role", "add", "kube"],
+    ["role", "grant-permission", "kube", "readwrite", "/registry/", "--prefix=true"],
+    ["user", "add", "kube-apiserver", "--no-password"],
+    ["user", "grant-role", "kube-apiserver", "kube"],
+    ["auth", "enable"],
+]
+KUBE_STEPS: list[tuple[list[str], str | None]] = [
     (["put", "/registry/namespaces/default", "ns-v1"], "OK\n"),
     (["put", "/registry/pods/default/web-0", "pod-v1"], "OK\n"),
     (["get", "/registry/pods/default/web-0"], "/registry/pods/default/web-0\npod-v1\n"),
     (["get", "/registry/", "--prefix", "--keys-only"],
      "/registry/namespaces/default\n\n/registry/pods/default/web-0\n\n"),
     (["del", "/registry/pods/default/web-0"], "1\n"),
-    (["get", "/registry/", "--prefix", "--count-only", "-w", "simple"], ""),
+    (["get", "/registry/", "--prefix", "--keys-only"], "/registry/namespaces/default\n\n"),
+    # outside its prefix, and the administration it has no role for: refused
+    (["put", "/other/key", "x"], None),
+    (["get", "/other/key"], None),
+    (["get", "", "--prefix", "--keys-only"], None),
+    (["user", "list"], None),
 ]
 
 
@@ -470,16 +485,31 @@ def test_kube_apiserver_style_client(server_factory: ServerFactory, test_pki: Te
     kube = pki.client_tls(pki.issue("kube-apiserver", "kube-apiserver"))
     fe = _start(server_factory, "fastetcd", "fe", pki.server_tls(client_cert_auth=True), kube, transport)
     etcd = _start(server_factory, "etcd", "etcd", pki.server_tls(client_cert_auth=True), kube)
+    admin = pki.client_tls()  # CN "root"
     for server in (fe, etcd):
         for args in KUBE_AUTH_SETUP:
-            rc, _, err = run_etcdctl(server.endpoint, args, tls=pki.client_tls())
-            assert rc == 0, err
+            rc, _, err = run_etcdctl(server.endpoint, args, tls=admin)
+            assert rc == 0, f"{server.kind}: {args}: {err}"
+    def ctl(server: ServerProcess, args: list[str], client: ClientTls) -> tuple[int, str, str]:
+        rc, out, err = run_etcdctl(server.endpoint, args, tls=client)
+        return rc, normalize(out, server.endpoint), normalize(err, server.endpoint)  # client log lines
+
     for args, want in KUBE_STEPS:
-        got = run_etcdctl(fe.endpoint, args, tls=kube)
-        expected = run_etcdctl(etcd.endpoint, args, tls=kube)
+        got, expected = ctl(fe, args, kube), ctl(etcd, args, kube)
         assert got == expected, f"{args}: fastetcd {got} etcd {expected}"
-        if want:
-            assert got[1] == want, args
+        if want is None:
+            assert got[0] != 0 and "permission denied" in got[2], (args, got)
+        else:
+            assert got[:2] == (0, want), (args, got)
+    # the administrator's certificate is root: it reads everything, and a certificate's CN that is no user
+    # gets nothing
+    rc, out, _ = run_etcdctl(fe.endpoint, ["get", "/registry/namespaces/default", "--print-value-only"],
+                             tls=admin)
+    assert (rc, out) == (0, "ns-v1\n")
+    stranger = pki.client_tls(pki.issue("stranger", "not-a-user"))
+    got = ctl(fe, ["get", "/registry/", "--prefix"], stranger)
+    assert got == ctl(etcd, ["get", "/registry/", "--prefix"], stranger)
+    assert got[0] != 0, got
 
 
 # ----------------------------------------------------------------------------------------- the --tls option

@@ -11,8 +11,8 @@ the token if there is one, else the CN (etcd's rule: a certificate stands in for
 
 Where the CN comes from (only under --client-cert-auth, as in etcd): grpcio's ``auth_context()``
 (grpc_transport.py); on the native transport the TLS connection keeps it as ``Connection.common_name``
-(native_transport.py, at the handshake) and _native.pyx sets ``CALLER`` per call from it: in a unary or
-bidi call's task, and around a direct handler's synchronous call.
+(native_transport.py, at the handshake) and _native.pyx's ``Stream.caller()`` puts it beside the token
+header when it sets ``CALLER`` for a call.
 """
 
 from __future__ import annotations
