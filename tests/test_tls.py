@@ -263,8 +263,9 @@ def test_metrics_over_https(server_factory: ServerFactory, test_pki: TestPki) ->
     assert fe.alive()
 
 
-def test_http1_endpoints_on_the_tls_client_port(server_factory: ServerFactory, test_pki: TestPki) -> None:
-    """The native transport answers HTTP/1.1 on the client port; over TLS too (ALPN http/1.1)."""
+def test_http_endpoints_on_the_tls_client_port(server_factory: ServerFactory, test_pki: TestPki) -> None:
+    """The native transport answers /health on the client port; over TLS too, by ALPN over HTTP/1.1 or
+    HTTP/2 (curl's default), as etcd's client port does."""
     pki = test_pki
     fe = _start(server_factory, "fastetcd", "fe", pki.server_tls(), pki.client_tls(), "native")
     ctx = ssl.create_default_context(cafile=str(pki.ca))
@@ -274,6 +275,36 @@ def test_http1_endpoints_on_the_tls_client_port(server_factory: ServerFactory, t
     conn.request("GET", "/health")
     resp = conn.getresponse()
     assert (resp.status, resp.read()) == (200, b'{"health":"true","reason":""}')
+    assert _h2_get(fe.port, pki, "/health") == (b"200", b'{"health":"true","reason":""}')
+
+
+def _h2_get(port: int, pki: TestPki, path: str) -> tuple[bytes, bytes]:
+    """GET over HTTP/2 over TLS (ALPN h2), as curl does by default: (status, body)."""
+    import h2.connection
+    import h2.events
+
+    ctx = _client_context(pki)
+    with socket.create_connection((LOOPBACK, port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=LOOPBACK) as sock:
+        assert sock.selected_alpn_protocol() == "h2"
+        conn = h2.connection.H2Connection()
+        conn.initiate_connection()
+        conn.send_headers(1, [(":method", "GET"), (":path", path), (":scheme", "https"),
+                              (":authority", f"{LOOPBACK}:{port}")], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, body = b"", b""
+        while True:
+            data = sock.recv(65536)
+            assert data, "connection closed before the answer ended"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = dict(event.headers)[b":status"]
+                elif isinstance(event, h2.events.DataReceived):
+                    body += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, body
+            sock.sendall(conn.data_to_send())
 
 
 # ----------------------------------------------------------------------------------------- versions, ciphers
