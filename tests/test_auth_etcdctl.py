@@ -278,6 +278,19 @@ def _call(endpoint: str, fn: Callable[[grpc.Channel], object]) -> str:
     return "OK"
 
 
+def enable_auth(auth: rpc_pb2_grpc.AuthStub, user: str, password: str, *, root_password: str = "pw",
+                role: str | None = None, perm: dict | None = None) -> None:
+    """root (with the root role) and ``user``, with ``role`` granting ``perm`` if given; then auth on."""
+    auth.UserAdd(pb.AuthUserAddRequest(name="root", password=root_password))
+    auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
+    auth.UserAdd(pb.AuthUserAddRequest(name=user, password=password))
+    if role is not None:
+        auth.RoleAdd(pb.AuthRoleAddRequest(name=role))
+        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(name=role, perm=perm))
+        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user=user, role=role))
+    auth.AuthEnable(pb.AuthEnableRequest())
+
+
 def _token(ch: grpc.Channel, name: str, password: str) -> str:
     auth = rpc_pb2_grpc.AuthStub(ch)
     return auth.Authenticate(pb.AuthenticateRequest(name=name, password=password)).token
@@ -288,14 +301,8 @@ def _token_scenario(endpoint: str) -> list[str]:
     out: list[str] = []
     with channel(endpoint) as ch:
         auth = rpc_pb2_grpc.AuthStub(ch)
-        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="rootpw"))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
-        auth.UserAdd(pb.AuthUserAddRequest(name="bob", password="bobpw"))
-        auth.RoleAdd(pb.AuthRoleAddRequest(name="rb"))
-        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
-            name="rb", perm={"key": b"k", "range_end": b"l", "permType": "READWRITE"}))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="bob", role="rb"))
-        auth.AuthEnable(pb.AuthEnableRequest())
+        enable_auth(auth, "bob", "bobpw", root_password="rootpw",
+                    role="rb", perm={"key": b"k", "range_end": b"l", "permType": "READWRITE"})
         root = [("token", _token(ch, "root", "rootpw"))]
         bob = [("token", _token(ch, "bob", "bobpw"))]
         kv = kv_stub(ch)
@@ -352,10 +359,7 @@ def test_watch_refused_over_grpc(server_factory: ServerFactory, subject_kind: st
         answered = threading.Event()
         with channel(server.endpoint) as ch:
             auth = rpc_pb2_grpc.AuthStub(ch)
-            auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
-            auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
-            auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
-            auth.AuthEnable(pb.AuthEnableRequest())
+            enable_auth(auth, "u", "pw")
             md = [("token", _token(ch, "u", "pw"))]
             create = pb.WatchRequest(create_request=pb.WatchCreateRequest(key=b"k", watch_id=7))
             stream = rpc_pb2_grpc.WatchStub(ch).Watch(_open_stream(create, answered), metadata=md, timeout=5)
@@ -373,14 +377,8 @@ def test_watch_checks_the_whole_range(server_factory: ServerFactory) -> None:
     fe = server_factory("fastetcd", "fe", FAST_BCRYPT).endpoint
     with channel(fe) as ch:
         auth = rpc_pb2_grpc.AuthStub(ch)
-        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
-        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
-        auth.RoleAdd(pb.AuthRoleAddRequest(name="r"))
-        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
-            name="r", perm={"key": b"a", "range_end": b"b", "permType": "READ"}))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role="r"))
-        auth.AuthEnable(pb.AuthEnableRequest())
+        enable_auth(auth, "u", "pw",
+                    role="r", perm={"key": b"a", "range_end": b"b", "permType": "READ"})
         md = [("token", _token(ch, "u", "pw"))]
         answers = []
         for key, end in ((b"a", b""), (b"a", b"b"), (b"a", b"\0"), (b"a", b"c")):
@@ -406,14 +404,8 @@ def _lock_scenario(endpoint: str) -> list[str]:
     out: list[str] = []
     with channel(endpoint) as ch:
         auth = rpc_pb2_grpc.AuthStub(ch)
-        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
-        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
-        auth.RoleAdd(pb.AuthRoleAddRequest(name="locks"))
-        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
-            name="locks", perm={"key": b"mine/", "range_end": b"mine0", "permType": "READWRITE"}))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role="locks"))
-        auth.AuthEnable(pb.AuthEnableRequest())
+        enable_auth(auth, "u", "pw",
+                    role="locks", perm={"key": b"mine/", "range_end": b"mine0", "permType": "READWRITE"})
         user = [("token", _token(ch, "u", "pw"))]
         lease = rpc_pb2_grpc.LeaseStub(ch).LeaseGrant(pb.LeaseGrantRequest(TTL=60), metadata=user).ID
 
@@ -470,10 +462,7 @@ def _interval_scenario(endpoint: str, seed: int) -> list[str]:
     with channel(endpoint) as ch:
         auth = rpc_pb2_grpc.AuthStub(ch)
         kv = kv_stub(ch)
-        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
-        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
-        auth.AuthEnable(pb.AuthEnableRequest())
+        enable_auth(auth, "u", "pw")
         root = [("token", _token(ch, "root", "pw"))]
         for round_ in range(4):
             role = f"r{round_}"
@@ -527,14 +516,8 @@ def _lease_scenario(endpoint: str) -> list[str]:
         auth = rpc_pb2_grpc.AuthStub(ch)
         lease = rpc_pb2_grpc.LeaseStub(ch)
         kv = kv_stub(ch)
-        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
-        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
-        auth.RoleAdd(pb.AuthRoleAddRequest(name="w"))
-        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
-            name="w", perm={"key": b"mine/", "range_end": b"mine0", "permType": "READWRITE"}))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role="w"))
-        auth.AuthEnable(pb.AuthEnableRequest())
+        enable_auth(auth, "u", "pw",
+                    role="w", perm={"key": b"mine/", "range_end": b"mine0", "permType": "READWRITE"})
         root = [("token", _token(ch, "root", "pw"))]
         user = [("token", _token(ch, "u", "pw"))]
         theirs = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=60), metadata=root).ID
@@ -572,10 +555,7 @@ def test_lease_rules_of_later_etcd(server_factory: ServerFactory) -> None:
     with channel(fe) as ch:
         auth = rpc_pb2_grpc.AuthStub(ch)
         lease = rpc_pb2_grpc.LeaseStub(ch)
-        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
-        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
-        auth.AuthEnable(pb.AuthEnableRequest())
+        enable_auth(auth, "u", "pw")
         root = [("token", _token(ch, "root", "pw"))]
         user = [("token", _token(ch, "u", "pw"))]
         lid = lease.LeaseGrant(pb.LeaseGrantRequest(TTL=60), metadata=root).ID
@@ -602,14 +582,8 @@ def test_nested_txn_ops_are_checked(server_factory: ServerFactory) -> None:
     with channel(fe) as ch:
         auth = rpc_pb2_grpc.AuthStub(ch)
         kv = kv_stub(ch)
-        auth.UserAdd(pb.AuthUserAddRequest(name="root", password="pw"))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="root", role="root"))
-        auth.UserAdd(pb.AuthUserAddRequest(name="u", password="pw"))
-        auth.RoleAdd(pb.AuthRoleAddRequest(name="r"))
-        auth.RoleGrantPermission(pb.AuthRoleGrantPermissionRequest(
-            name="r", perm={"key": b"mine", "permType": "READWRITE"}))
-        auth.UserGrantRole(pb.AuthUserGrantRoleRequest(user="u", role="r"))
-        auth.AuthEnable(pb.AuthEnableRequest())
+        enable_auth(auth, "u", "pw",
+                    role="r", perm={"key": b"mine", "permType": "READWRITE"})
         md = [("token", _token(ch, "u", "pw"))]
 
         def nested(key: bytes) -> pb.TxnRequest:
