@@ -45,6 +45,12 @@ class LeaseService(Service):
             return False
         return True
 
+    def _may_read_keys(self, info: AuthInfo | None, lease_id: int) -> None:
+        """Read on every key of the lease (to learn their names)."""
+        lease = self.sm.lease_status(lease_id)
+        for key in lease.keys if lease is not None else ():
+            self.sm.auth.is_range_permitted(info, key, b"")
+
     def _may_write(self, info: AuthInfo | None, lease_id: int) -> int:
         """Write on every key of the lease; returns the auth revision that was checked (0: auth off)."""
         auth = self.sm.auth
@@ -58,9 +64,7 @@ class LeaseService(Service):
         info = self._user()
         auth = self.sm.auth
         if r.keys and auth.enabled and not self._is_admin(info):
-            lease = self.sm.lease_status(r.ID)
-            for key in lease.keys if lease is not None else ():
-                auth.is_range_permitted(info, key, b"")
+            self._may_read_keys(info, r.ID)
         status = self.sm.lease_status(r.ID)
         if status is None:
             # etcd answers an unknown lease with TTL -1, not an error
@@ -76,9 +80,7 @@ class LeaseService(Service):
         auth = self.sm.auth
         if auth.enabled and not self._is_admin(info):
             for lease_id in self.sm.lease_ids():
-                lease = self.sm.lease_status(lease_id)
-                for key in lease.keys if lease is not None else ():
-                    auth.is_range_permitted(info, key, b"")
+                self._may_read_keys(info, lease_id)
         return self._fill(pb.LeaseLeasesResponse(leases=[pb.LeaseStatus(ID=i) for i in self.sm.lease_ids()]))
 
     async def keep_alive(
