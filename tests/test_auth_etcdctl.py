@@ -278,6 +278,15 @@ def _call(endpoint: str, fn: Callable[[grpc.Channel], object]) -> str:
     return "OK"
 
 
+def _on_both(server_factory: ServerFactory, subject_kind: str,
+             scenario: Callable[[str], list[str]]) -> tuple[list[str], list[str]]:
+    """``scenario`` against the subject and against etcd 3.5.1 (started side by side): (got, want)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
+        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
+    return scenario(subject_f.result().endpoint), scenario(oracle_f.result().endpoint)
+
+
 def enable_auth(auth: rpc_pb2_grpc.AuthStub, user: str, password: str, *, root_password: str = "pw",
                 role: str | None = None, perm: dict | None = None) -> None:
     """root (with the root role) and ``user``, with ``role`` granting ``perm`` if given; then auth on."""
@@ -340,11 +349,7 @@ def _token_scenario(endpoint: str) -> list[str]:
 
 
 def test_token_holder_sees_changes_at_once(server_factory: ServerFactory, subject_kind: str) -> None:
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
-        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
-    got = _token_scenario(subject_f.result().endpoint)
-    want = _token_scenario(oracle_f.result().endpoint)
+    got, want = _on_both(server_factory, subject_kind, _token_scenario)
     assert got == want
     assert "bob old token after passwd: UNAUTHENTICATED: etcdserver: invalid auth token" in want
 
@@ -426,11 +431,7 @@ def _lock_scenario(endpoint: str) -> list[str]:
 
 
 def test_lock_and_election_check_the_caller(server_factory: ServerFactory, subject_kind: str) -> None:
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
-        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
-    got = _lock_scenario(subject_f.result().endpoint)
-    want = _lock_scenario(oracle_f.result().endpoint)
+    got, want = _on_both(server_factory, subject_kind, _lock_scenario)
     assert got == want
     assert "lock outside: UNKNOWN: etcdserver: permission denied" in want
 
@@ -499,11 +500,7 @@ def _interval_scenario(endpoint: str, seed: int) -> list[str]:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_permission_intervals_at_random(server_factory: ServerFactory, subject_kind: str, seed: int) -> None:
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
-        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
-    got = _interval_scenario(subject_f.result().endpoint, seed)
-    want = _interval_scenario(oracle_f.result().endpoint, seed)
+    got, want = _on_both(server_factory, subject_kind, lambda endpoint: _interval_scenario(endpoint, seed))
     assert [(g, w) for g, w in zip(got, want, strict=True) if g != w] == []
     assert any(line.endswith(": OK") for line in want) and any("permission denied" in line for line in want)
 
@@ -539,11 +536,7 @@ def _lease_scenario(endpoint: str) -> list[str]:
 
 
 def test_lease_permissions(server_factory: ServerFactory, subject_kind: str) -> None:
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        subject_f = pool.submit(server_factory, subject_kind, "subject", FAST_BCRYPT)
-        oracle_f = pool.submit(server_factory, "etcd", "oracle", FAST_BCRYPT)
-    got = _lease_scenario(subject_f.result().endpoint)
-    want = _lease_scenario(oracle_f.result().endpoint)
+    got, want = _on_both(server_factory, subject_kind, _lease_scenario)
     assert got == want
     assert "revoke theirs: PERMISSION_DENIED: etcdserver: permission denied" in want
 

@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import struct
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import bcrypt
 import pytest
 from faulty_store import FaultyStore
-from test_state_machine import run
+from test_state_machine import engine, run
 
 from fastetcd import errors
 from fastetcd.engine import auth_store as a
@@ -24,19 +22,6 @@ from fastetcd.engine.auth_tokens import AuthInfo, SimpleTokens
 from fastetcd.engine.state_machine import SNAPSHOT_MAGIC_V2, StateMachine
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.store.embedded import EmbeddedStore
-
-
-@asynccontextmanager
-async def engine(path: Path, snapshot_count: int = 100_000) -> AsyncIterator[tuple[StateMachine, FaultyStore]]:  # noqa: E501
-    store = FaultyStore(EmbeddedStore(str(path)))
-    sm = StateMachine(store, snapshot_count=snapshot_count)
-    try:
-        await sm.start()
-        yield sm, store
-    finally:
-        store.release()
-        await sm.stop()
-        await store.close()
 
 
 def hashed(password: str) -> str:
@@ -133,7 +118,7 @@ def test_a_write_checked_before_an_auth_change_fails(tmp_path: Path) -> None:
 @pytest.mark.parametrize("snapshot_count", [100_000, 2])
 def test_auth_state_survives_restart(tmp_path: Path, snapshot_count: int) -> None:
     async def body() -> None:
-        async with engine(tmp_path, snapshot_count) as (sm, _):
+        async with engine(tmp_path, snapshot_count=snapshot_count) as (sm, _):
             await setup_root(sm)
             await sm.auth_change(*user_add("alice", "secret"))
             await sm.auth_change(a.ROLE_ADD, pb.AuthRoleAddRequest(name="r"))
@@ -144,7 +129,7 @@ def test_auth_state_survives_restart(tmp_path: Path, snapshot_count: int) -> Non
             await sm.auth_change(a.AUTH_ENABLE, pb.AuthEnableRequest())
             before = sm.auth.dump()
             hash_before = sm.hash_all()
-        async with engine(tmp_path, snapshot_count) as (sm, _):
+        async with engine(tmp_path, snapshot_count=snapshot_count) as (sm, _):
             assert sm.auth.dump() == before
             assert sm.hash_all() == hash_before
             assert sm.auth.enabled and sm.auth.revision == 7  # six changes after 1; enabling is none
