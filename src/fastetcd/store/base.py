@@ -35,6 +35,11 @@ class Throttled(StoreError):
     """The store refused the batch for load (Cosmos 429s beyond the retry budget); try again later."""
 
 
+class Behind(StoreError):
+    """A follower asked for entries that a newer snapshot replaced (and cleanup removed): it must reload
+    from the snapshot instead of tailing."""
+
+
 @dataclass
 class Recovered:
     """What ``Store.open`` found on disk: the newest snapshot plus every record after it."""
@@ -50,8 +55,23 @@ class Store(Protocol):
     # an append is a network round trip (Cosmos), not for a local fsync. Optional; 0 if absent.
     gather_window: float
 
-    async def open(self) -> Recovered:
-        """Open (creating if needed) and return the recovered state."""
+    async def open(self, *, writer: bool = True) -> Recovered:
+        """Open (creating if needed) and return the recovered state.
+
+        ``writer=False`` opens as a follower: read everything committed, claim nothing; the store then
+        serves ``tail`` until ``claim`` makes this node the writer.
+        """
+
+    async def tail(self, after: int) -> list[tuple[int, bytes]]:
+        """Entries committed after log index ``after`` (ascending, contiguous from ``after + 1``; [] if none
+        yet), as far as one read gets. Raises ``Behind`` when ``after + 1`` is no longer in the log."""
+
+    async def claim(self, after: int) -> list[tuple[int, bytes]]:
+        """Become the writer (only once leadership says so): fence every earlier writer and return the entries
+        committed after ``after`` that the caller has not applied, which it must apply before appending."""
+
+    async def release(self) -> None:
+        """Stop being the writer (leadership lost): later appends fail, ``tail`` keeps working."""
 
     async def append(self, entries: list[tuple[int, bytes]]) -> None:
         """Make ``entries`` (log index, entry) durable in one atomic step; raise StoreError if it did not."""
