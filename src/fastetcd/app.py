@@ -21,20 +21,24 @@ from fastetcd.config import Config
 from fastetcd.engine.auth_store import MAX_BCRYPT_COST, MIN_BCRYPT_COST, AuthStore
 from fastetcd.engine.auth_tokens import AuthOptionsError, token_provider
 from fastetcd.engine.compactor import Compactor
+from fastetcd.engine.replica import Replica
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.engine.state_metrics import StateCollector
 from fastetcd.server import grpc_transport
 from fastetcd.server.auth import AuthService
 from fastetcd.server.cluster import ClusterService
+from fastetcd.server.cluster_view import ClusterView, ReplicaView, SingleMember
 from fastetcd.server.election import ElectionService
 from fastetcd.server.header import Header, member_id_for
 from fastetcd.server.health import HealthService
 from fastetcd.server.http_endpoints import HttpEndpoints
 from fastetcd.server.http_listener import HttpListener
 from fastetcd.server.kv import KVService
+from fastetcd.server.leader_link import LeaderLink
 from fastetcd.server.lease import LeaseService
 from fastetcd.server.lock import LockService
 from fastetcd.server.maintenance import MaintenanceService
+from fastetcd.server.replicated_routes import replicated_routes
 from fastetcd.server.routes import BIDI, DIRECT, UNARY, Bidi, Direct, Routes, Unary
 from fastetcd.server.tls import ALPN_GRPC, ALPN_HTTP1, ServerTLS, TLSError, self_cert
 from fastetcd.server.watch import WatchService
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
 
     from fastetcd.server.native_transport import NativeServer
 from fastetcd.store.base import Store, StoreError
+from fastetcd.store.leadership import Leadership, Member
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,27 @@ def open_store(config: Config) -> Store:
             config.cosmos_endpoint, config.cosmos_key, config.cosmos_database, config.cosmos_container
         )
     raise StoreError(f"unknown store {config.store!r}")
+
+
+def open_leadership(config: Config, store: Store, member: Member) -> Leadership:
+    """Who leads among the nodes over this store (store/leadership.py)."""
+    if config.store == "cosmos":
+        from fastetcd.store.cosmos_leadership import CosmosLeadership
+
+        return CosmosLeadership(store, member)  # type: ignore[arg-type]
+    from fastetcd.store.embedded_leadership import EmbeddedLeadership
+
+    return EmbeddedLeadership(config.data_dir, member)
+
+
+def cluster_id_for(config: Config, member_id: int) -> int:
+    """etcd's cluster id: the same on every member. Members of a replicated cluster share their store,
+    so its identity is the cluster's; a lone member derives it from its own id, as before."""
+    if not config.replicated:
+        return member_id ^ 0x5A5A5A5A5A5A5A5A
+    where = (f"cosmos|{config.cosmos_endpoint}|{config.cosmos_database}|{config.cosmos_container}"
+             if config.store == "cosmos" else f"embedded|{os.path.abspath(config.data_dir)}")
+    return member_id_for(where, [])
 
 
 def etcd_routes(
@@ -150,6 +176,24 @@ def client_tls(config: Config) -> ServerTLS | None:
         raise OSError(str(e)) from None
 
 
+def leader_credentials(config: Config) -> grpc.ChannelCredentials | None:
+    """How a follower calls the leader's https:// client URL: trusting --trusted-ca-file and presenting this
+    node's own certificate (the leader may require one); None: the system's roots."""
+    if not config.trusted_ca_file:
+        return None
+    import grpc
+
+    def read(path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(
+        read(config.trusted_ca_file), read(config.key_file), read(config.cert_file)
+    )
+
+
 async def _start_grpcio(config: Config, routes: Routes, tls: ServerTLS | None) -> grpc.aio.Server:
     server = grpc_transport.build_server(
         routes,
@@ -219,6 +263,7 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     tls = client_tls(config)  # before the store: a bad certificate fails the start with nothing opened
     store = open_store(config)
     member_id = member_id_for(config.name, config.advertise_client_urls)
+    member = Member(member_id, config.name, tuple(config.advertise_client_urls))
     sm = StateMachine(
         store,
         snapshot_count=config.snapshot_count,
@@ -226,9 +271,15 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         member_id=member_id,
         auth=AuthStore(tokens, config.bcrypt_cost),
     )
-    await sm.start()
+    replica: Replica | None = None
+    if config.replicated:
+        replica = Replica(sm, open_leadership(config, store, member))
+        await replica.start()
+    else:
+        await sm.start()
     compactor = Compactor(
         sm,
+        may_compact=(lambda: replica.is_leader) if replica is not None else None,
         period=config.auto_compaction_period,
         revisions=config.auto_compaction_revisions,
         revision_interval=config.auto_compaction_revision_interval,
@@ -239,8 +290,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
     endpoints = HttpEndpoints(sm)
     http = HttpListener(endpoints)
     watch = None
+    link: LeaderLink | None = None
     try:
-        header = Header(cluster_id=member_id ^ 0x5A5A5A5A5A5A5A5A, member_id=member_id)
+        header = Header(cluster_id=cluster_id_for(config, member_id), member_id=member_id)
+        view: ClusterView = SingleMember(member) if replica is None else ReplicaView(replica)
+        if replica is not None:
+            replica.on_term.append(header.set_term)
         kv = KVService(
             sm, header, max_request_bytes=config.max_request_bytes, max_txn_ops=config.max_txn_ops
         )
@@ -255,12 +310,15 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             kv,
             watch,
             LeaseService(sm, header),
-            MaintenanceService(sm, header),
-            ClusterService(sm, header, name=config.name, client_urls=config.advertise_client_urls),
+            MaintenanceService(sm, header, view),
+            ClusterService(sm, header, view),
             AuthService(sm, header),
             LockService(sm, header, max_request_bytes=config.max_request_bytes),
             ElectionService(sm, header, max_request_bytes=config.max_request_bytes),
         )
+        if replica is not None:
+            link = LeaderLink(replica, credentials=leader_credentials(config))
+            routes = replicated_routes(routes, replica, link)
         native: NativeServer | None = None
         server: grpc.aio.Server | NativeServer
         if config.transport == "native":
@@ -280,7 +338,8 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
             log.info("serving metrics and health", extra={"address": ",".join(config.listen_metrics_urls)})
         try:
             stopped = asyncio.ensure_future(stop.wait())
-            halted = asyncio.ensure_future(sm.halt.wait())
+            # A replica turns a lost or fenced leadership into following; a lone node stops.
+            halted = asyncio.ensure_future(sm.halt.wait() if replica is None else replica.halted.wait())
             await asyncio.wait([stopped, halted], return_when=asyncio.FIRST_COMPLETED)
             stopped.cancel()
             halted.cancel()
@@ -296,7 +355,12 @@ async def serve(config: Config, stop: asyncio.Event) -> None:
         await compactor.stop()
         if watch is not None:
             await watch.stop()
-        await sm.stop()
+        if link is not None:
+            await link.close()
+        if replica is not None:
+            await replica.stop()
+        else:
+            await sm.stop()
         await store.close()
         log.info("stopped", extra={"revision": sm.committed_rev})
     if sm.halted is not None:

@@ -157,6 +157,18 @@ _OPTIONS: tuple[_Option, ...] = (
         "which also answers HTTP/1.1 /health and /version on the client port).",
     ),
     _Option(
+        "ha",
+        _parse_str,
+        "fastetcd only: run as one of several nodes over one store, one leader writing and the others "
+        "following (auto: on with --store cosmos; on: also several processes over one --data-dir; off).",
+    ),
+    _Option(
+        "ha-lease",
+        parse_duration,
+        "fastetcd only: how long one renewal proves leadership (Go duration); a dead leader is replaced "
+        "within about 1.1x this, and a cut-off leader stops serving 10% before it.",
+    ),
+    _Option(
         "cosmos-endpoint",
         _parse_str,
         "Azure Cosmos DB account endpoint (with --store cosmos).",

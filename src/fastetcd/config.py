@@ -21,6 +21,7 @@ DEFAULT_SNAPSHOT_COUNT = 100_000
 DEFAULT_PROGRESS_NOTIFY_INTERVAL = 600.0
 LOG_LEVELS = ("debug", "info", "warn", "error", "panic", "fatal")
 STORES = ("embedded", "cosmos")
+HA_MODES = ("auto", "on", "off")
 TRANSPORTS = ("grpcio", "native")
 COMPACTION_MODES = ("periodic", "revision")
 
@@ -162,6 +163,12 @@ class Config:
     # fastetcd only: how often revision-mode auto-compaction checks (etcd's is fixed at 5 minutes).
     auto_compaction_revision_interval: float = 300.0  # seconds
     experimental_watch_progress_notify_interval: float = DEFAULT_PROGRESS_NOTIFY_INTERVAL  # seconds
+    # fastetcd only: several nodes over one store, one leader writing (engine/replica.py). "auto": on for
+    # Cosmos DB (every node may share the container), off for the embedded store (one process per data dir).
+    ha: str = "auto"
+    # How long one renewal of leadership proves it (store/leadership.py's timing rule derives the rest):
+    # a dead leader is replaced within about 1.1 x this.
+    ha_lease: float = 5.0  # seconds
     cosmos_endpoint: str = ""
     # Secret: kept out of repr() and log_fields(). Empty means "use an Azure AD credential".
     cosmos_key: str = field(default="", repr=False)
@@ -181,6 +188,11 @@ class Config:
     cipher_suites: list[str] = field(default_factory=list)  # Go's names; TLS 1.2 only, as in Go
     tls_min_version: str = "TLS1.2"
     tls_max_version: str = ""  # "": the highest the library has (TLS 1.3)
+
+    @property
+    def replicated(self) -> bool:
+        """Whether this node runs as one of several over its store (a leader and followers)."""
+        return self.ha == "on" or (self.ha == "auto" and self.store == "cosmos")
 
     def __post_init__(self) -> None:
         if not self.data_dir:
@@ -241,6 +253,10 @@ class Config:
         if self.bcrypt_cost < 0:
             raise ConfigError(f"--bcrypt-cost must not be negative, got {self.bcrypt_cost}")
         self._validate_tls()
+        if not 0.1 <= self.ha_lease <= 600:
+            raise ConfigError(f"--ha-lease: {self.ha_lease}s is outside 100ms..10m")
+        if self.ha not in HA_MODES:
+            raise ConfigError(f"--ha: unknown mode {self.ha!r} (use {'|'.join(HA_MODES)})")
         if self.store == "cosmos" and not self.cosmos_endpoint:
             raise ConfigError("--store cosmos needs --cosmos-endpoint")
         if self.store == "cosmos" and not (self.cosmos_database and self.cosmos_container):

@@ -52,6 +52,8 @@ LEASE_TTL_TOO_LARGE = _e("OUT_OF_RANGE", "etcdserver: too large lease TTL")
 STOPPED = _e("UNAVAILABLE", "etcdserver: server stopped")
 NOT_LEADER = _e("UNAVAILABLE", "etcdserver: not leader")
 TIMEOUT = _e("UNAVAILABLE", "etcdserver: request timed out")
+NO_LEADER = _e("UNAVAILABLE", "etcdserver: no leader")
+LEADER_CHANGED = _e("UNAVAILABLE", "etcdserver: leader changed")
 
 # Auth (etcd's rpctypes for auth.Err*, through v3rpc's togRPCError). An auth error etcd 3.5.1 has no gRPC
 # mapping for reaches clients as UNKNOWN with the auth package's own text.

@@ -790,9 +790,11 @@ class Server {
     return { status: 200, headers, body: { _rid: state.rid, Documents: docs, _count: docs.length } };
   }
 
-  handleAccount() {
+  // The locations name the address the client used (the Host header), as a real account names its own
+  // endpoint: a client behind a TCP proxy then keeps all its requests on the proxy (partition tests).
+  handleAccount(host) {
     const data = JSON.parse(JSON.stringify(this.account.read()));
-    const endpoint = this.endpoint();
+    const endpoint = host ? `${this.args.tls ? "https" : "http"}://${host}/` : this.endpoint();
     for (const loc of [...data.writableLocations, ...data.readableLocations]) {
       loc.databaseAccountEndpoint = endpoint;
     }
@@ -934,7 +936,7 @@ class Server {
         }
       }
       const docMatch = DOCS_PATH.exec(pathname);
-      if (pathname === "/" && req.method === "GET") response = this.handleAccount();
+      if (pathname === "/" && req.method === "GET") response = this.handleAccount(req.headers.host);
       else if (docMatch) {
         const params = { dbId: decodeURIComponent(docMatch[1]), collId: decodeURIComponent(docMatch[2]) };
         if (docMatch[3] !== undefined) params.docId = decodeURIComponent(docMatch[3]);

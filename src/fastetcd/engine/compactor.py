@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from fastetcd import errors
 from fastetcd.engine.state_machine import StateMachine
@@ -31,9 +32,11 @@ _HOUR = 3600.0
 class Compactor:
     def __init__(
         self, sm: StateMachine, *, period: float = 0.0, revisions: int = 0,
-        revision_interval: float = REVISION_CHECK_INTERVAL,
+        revision_interval: float = REVISION_CHECK_INTERVAL, may_compact: Callable[[], bool] | None = None,
     ) -> None:
         self.sm = sm
+        # In a replicated cluster only the leader compacts (etcd pauses its compactor on followers).
+        self.may_compact = may_compact
         self.period = period  # seconds of history to keep (periodic mode), 0 = off
         self.revisions = revisions  # revisions to keep (revision mode), 0 = off
         self.revision_interval = revision_interval
@@ -76,6 +79,8 @@ class Compactor:
                 done = rev
 
     async def _compact(self, rev: int, mode: str, fields: dict) -> bool:
+        if self.may_compact is not None and not self.may_compact():
+            return False
         log.info(f"starting auto {mode} compaction", extra={"revision": rev, **fields})
         t0 = time.monotonic()
         try:

@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError
 from fastetcd import errors, metrics
 from fastetcd.metrics import RpcMetrics
 from fastetcd.server import http1
-from fastetcd.server.call_context import ANONYMOUS, CALLER, Caller
+from fastetcd.server.call_context import ANONYMOUS, ANONYMOUS_REQUIRING_LEADER, CALLER, Caller
 
 log = logging.getLogger("fastetcd.server.native")
 
@@ -332,6 +332,7 @@ cdef class Stream:
     cdef object rpc       # RpcMetrics of the method (None for an unknown one, as grpcio counts)
     cdef bint counted     # grpc_server_handled_total has this call
     cdef bytes token      # the "token" request header: etcd's auth token (call_context.Caller)
+    cdef bint require_leader  # "hasleader: true" (call_context.Caller.require_leader)
     cdef bytes method
     cdef bint grpc        # content-type application/grpc[+...]
     cdef bint http        # not a gRPC call: answered by the HTTP responder once the request ends
@@ -488,7 +489,7 @@ cdef class Stream:
         # The handler sees its caller through CALLER (a task copies the context it is created in). The
         # connection's context holds the default, anonymous caller: set only when there is someone.
         caller = None
-        if self.token is not None or self.conn.common_name is not None:
+        if self.token is not None or self.conn.common_name is not None or self.require_leader:
             caller = CALLER.set(self.caller())
         try:
             if self.kind == KIND_DIRECT:
@@ -503,8 +504,10 @@ cdef class Stream:
         # The token header, and the client certificate's CN kept by the connection (--client-cert-auth)
         cn = self.conn.common_name
         if self.token is None:
-            return ANONYMOUS if cn is None else Caller(None, cn)
-        return Caller(self.token.decode("utf-8", "replace"), cn)
+            if cn is None:
+                return ANONYMOUS_REQUIRING_LEADER if self.require_leader else ANONYMOUS
+            return Caller(None, cn, self.require_leader)
+        return Caller(self.token.decode("utf-8", "replace"), cn, self.require_leader)
 
     cdef run_direct(self, bytes msg):
         try:
@@ -1206,6 +1209,8 @@ cdef class Connection:
             s.timeout_value = PyBytes_FromStringAndSize(<const char *>value, valuelen)
         elif namelen == 5 and memcmp(name, b"token", 5) == 0:
             s.token = PyBytes_FromStringAndSize(<const char *>value, valuelen)
+        elif namelen == 9 and memcmp(name, b"hasleader", 9) == 0:
+            s.require_leader = valuelen == 4 and memcmp(value, b"true", 4) == 0
         return 0
 
     cdef int data_chunk(self, int32_t stream_id, const uint8_t *data, size_t length) except -1:

@@ -25,9 +25,14 @@ from dataclasses import dataclass
 class Caller:
     token: str | None = None  # the "token" metadata (etcd's auth token), as sent
     common_name: str | None = None  # the CN of a verified client certificate (mutual TLS)
+    # "hasleader: true" metadata (clientv3.WithRequireLeader): fail with "etcdserver: no leader" rather
+    # than wait when this node knows no leader. kube-apiserver sets it on every watch.
+    require_leader: bool = False
 
 
 ANONYMOUS = Caller()
+# What a transport sets for a call with no token and no certificate but "hasleader: true".
+ANONYMOUS_REQUIRING_LEADER = Caller(require_leader=True)
 CALLER: ContextVar[Caller] = ContextVar("fastetcd_caller", default=ANONYMOUS)
 
 

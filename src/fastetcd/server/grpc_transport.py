@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from fastetcd import errors, metrics
 from fastetcd.metrics import RpcMetrics
-from fastetcd.server.call_context import ANONYMOUS, CALLER, Caller
+from fastetcd.server.call_context import ANONYMOUS, ANONYMOUS_REQUIRING_LEADER, CALLER, Caller
 from fastetcd.server.routes import BIDI, DIRECT, Bidi, Direct, Routes, Unary
 from fastetcd.server.tls import ServerTLS
 
@@ -28,9 +28,12 @@ GRPC_OVERHEAD_BYTES = 512 * 1024
 
 def _caller(context: grpc.aio.ServicerContext, cert_cn: bool) -> Caller:
     token = None
+    require_leader = False
     for key, value in context.invocation_metadata() or ():
         if key == "token":
             token = value
+        elif key == "hasleader":
+            require_leader = value == "true"
     common_name = None
     # etcd takes the CN as the user only with --client-cert-auth (EtcdServer.AuthInfoFromCtx); a
     # certificate required by --trusted-ca-file alone authenticates the connection, not a user.
@@ -38,8 +41,8 @@ def _caller(context: grpc.aio.ServicerContext, cert_cn: bool) -> Caller:
     if names:
         common_name = names[0].decode()
     if token is None and common_name is None:
-        return ANONYMOUS
-    return Caller(token, common_name)
+        return ANONYMOUS_REQUIRING_LEADER if require_leader else ANONYMOUS
+    return Caller(token, common_name, require_leader)
 
 
 def _awaiting(fn: Direct) -> Unary:

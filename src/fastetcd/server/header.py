@@ -23,6 +23,10 @@ class Header:
         self.member_id = member_id
         self.raft_term = raft_term
 
+    def set_term(self, term: int) -> None:
+        """A new leadership term (replicated clusters): every answer from now on carries it."""
+        self.raft_term = term
+
     def encode(self, revision: int) -> bytes:
         return encode_header(self.cluster_id, self.member_id, revision, self.raft_term)
 

@@ -10,13 +10,13 @@ from fastetcd.engine import alarms as alarm_types
 from fastetcd.engine.snapshot_file import SnapshotFile
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
+from fastetcd.server.cluster_view import ClusterView
 from fastetcd.server.header import Header
 from fastetcd.server.service import Service, auth_info
 
 # etcd sends a snapshot in pieces of this size, then one message with the sha256 of what it sent.
 SNAPSHOT_PIECE = 32 * 1024
 
-BAD_LEADER_TRANSFEREE = errors.EtcdError("FAILED_PRECONDITION", "etcdserver: bad leader transferee")
 WRONG_DOWNGRADE_FORMAT = errors.EtcdError(
     "INVALID_ARGUMENT", "etcdserver: wrong downgrade target version format"
 )
@@ -55,8 +55,9 @@ def alarm_text(member_id: int, alarm: int) -> str:
 
 
 class MaintenanceService(Service):
-    def __init__(self, sm: StateMachine, header: Header) -> None:
+    def __init__(self, sm: StateMachine, header: Header, view: ClusterView) -> None:
         super().__init__(sm, header)
+        self.view = view
         # etcd's downgrade job: enabling one only marks the cluster as allowed to run the previous minor
         # version's binaries; fastetcd has none, so the mark changes nothing but the answers below.
         self._downgrading = False
@@ -66,10 +67,11 @@ class MaintenanceService(Service):
         resp = pb.StatusResponse(
             version=ETCD_COMPAT_VERSION,
             dbSize=self.sm.db_size(),
-            leader=self.header.member_id,
-            # A single member applies every entry it commits: the raft index follows the revision.
+            leader=self.view.leader_id(),
+            # What this member has applied stands in for raft's committed and applied indexes: the
+            # committed revision (a lone member applies all it commits; members of a cluster compare it).
             raftIndex=self.sm.committed_rev,
-            raftTerm=self.header.raft_term,
+            raftTerm=self.view.term(),
             raftAppliedIndex=self.sm.committed_rev,
             errors=[alarm_text(m, a) for m, a in self.sm.active_alarms()],
             dbSizeInUse=self.sm.db_size_in_use(),
@@ -110,9 +112,7 @@ class MaintenanceService(Service):
 
     async def move_leader(self, raw: bytes) -> bytes:
         r = pb.MoveLeaderRequest.FromString(raw)
-        # The only member is the leader already: moving leadership to it is done; anyone else is unknown.
-        if r.targetID != self.header.member_id:
-            raise BAD_LEADER_TRANSFEREE
+        await self.view.move_leader(r.targetID)
         return self._fill(pb.MoveLeaderResponse())
 
     async def downgrade(self, raw: bytes) -> bytes:
