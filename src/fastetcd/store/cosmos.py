@@ -28,6 +28,12 @@ head back, so a writer that slept through a cleanup (which deletes old segments,
 recreate a deleted segment. Snapshot pointer and compaction revision are written under ``If-Match`` and
 only ever move forward, whoever writes them.
 
+Followers. ``open(writer=False)`` reads like a writer's open and claims nothing; ``tail`` reads on from where
+the last read ended (one query per segment touched; the segment's head comes with it, so an empty answer is
+proven: a head not past the follower means nothing new, no head means a segment not begun or one a cleanup
+dropped, which the snapshot pointer tells apart: ``Behind``). ``claim`` is open's claim from the follower's
+position, then open's cleanup; ``release`` forgets the head, so appends raise ``Fenced`` before any request.
+
 Unknown outcomes. azure.cosmos.aio resends a write whose connection dropped, so a batch that landed can come
 back as 412/409 from its own retry, and a lost answer as a connection error. Both are settled by reading the
 head back: our writer id with ``last`` >= the batch's last means it landed; our id with the previous
