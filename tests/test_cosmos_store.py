@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from cosmos_fixture import CosmosServer, cosmos_fixture, module_cosmos_server  # noqa: F401  (fixtures)
 
-from fastetcd.store.base import Fenced, Recovered, StoreError, Uncertain
+from fastetcd.store.base import Behind, Fenced, Recovered, StoreError, Uncertain
 from fastetcd.store.cosmos import CosmosStore, Throttled
 
 DB = "fastetcd"
@@ -641,3 +641,122 @@ def test_engine_on_cosmos_group_commit_and_restart(cosmos: CosmosServer, contain
             await store.close()
 
     run(body())
+
+
+# ---- followers: tail, claim, release -------------------------------------------------------------------
+
+
+def test_follower_tails_every_entry_once_across_segments_and_chunks(
+    cosmos: CosmosServer, container: str
+) -> None:
+    big = os.urandom(1_600_000)  # more than PART_BYTES: a log item with a chunk item
+
+    async def body() -> None:
+        w = make(cosmos, container, writer_id="node-w", segment_size=4)
+        await w.open()
+        await w.append(recs(1, 2))
+        f = make(cosmos, container, writer_id="node-f", segment_size=4)
+        got = await f.open(writer=False)
+        assert got.entries == recs(1, 2)
+        cosmos.reset_stats()
+        assert await f.tail(2) == []
+        assert cosmos.stats()["by_kind"] == {"query": 1}  # an idle poll is one query
+        applied = 2
+        # 3..5 crosses into segment 1; 6 is chunked; 7..12 reaches segment 3 in one item.
+        for batch in (recs(3, 5), [(6, big)], recs(7, 12), recs(13, 13)):
+            await w.append(batch)
+            cosmos.reset_stats()
+            assert await f.tail(applied) == batch
+            applied = batch[-1][0]
+            # One query per segment touched: where the item is, and where the next one will go.
+            touched = {batch[0][0] // 4, (applied + 1) // 4}
+            assert cosmos.stats()["by_kind"] == {"query": len(touched)}, cosmos.stats()
+            assert await f.tail(applied) == []
+        with pytest.raises(Fenced):  # a follower writes nothing
+            await f.append(recs(14, 14))
+        with pytest.raises(Fenced):
+            await f.compact(1)
+        await w.close()
+        await f.close()
+
+    run(body())
+
+
+def test_follower_claim_fences_the_writer_and_leadership_goes_back_and_forth(
+    cosmos: CosmosServer, container: str
+) -> None:
+    big, lost = os.urandom(1_600_000), os.urandom(1_600_000)
+
+    async def body() -> Recovered:
+        w = make(cosmos, container, writer_id="node-w", segment_size=4)
+        await w.open()
+        await w.append(recs(1, 3, b"w"))
+        f = make(cosmos, container, writer_id="node-f", segment_size=4)
+        assert (await f.open(writer=False)).entries == recs(1, 3, b"w")
+        # Committed after the follower's last tail: the claim hands them over.
+        await w.append(recs(4, 5, b"w"))
+        await w.append([(6, big)])
+        assert await f.claim(3) == [*recs(4, 5, b"w"), (6, big)]
+        # The old writer's next append is fenced; its parts are left behind as orphans.
+        with pytest.raises(Fenced, match="node-f"):
+            await w.append([(7, lost)])
+        assert [p["x"] for p in part_items(cosmos, container)] == [6, 7]
+        await f.append(recs(7, 8, b"f"))
+        # The old writer rejoins as a follower.
+        assert await w.tail(6) == recs(7, 8, b"f")
+        await f.release()
+        with pytest.raises(Fenced):
+            await f.append(recs(9, 9, b"f"))
+        assert await f.tail(8) == []
+        # ... and leads again: its claim also removes its own orphan parts.
+        assert await w.claim(8) == []
+        assert [p["x"] for p in part_items(cosmos, container)] == [6]
+        await w.append(recs(9, 10, b"w"))
+        assert await f.tail(8) == recs(9, 10, b"w")
+        assert await f.claim(10) == []
+        with pytest.raises(Fenced):
+            await w.append(recs(11, 11, b"w"))
+        await f.append(recs(11, 12, b"f"))
+        assert await w.tail(10) == recs(11, 12, b"f")
+        await w.close()
+        await f.close()
+        return await reopen(cosmos, container, segment_size=4)
+
+    got = run(body())
+    assert got.entries == [
+        *recs(1, 5, b"w"),
+        (6, big),
+        *recs(7, 8, b"f"),
+        *recs(9, 10, b"w"),
+        *recs(11, 12, b"f"),
+    ]
+
+
+def test_follower_behind_a_snapshot_and_cleanup_is_told_so(cosmos: CosmosServer, container: str) -> None:
+    async def body() -> Recovered:
+        w = make(cosmos, container, writer_id="node-w", segment_size=2)
+        await w.open()
+        await w.append(recs(1, 2))
+        f = make(cosmos, container, writer_id="node-f", segment_size=2)
+        assert (await f.open(writer=False)).entries == recs(1, 2)
+        await w.append(recs(3, 4))
+        assert await f.tail(2) == recs(3, 4)
+        for first in (5, 7, 9):
+            await w.append(recs(first, first + 1))
+        await w.save_snapshot(8, [b"state at 8"])  # segments 0..3 (indexes up to 8) are gone
+        with pytest.raises(Behind, match="snapshot at index 8"):
+            await f.tail(4)
+        with pytest.raises(Behind):  # and so is a claim from there
+            await f.claim(4)
+        await f.close()
+        # Reopening as a follower starts from the snapshot and tails on.
+        f = make(cosmos, container, writer_id="node-f", segment_size=2)
+        got = await f.open(writer=False)
+        await w.append(recs(11, 11))
+        assert await f.tail(10) == recs(11, 11)
+        await w.close()
+        await f.close()
+        return got
+
+    got = run(body())
+    assert got.snapshot_index == 8 and got.snapshot == b"state at 8" and got.entries == recs(9, 10)

@@ -28,6 +28,12 @@ head back, so a writer that slept through a cleanup (which deletes old segments,
 recreate a deleted segment. Snapshot pointer and compaction revision are written under ``If-Match`` and
 only ever move forward, whoever writes them.
 
+Followers. ``open(writer=False)`` reads like a writer's open and claims nothing; ``tail`` reads on from where
+the last read ended (one query per segment touched; the segment's head comes with it, so an empty answer is
+proven: a head not past the follower means nothing new, no head means a segment not begun or one a cleanup
+dropped, which the snapshot pointer tells apart: ``Behind``). ``claim`` is open's claim from the follower's
+position, then open's cleanup; ``release`` forgets the head, so appends raise ``Fenced`` before any request.
+
 Unknown outcomes. azure.cosmos.aio resends a write whose connection dropped, so a batch that landed can come
 back as 412/409 from its own retry, and a lost answer as a connection error. Both are settled by reading the
 head back: our writer id with ``last`` >= the batch's last means it landed; our id with the previous
@@ -71,7 +77,7 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 from fastetcd import metrics
-from fastetcd.store.base import Fenced, Recovered, StoreError, Throttled, Uncertain, check_append
+from fastetcd.store.base import Behind, Fenced, Recovered, StoreError, Throttled, Uncertain, check_append
 
 _log = logging.getLogger(__name__)
 
@@ -99,6 +105,8 @@ _SETTLE_ATTEMPTS = 6
 _OPEN_ATTEMPTS = 8
 _CAS_ATTEMPTS = 8
 _RETRY_DELAY = 0.05
+# Seconds between a follower's reads of the snapshot pointer (its size() and memory follow snapshots).
+_META_REFRESH = 10.0
 # Failures after which the request may or may not have been carried out.
 _AMBIGUOUS_STATUS = frozenset({408, 449, 500, 502, 503, 504})
 
@@ -158,10 +166,28 @@ class _Loaded:
     started: bool = False  # found a live item (the first may start before the snapshot; later ones can't)
     parts: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # pk -> id -> part item
     used: set[tuple[int, str]] = field(default_factory=set)  # (x, t) of parts that live items reference
+    head: dict[str, Any] | None = None  # the head of `segment` as the last query saw it (None: absent)
 
     @property
     def last(self) -> int:
         return self.expected - 1
+
+    def hand_over(self) -> list[tuple[int, bytes]]:
+        """Take the entries read so far, and forget what the cursor no longer needs to read on.
+
+        Parts at or below the cursor are decided: referenced ones go; orphans keep only their ids (for the
+        cleanup after a claim) so a follower holds no payload between reads.
+        """
+        entries, self.entries, self.batch_sizes = self.entries, [], []
+        for parts in self.parts.values():
+            for pid, it in list(parts.items()):
+                if it["x"] <= self.last:
+                    if _part_key(it) in self.used:
+                        del parts[pid]
+                    else:
+                        parts[pid] = {"x": it["x"], "t": it["t"]}
+        self.used.clear()
+        return entries
 
 
 class CosmosStore:
@@ -204,6 +230,13 @@ class CosmosStore:
         self._container: Any = None
         self._reset_state()
 
+    @property
+    def container(self) -> Any:
+        """The open ``azure.cosmos.aio`` container client, for what shares the container (leadership)."""
+        if self._container is None:
+            raise StoreError(f"{self!r} is not open")
+        return self._container
+
     def __repr__(self) -> str:  # never shows the key
         return (
             f"CosmosStore({self.endpoint!r}, database={self.database!r}, container={self.container_name!r},"
@@ -223,40 +256,48 @@ class CosmosStore:
         self._fenced: str | None = None
         self._broken: str | None = None
         self._snapshot_lock = asyncio.Lock()
+        self._writer = False  # holds a head: opened as writer or claimed, and not released since
+        # Where tail reads on: positioned after the last entry open, tail, claim or append handed over.
+        self._cursor: _Loaded | None = None
+        self._meta_read_at = 0.0  # time.monotonic() of the last read of the meta partition
 
     # ----------------------------------------------------------------- life cycle
 
-    async def open(self) -> Recovered:
+    async def open(self, *, writer: bool = True) -> Recovered:
         if self._client is not None:
             raise StoreError(f"{self!r} is already open")
         self._reset_state()
         self._client = self._make_client()
         try:
             await self._ensure_container()
-            loaded = await self._load_and_claim()
+            loaded = await self._load_and_claim(claim=writer)
         except BaseException:
             await self._close_client()
             raise
-        await self._collect_after_open(loaded)
+        if writer:
+            await self._collect_after_open(loaded)
         _log.info(
             "opened Cosmos DB store",
             extra={
                 "endpoint": self.endpoint,
                 "database": self.database,
                 "container": self.container_name,
-                "writer": self.writer_id,
+                "writer": self.writer_id if writer else None,
                 "snapshot-index": loaded.snapshot_index,
                 "compact-revision": loaded.compact_rev,
                 "log-entries": len(loaded.entries),
                 "last-index": loaded.last,
             },
         )
-        return Recovered(
+        recovered = Recovered(
             snapshot_index=loaded.snapshot_index,
             snapshot=loaded.snapshot,
             compact_rev=loaded.compact_rev,
             entries=loaded.entries,
         )
+        loaded.snapshot = None  # the cursor lives on; the snapshot's bytes need not
+        loaded.hand_over()
+        return recovered
 
     async def close(self) -> None:
         async with self._snapshot_lock:  # let a snapshot in progress finish its requests
@@ -320,14 +361,14 @@ class CosmosStore:
 
     # ----------------------------------------------------------------- open: read, claim, tidy
 
-    async def _load_and_claim(self) -> _Loaded:
+    async def _load_and_claim(self, *, claim: bool) -> _Loaded:
         delay = _RETRY_DELAY
         problem = "another writer kept appending or claiming"
         for _ in range(_OPEN_ATTEMPTS):
             try:
                 loaded = await self._load()
-                if await self._claim_tail(loaded):
-                    self._adopt(loaded)
+                if not claim or await self._claim_tail(loaded):
+                    self._adopt(loaded, writer=claim)
                     return loaded
             except _Inconsistent as e:
                 # A concurrent snapshot cleanup may have removed what the pointer we read referenced.
@@ -385,20 +426,40 @@ class CosmosStore:
         self._head_segment, self._head_etag = segment, res["_etag"]
         return segment
 
-    def _adopt(self, loaded: _Loaded) -> None:
-        self._last = loaded.last
+    def _adopt(self, loaded: _Loaded, *, writer: bool) -> None:
         self._segment_starts = loaded.segment_starts
         self._snapshot_index = loaded.snapshot_index
         self._snapshot_bytes = len(loaded.snapshot or b"")
-        self._batch_sizes = deque(loaded.batch_sizes)
-        self._log_bytes = sum(n for _, n in loaded.batch_sizes)
+        self._batch_sizes = deque()
+        self._log_bytes = 0
+        self._advance(loaded)
+        self._writer = writer
 
-    async def _load(self) -> _Loaded:
-        out = _Loaded()
+    def _advance(self, cursor: _Loaded) -> None:
+        """Take what ``cursor`` read as committed and stored: it becomes the store's tail cursor."""
+        self._cursor = cursor
+        self._last = cursor.last
+        self._batch_sizes.extend(cursor.batch_sizes)
+        self._log_bytes += sum(n for _, n in cursor.batch_sizes)
+
+    async def _read_meta(self) -> dict[str, dict[str, Any]]:
+        """The meta partition's items by id; remembers the snapshot pointer and compaction for CAS writes."""
         meta = {it["id"]: it for it in await self._query(META_PK, "SELECT * FROM c WHERE c.pk = @pk")}
         for item_id in ("snapshot", "compact"):
             doc = meta.get(item_id)
             self._meta[item_id] = (doc, doc["_etag"] if doc else None)
+        self._meta_read_at = time.monotonic()
+        snap = meta.get("snapshot")
+        if snap is not None and int(snap["index"]) > self._snapshot_index:
+            # Another writer's snapshot: size() counts from it, as the writer's own does.
+            self._snapshot_index, self._snapshot_bytes = int(snap["index"]), int(snap["bytes"])
+            while self._batch_sizes and self._batch_sizes[0][0] <= self._snapshot_index:
+                self._log_bytes -= self._batch_sizes.popleft()[1]
+        return meta
+
+    async def _load(self) -> _Loaded:
+        out = _Loaded()
+        meta = await self._read_meta()
         if "compact" in meta:
             out.compact_rev = int(meta["compact"]["rev"])
         snap = meta.get("snapshot")
@@ -436,12 +497,15 @@ class CosmosStore:
             pk = _log_pk(segment)
             # Parts of the first live item may have x <= the snapshot index; once past it, only parts of
             # items after the cursor are new (which keeps the re-read after a claim from fetching again).
+            # The head comes along for tail: it tells a segment not begun from one a cleanup emptied.
             items = await self._query(
                 pk,
-                "SELECT * FROM c WHERE c.pk = @pk AND (c.last > @i OR c.x > @j)",
+                "SELECT * FROM c WHERE c.pk = @pk AND (c.last > @i OR c.x > @j OR c.id = @head)",
                 i=out.last,
                 j=out.last if out.started else -1,
+                head=HEAD,
             )
+            out.head = next((it for it in items if it["id"] == HEAD), None)
             parts = out.parts.setdefault(pk, {})
             parts.update((it["id"], it) for it in items if "x" in it)
             by_key = {(it["x"], it["t"], it["n"]): it for it in parts.values()}
@@ -470,12 +534,12 @@ class CosmosStore:
                 out.batch_sizes.append((last, len(payload)))
                 out.expected = last + 1
                 found = out.started = True
-            out.segment = segment
-            # The append after index L goes to seg(L + 1): follow it until a segment adds nothing.
+            # The append after index L goes to seg(L + 1): follow it until a segment adds nothing. The
+            # cursor moves first, so a failed query of the next segment leaves it where reading goes on.
             nxt = self._segment(out.expected)
             if not found or nxt == segment:
                 return
-            segment = nxt
+            segment = out.segment = nxt
 
     async def _collect_after_open(self, loaded: _Loaded) -> None:
         """Remove what crashes and fenced writers left behind; only safe once the head is ours."""
@@ -494,6 +558,106 @@ class CosmosStore:
                 await self._collect_log(base, loaded.snapshot_segment)
         except (StoreError, AzureError, OSError) as e:
             _log.warning("Cosmos DB cleanup after open failed", extra={"error": self._describe(e)})
+
+    # ----------------------------------------------------------------- follower: tail, claim, release
+
+    async def tail(self, after: int) -> list[tuple[int, bytes]]:
+        if self._container is None:
+            raise StoreError(f"{self!r} is not open")
+        if time.monotonic() - self._meta_read_at > _META_REFRESH:
+            await self._read_meta()  # keeps size() counting from the newest snapshot, as on the writer
+        cursor = self._cursor_at(after)
+        self._cursor = None  # until this read has been handed over whole
+        try:
+            await self._load_log(cursor)
+        except _Inconsistent as e:
+            await self._raise_if_behind(after)
+            raise StoreError(f"Cosmos DB store is inconsistent: {e}") from e
+        except StoreError:
+            if not cursor.entries:
+                self._cursor = cursor  # nothing consumed: the next tail reads on from the same place
+                raise
+            # A later segment's query failed: what the earlier ones read is committed all the same.
+        if cursor.last == after:
+            head = cursor.head
+            # The head's `last` moves with every batch in its segment, so a head that has not passed
+            # `after` proves nothing was appended since. Without a head the segment is either not begun
+            # (nothing appended) or dropped by a cleanup after a snapshot, which the pointer tells.
+            if head is None or int(head["last"]) > after:
+                await self._raise_if_behind(after)
+                if head is not None:
+                    raise StoreError(
+                        f"Cosmos DB store is inconsistent: the head of {_log_pk(cursor.segment)} says index"
+                        f" {head['last']} but no log item after {after} is there"
+                    )
+        self._advance(cursor)
+        return cursor.hand_over()
+
+    async def claim(self, after: int) -> list[tuple[int, bytes]]:
+        if self._container is None:
+            raise StoreError(f"{self!r} is not open")
+        cursor = self._cursor_at(after)
+        self._cursor = None
+        self._writer = False
+        delay = _RETRY_DELAY
+        for _ in range(_OPEN_ATTEMPTS):
+            try:
+                claimed = await self._claim_tail(cursor)
+            except _Inconsistent as e:
+                await self._raise_if_behind(after)
+                raise StoreError(f"Cosmos DB store is inconsistent: {e}") from e
+            if claimed:
+                break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+        else:
+            raise StoreError(
+                f"claiming Cosmos DB store {self.database}/{self.container_name} failed:"
+                " another writer kept appending or claiming"
+            )
+        # Read after the claim: a snapshot past what the claim found means the log we read on from had been
+        # cleaned up (our head then sits in a dropped segment and fences nobody), so we may not write.
+        await self._raise_if_behind(cursor.last)
+        # What we read while claiming is all committed: earlier uncertainty and fencing are settled by it.
+        self._fenced = self._broken = None
+        self._writer = True
+        snap, _ = self._meta.get("snapshot", (None, None))
+        if snap is not None:  # the cleanup starts from the newest snapshot, as open's does
+            cursor.snapshot_index, cursor.snapshot_spk = int(snap["index"]), snap["spk"]
+            cursor.snapshot_prev, cursor.snapshot_segment = snap.get("prev"), int(snap["seg"])
+        await self._collect_after_open(cursor)
+        self._advance(cursor)
+        _log.info("claimed Cosmos DB store", extra={"writer": self.writer_id, "last-index": cursor.last})
+        return cursor.hand_over()
+
+    async def release(self) -> None:
+        # Forgetting the etag is enough: every later append is refused before it reaches Cosmos.
+        self._writer = False
+        self._head_etag = None
+        self._head_segment = -1
+
+    def _cursor_at(self, after: int) -> _Loaded:
+        """The tail cursor if it stands at ``after``, else a new one there."""
+        cursor = self._cursor
+        if cursor is not None and cursor.last == after:
+            return cursor
+        # Not where the last read ended (unusual): start in the segment known to hold after + 1 and accept
+        # an item that begins before it.
+        return _Loaded(
+            snapshot_index=self._snapshot_index,
+            segment=self._segment_holding(after + 1),
+            expected=after + 1,
+            segment_starts=self._segment_starts,
+        )
+
+    async def _raise_if_behind(self, after: int) -> None:
+        """Raise Behind if a snapshot newer than ``after`` exists, whose cleanup explains what is missing."""
+        snap = (await self._read_meta()).get("snapshot")
+        if snap is not None and int(snap["index"]) > after:
+            raise Behind(
+                f"log index {after + 1} is gone from Cosmos DB store {self.database}/{self.container_name}:"
+                f" a snapshot at index {snap['index']} replaced it"
+            )
 
     # ----------------------------------------------------------------- append
 
@@ -545,6 +709,10 @@ class CosmosStore:
         self._segment_starts.setdefault(segment, first)
         self._batch_sizes.append((last, len(payload)))
         self._log_bytes += len(payload)
+        if self._cursor is not None:
+            # An append is one whole item, so the next one starts in seg(last + 1): tail reads on from there.
+            self._cursor.expected, self._cursor.started = last + 1, True
+            self._cursor.segment = self._segment(last + 1)
 
     async def _check_own_head(self) -> None:
         """Before opening a new segment: is the head we hold still ours?"""
@@ -666,6 +834,8 @@ class CosmosStore:
             raise StoreError(f"Cosmos DB store failed earlier ({self._broken}); reopen to recover")
         if self._container is None:
             raise StoreError(f"{self!r} is not open")
+        if not self._writer:
+            raise Fenced(f"{self!r} is not the writer (opened as a follower, or released): claim first")
 
     # ----------------------------------------------------------------- compaction and snapshots
 
