@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 
     from fastetcd.server.native_transport import NativeServer
 from fastetcd.store.base import Store, StoreError
-from fastetcd.store.leadership import Leadership, Member
+from fastetcd.store.leadership import Leadership, Member, TimingRule
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,14 @@ def open_store(config: Config) -> Store:
 
 def open_leadership(config: Config, store: Store, member: Member) -> Leadership:
     """Who leads among the nodes over this store (store/leadership.py)."""
+    timing = TimingRule.for_lease(config.ha_lease)
     if config.store == "cosmos":
         from fastetcd.store.cosmos_leadership import CosmosLeadership
 
-        return CosmosLeadership(store, member)  # type: ignore[arg-type]
+        return CosmosLeadership(store, member, timing)  # type: ignore[arg-type]
     from fastetcd.store.embedded_leadership import EmbeddedLeadership
 
-    return EmbeddedLeadership(config.data_dir, member)
+    return EmbeddedLeadership(config.data_dir, member, timing)
 
 
 def cluster_id_for(config: Config, member_id: int) -> int:

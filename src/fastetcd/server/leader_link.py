@@ -121,10 +121,7 @@ class LeaderLink:
     async def forward(self, path: str, raw: bytes, local: Callable[[bytes], Awaitable[bytes]]) -> bytes:
         """Serve a leader-only call: here if this node leads, else at the leader; a forwarded answer is
         returned once this node has applied the revision it reports (a client's next read here sees it)."""
-        url = await self.leader_url()
-        if url is None:
-            return await local(raw)
-        answer = await self.call(url, path, raw)
+        answer = await self._at_leader(path, raw, local)
         rev = header_revision(answer)
         if rev > self.replica.sm.committed_rev:
             await self.replica.wait_applied(rev, CALL_TIMEOUT)
@@ -165,10 +162,23 @@ class LeaderLink:
             self._asking = False
 
     async def _read_index(self) -> int:
-        url = await self.leader_url()
-        if url is None:
-            return await self.replica.read_index()
-        return pb.ResponseHeader.FromString(await self.call(url, READ_INDEX_PATH, b"")).revision
+        async def here(_: bytes) -> bytes:
+            return read_index_answer(await self.replica.read_index())
+
+        return pb.ResponseHeader.FromString(await self._at_leader(READ_INDEX_PATH, b"", here)).revision
+
+    async def _at_leader(self, path: str, raw: bytes, local: Callable[[bytes], Awaitable[bytes]]) -> bytes:
+        """``path`` served by the leader, this node included. A node that answers "not leader" refused the
+        call before doing anything (its leadership had lapsed): ask whoever leads next, until LEADER_WAIT."""
+        deadline = time.monotonic() + LEADER_WAIT
+        while True:
+            url = await self.leader_url()
+            try:
+                return await (local(raw) if url is None else self.call(url, path, raw))
+            except errors.EtcdError as e:
+                if e.message != errors.NOT_LEADER.message or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(_POLL)
 
     # ------------------------------------------------------------------ streams
 
