@@ -112,6 +112,9 @@ def test_when_the_leader_stops_a_follower_takes_over_without_a_gap_and_leases_li
             old = await elected(nodes)
             survivors = [r for r in nodes if r is not old]
             watches = [WatchAll(r.sm) for r in survivors]
+            terms: dict[int, list[int]] = {id(r): [] for r in survivors}
+            for r in survivors:
+                r.on_term.append(terms[id(r)].append)
             lease = await old.sm.lease_grant(pb.LeaseGrantRequest(TTL=2))
             await old.sm.put(put(b"leased", b"v", lease=lease.ID))
             for i in range(20):
@@ -132,6 +135,8 @@ def test_when_the_leader_stops_a_follower_takes_over_without_a_gap_and_leases_li
             await until(lambda: other.sm.committed_rev == last + 1)
             for w in watches:
                 assert w.revs == list(range(2, last + 2))
+            # Both learn the new term (response headers carry it): the leader at once, the other by observing.
+            await until(lambda: all(t[-1:] == [term + 1] for t in terms.values()))
             # Nobody renews it: the new leader expires it and the follower sees the key go.
             await until(lambda: other.sm.lease_status(lease.ID) is None, timeout=5)
             assert get(other.sm, b"leased") is None and get(new.sm, b"leased") is None
@@ -184,7 +189,7 @@ def test_a_leader_that_may_not_write_fails_with_not_leader_and_steps_down(tmp_pa
                 await araises_etcd(errors.NOT_LEADER(), f)
             assert old.sm.core.rev == committed and read_all(old.sm)[1] == 1
             new = await elected(nodes)
-            assert new is not old and not old.failed.is_set()
+            assert new is not old and not old.halted.is_set()
             assert (await new.sm.put(put(b"b", b"1"))).header.revision == committed + 1
             await until(lambda: old.sm.committed_rev == committed + 1)
             assert get(old.sm, b"k0") is None and get(new.sm, b"k0") is None
@@ -232,7 +237,7 @@ def test_a_follower_behind_a_snapshot_halts_for_a_restart(tmp_path):
                 await leader.sm.put(put(b"a", b"1"))
                 await leader.sm.defragment()  # a snapshot at the newest index drops the log behind it
                 fol.wake()
-                await asyncio.wait_for(fol.failed.wait(), 5)
+                await asyncio.wait_for(fol.halted.wait(), 5)
                 assert "behind" in fol.failure and fol.sm.halted is not None
                 with pytest.raises(errors.NOT_LEADER):
                     fol.sm.put_nowait(put(b"x", b"1"))
@@ -242,7 +247,7 @@ def test_a_follower_behind_a_snapshot_halts_for_a_restart(tmp_path):
             fol = make(tmp_path, 9)
             await fol.start()
             try:
-                assert get(fol.sm, b"a") is not None and not fol.failed.is_set()
+                assert get(fol.sm, b"a") is not None and not fol.halted.is_set()
             finally:
                 await stop(fol)
 

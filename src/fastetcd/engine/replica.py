@@ -39,7 +39,7 @@ Invariants, with worked examples:
 
 Known limitation: a follower too far behind (a snapshot replaced log entries it had not applied yet;
 ``store.tail`` raises ``Behind``) cannot catch up here. It logs, halts its state machine and sets
-``failed``, and the process must restart, which recovers from the snapshot. Compactions are not log
+``halted``, and the process must restart, which recovers from the snapshot. Compactions are not log
 entries, so a follower learns of them only at its next start-up; it serves older history meanwhile.
 """
 
@@ -50,6 +50,7 @@ import heapq
 import itertools
 import logging
 import time
+from collections.abc import Callable
 
 from fastetcd import errors
 from fastetcd.engine.state_machine import StateMachine
@@ -73,9 +74,12 @@ class Replica:
         self.poll = leadership.timing.poll if poll is None else poll
         # Set (with ``failure``) when this node cannot go on and must restart: the server waits on this,
         # not on ``sm.halt``, which a leader that merely lost its leadership sets too.
-        self.failed = asyncio.Event()
+        self.halted = asyncio.Event()
         self.failure: str | None = None
+        # Called with each new term this node learns of (as leader or follower): response headers carry it.
+        self.on_term: list[Callable[[int], None]] = []
         self._term = 0
+        self._published_term = 0
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         # Held while entries are applied from the store or the role changes: a tail is never applied on
@@ -171,13 +175,20 @@ class Replica:
             if not fut.done():
                 fut.set_result(None)
 
+    def _publish_term(self) -> None:
+        term = self.term
+        if term != self._published_term:
+            self._published_term = term
+            for callback in self.on_term:
+                callback(term)
+
     def _fail(self, reason: str) -> None:
         if self.failure is not None:
             return
         self.failure = reason
         log.critical("replica cannot continue: restart it", extra={"reason": reason})
         self.sm.fail(reason)
-        self.failed.set()
+        self.halted.set()
         if self._campaigning and self._lead_task is not None:
             self._lead_task.cancel()  # a node that cannot follow must not lead either
 
@@ -200,6 +211,7 @@ class Replica:
                             if entries:
                                 sm.apply_committed(entries)
                                 applied = True
+            self._publish_term()
             if applied:
                 continue  # more may be waiting beyond what one tail returns
             try:
@@ -218,7 +230,7 @@ class Replica:
                 term = await leadership.campaign()
             finally:
                 self._campaigning = False
-            if self._stop.is_set() or self.failed.is_set():
+            if self._stop.is_set() or self.halted.is_set():
                 await leadership.resign()
                 return
             async with self._role:
@@ -234,6 +246,7 @@ class Replica:
                     await asyncio.sleep(self.poll)
                     continue
             self._term = term
+            self._publish_term()
             self._wake.set()  # whoever waits for a revision may have it now
             why = await self._lead_until_done()
             async with self._role:
