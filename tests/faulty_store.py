@@ -20,7 +20,7 @@ class FaultyStore:
       failed calls included (entries that create no revision, such as lease grants, are left out).
     - ``fail_appends``: 1-based numbers of the append calls that raise ``StoreError`` (without delegating,
       so the batch is certainly not durable).
-    - ``hold()`` / ``release()``: appends started while held wait (before delegating) until released;
+    - ``hold()`` / ``unhold()``: appends started while held wait (before delegating) until unheld;
       ``wait_held()`` returns once one is waiting, i.e. the engine's writer is blocked inside the store.
     """
 
@@ -46,7 +46,7 @@ class FaultyStore:
     async def wait_held(self, timeout: float = 5.0) -> None:
         await asyncio.wait_for(self._entered.wait(), timeout)
 
-    def release(self) -> None:
+    def unhold(self) -> None:
         self._gate.set()
 
     @property
@@ -55,8 +55,17 @@ class FaultyStore:
 
     # ---------------------------------------------------------------- Store protocol
 
-    async def open(self) -> Recovered:
-        return await self.inner.open()
+    async def open(self, *, writer: bool = True) -> Recovered:
+        return await (self.inner.open() if writer else self.inner.open(writer=False))
+
+    async def tail(self, after: int) -> list[tuple[int, bytes]]:
+        return await self.inner.tail(after)
+
+    async def claim(self, after: int) -> list[tuple[int, bytes]]:
+        return await self.inner.claim(after)
+
+    async def release(self) -> None:
+        await self.inner.release()
 
     async def append(self, entries: list[tuple[int, bytes]]) -> None:
         revs = [log_entry.decode(data).rev for _, data in entries]

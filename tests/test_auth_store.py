@@ -44,7 +44,7 @@ def test_an_auth_change_is_visible_only_once_durable(tmp_path: Path) -> None:
             change = asyncio.ensure_future(sm.auth_change(*user_add("alice")))
             await store.wait_held()
             assert "alice" not in sm.auth.state.users and sm.auth.revision == 1
-            store.release()
+            store.unhold()
             await change
             assert "alice" in sm.auth.state.users and sm.auth.revision == 2
 
@@ -102,7 +102,7 @@ def test_a_write_checked_before_an_auth_change_fails(tmp_path: Path) -> None:
             checked_at = sm.auth.revision
             stale = asyncio.ensure_future(sm.put(pb.PutRequest(key=b"b", value=b"1"), auth_rev=checked_at))
             fresh = asyncio.ensure_future(sm.put(pb.PutRequest(key=b"c", value=b"1")))
-            store.release()
+            store.unhold()
             await first
             await change
             with pytest.raises(errors.AUTH_OLD_REVISION):

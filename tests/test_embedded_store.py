@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from fastetcd.store.base import Recovered, StoreError
+from fastetcd.store import embedded
+from fastetcd.store.base import Behind, Fenced, Recovered, StoreError
 from fastetcd.store.embedded import DB_FILE, EmbeddedStore
 from fastetcd.testing import fastetcd_env
 
@@ -439,3 +440,130 @@ def test_sigkill_mid_append_loses_no_acknowledged_revision(tmp_path):
     assert revs[-1] >= acked
     torn = [r for r, data in got.entries if data != _payload(r)]
     assert torn == []
+
+
+# ------------------------------------------------------------------ followers (several processes, one dir)
+
+
+def test_follower_tails_what_the_writer_commits_without_taking_the_lock(tmp_path):
+    d = str(tmp_path / "data")
+
+    async def body():
+        async with opened(d) as w:
+            await w.append(recs(1, 3))
+            f = EmbeddedStore(d)
+            rec = await f.open(writer=False)  # the writer holds the lock: a follower needs none
+            try:
+                assert rec.entries == recs(1, 3)
+                assert await f.tail(3) == []
+                await w.append(recs(4, 6))
+                assert await f.tail(3) == recs(4, 6)
+                assert await f.tail(5) == recs(6, 6)
+                # A follower does not write: its appends are fenced, not silently interleaved.
+                with pytest.raises(Fenced):
+                    await f.append(recs(7, 7))
+                with pytest.raises(Fenced):
+                    await f.compact(2)
+            finally:
+                await f.close()
+            assert (await w.tail(0))[-1] == recs(6, 6)[0]
+
+    run(body())
+
+
+def test_tail_is_bounded_per_call_and_contiguous(tmp_path, monkeypatch):
+    d = str(tmp_path / "data")
+    monkeypatch.setattr(embedded, "TAIL_ENTRIES", 4)
+
+    async def body():
+        async with opened(d) as w:
+            await w.append(recs(1, 10))
+            got: list[tuple[int, bytes]] = []
+            while batch := await w.tail(len(got)):
+                assert len(batch) <= 4
+                got += batch
+            assert got == recs(1, 10)
+
+    run(body())
+
+
+def test_tail_behind_a_snapshot_raises_behind(tmp_path):
+    d = str(tmp_path / "data")
+
+    async def body():
+        async with opened(d) as w:
+            f = EmbeddedStore(d)
+            await f.open(writer=False)
+            try:
+                await w.append(recs(1, 5))
+                await w.save_snapshot(4, [b"state"])
+                # 1..4 are gone: a follower at 2 must reload, never get 5 after 2.
+                with pytest.raises(Behind):
+                    await f.tail(2)
+                with pytest.raises(Behind):
+                    await f.tail(0)
+                assert await f.tail(4) == recs(5, 5)
+                # Snapshot at the newest index: the log is empty, and a follower behind it is still behind.
+                await w.save_snapshot(5, [b"state"])
+                with pytest.raises(Behind):
+                    await f.tail(4)
+                assert await f.tail(5) == []
+            finally:
+                await f.close()
+
+    run(body())
+
+
+def test_claim_takes_the_writer_lock_and_returns_what_the_follower_missed(tmp_path):
+    d = str(tmp_path / "data")
+
+    async def body():
+        w = EmbeddedStore(d, busy_timeout=0.3)
+        await w.open()
+        f = EmbeddedStore(d, busy_timeout=0.3)
+        await f.open(writer=False)
+        try:
+            await w.append(recs(1, 4))
+            # The old writer still holds the lock: a claim waits for it, then gives up.
+            with pytest.raises(StoreError, match="still written by another writer"):
+                await f.claim(2)
+            await w.release()
+            with pytest.raises(Fenced):
+                await w.append(recs(5, 5))  # a released writer cannot append
+            assert await f.claim(2) == recs(3, 4)
+            await f.append(recs(5, 6))  # continues right after the claimed log
+            with pytest.raises(StoreError):
+                await f.append(recs(8, 8))  # the contiguity guard knows the claimed end
+            # A non-HA process on the same dir now meets the new writer's lock.
+            with pytest.raises(StoreError, match="in use by another process"):
+                await reopen(d)
+            assert await w.tail(4) == recs(5, 6)  # the old writer follows
+            await f.release()
+            assert await w.claim(6) == []
+            await w.append(recs(7, 7))
+        finally:
+            await f.close()
+            await w.close()
+        assert (await reopen(d)).entries == recs(1, 7)
+
+    run(body())
+
+
+def test_claim_behind_a_snapshot_raises_behind_and_keeps_no_lock(tmp_path):
+    d = str(tmp_path / "data")
+
+    async def body():
+        async with opened(d) as w:
+            await w.append(recs(1, 5))
+            await w.save_snapshot(3, [b"s"])
+            await w.release()
+            f = EmbeddedStore(d)
+            await f.open(writer=False)
+            try:
+                with pytest.raises(Behind):
+                    await f.claim(1)
+                assert await w.claim(5) == []  # the failed claim left the lock free
+            finally:
+                await f.close()
+
+    run(body())

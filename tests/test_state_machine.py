@@ -42,7 +42,7 @@ async def engine(
         await sm.start()
         yield sm, store
     finally:
-        store.release()  # a failing test must not leave the writer parked inside append
+        store.unhold()  # a failing test must not leave the writer parked inside append
         await sm.stop()
         await store.close()
 
@@ -152,7 +152,7 @@ def test_writes_queued_during_an_append_go_together_in_the_next_one(tmp_path):
         await asyncio.sleep(0.05)
         assert store.append_count == 1  # the writer is parked in the first append
         assert not first.done() and not any(f.done() for f in rest)
-        store.release()
+        store.unhold()
         assert (await first).header.revision == 2
         got = [(await f).header.revision for f in rest]
         assert sorted(got) == list(range(3, 53))
@@ -189,7 +189,7 @@ def test_a_write_not_durable_in_time_times_out_yet_may_still_commit(tmp_path, mo
         abandoned = spawn(sm.put(put(b"abandoned", b"1")))
         await asyncio.sleep(0.05)
         abandoned.cancel()  # the client went away: its write stays queued
-        store.release()
+        store.unhold()
         assert (await sm.put(put(b"after", b"1"))).header.revision == 4
         assert [kv[0] for kv in read_all(sm)[0]] == [b"abandoned", b"after", b"slow"]
 
@@ -242,7 +242,7 @@ def test_reads_never_see_pending_writes(tmp_path):
         assert t.responses[1].response_range.count == 0
         assert t.responses[0].response_range.header.revision == 3
 
-        store.release()
+        store.unhold()
         revs = [(await f).header.revision for f in pending]
         assert revs == [4, 5, 6]
         assert sm.committed_rev == 6
@@ -286,7 +286,7 @@ def test_failed_append_fails_exactly_its_batch_and_leaves_no_trace(tmp_path, ack
             await asyncio.sleep(0.02)
             # Four writing requests (the delete_range at least removes the pre0 the batch wrote).
             assert store.appends[-1] == list(range(head + 1, head + 5))
-            store.release()
+            store.unhold()
 
             outcomes = await asyncio.gather(*doomed, return_exceptions=True)
             for o in outcomes:
@@ -370,7 +370,7 @@ def test_txn_compares_see_earlier_requests_of_the_same_batch(tmp_path):
         ]
         futs = [spawn(r) for r in reqs]
         await asyncio.sleep(0.02)
-        store.release()
+        store.unhold()
         await blocker
         t1, t2, t3, p, d, t4 = [await f for f in futs]
         assert store.appends == [[2], [3], list(range(4, 10))]  # really one batch
@@ -573,7 +573,7 @@ def test_compaction_is_ordered_with_writes(tmp_path):
             p7 = spawn(sm.put(put(b"a", b"3")))
             await asyncio.sleep(0.02)
             assert sm.compact_rev == -1
-            store.release()
+            store.unhold()
 
             assert (await blocker).header.revision == 4
             await araises_etcd(errors.FUTURE_REV, early)
@@ -656,5 +656,151 @@ def test_a_lease_expiry_whose_append_failed_is_retried(tmp_path):
         assert sm.lease_status(lease.ID) is None, "the lease outlived a failed expiry"
         assert store.append_count >= 4  # grant, put, the failed revoke, the revoke that took
         assert sm.range(pb.RangeRequest(key=b"leased")).count == 0
+
+    run_engine(tmp_path, body)
+
+
+# ----------------------------------------------------------------------------------------- roles (HA)
+
+
+@asynccontextmanager
+async def follower(path: Path) -> AsyncIterator[StateMachine]:
+    """A second state machine on ``path``'s store, opened as a follower (the engine() there writes)."""
+    sm = StateMachine(EmbeddedStore(str(path)))
+    try:
+        await sm.start(writer=False)
+        yield sm
+    finally:
+        await sm.stop()
+        await sm.store.close()
+
+
+async def catch_up(sm: StateMachine) -> None:
+    while entries := await sm.store.tail(sm.applied_index):
+        sm.apply_committed(entries)
+
+
+def same_state(a: StateMachine, b: StateMachine) -> None:
+    assert (b.committed_rev, b.applied_index) == (a.committed_rev, a.applied_index)
+    assert read_all(b) == read_all(a)
+    assert b.hash_all() == a.hash_all()
+    def leases(sm: StateMachine) -> dict[int, list[bytes]]:
+        return {i: sm.lease_status(i).keys for i in sm.lease_ids()}
+
+    assert leases(b) == leases(a)
+
+
+def test_a_follower_applies_committed_entries_and_publishes_each_revision_once(tmp_path):
+    async def main() -> None:
+        async with engine(tmp_path) as (leader, _), follower(tmp_path) as sm:
+            published: list[int] = []
+            sm.listeners.append(lambda revs: published.extend(r for r, _ in revs))
+            with pytest.raises(errors.NOT_LEADER):
+                sm.put_nowait(put(b"x", b"1"))  # a follower refuses writes; the server forwards them
+            lease = await leader.lease_grant(pb.LeaseGrantRequest(TTL=100))
+            other = await leader.lease_grant(pb.LeaseGrantRequest(TTL=100))
+            await leader.put(put(b"a", b"1", lease=lease.ID))
+            await leader.put(put(b"b", b"1", lease=lease.ID))
+            await catch_up(sm)
+            same_state(leader, sm)
+            assert sm.lease_status(lease.ID).keys == [b"a", b"b"]
+            # Keys move between leases, get deleted, and a revoke deletes what is left on its lease.
+            await leader.put(put(b"a", b"2", lease=other.ID))
+            await leader.delete_range(delete(b"b"))
+            await leader.put(put(b"c", b"1", lease=lease.ID))
+            await leader.txn(pb.TxnRequest(success=[op_put(b"d", b"1"), op_del(b"c")]))
+            await leader.put(put(b"e", b"1", lease=lease.ID))
+            await leader.lease_revoke(pb.LeaseRevokeRequest(ID=lease.ID))
+            entries = await sm.store.tail(sm.applied_index)
+            half = len(entries) // 2
+            sm.apply_committed(entries[:half])
+            sm.apply_committed(entries)  # overlapping: what was applied is skipped, not applied twice
+            same_state(leader, sm)
+            assert sm.lease_status(other.ID).keys == [b"a"] and sm.lease_status(lease.ID) is None
+            assert published == list(range(2, leader.committed_rev + 1))
+            assert sm.watch_hub.committed_rev == sm.committed_rev
+            await leader.put(put(b"f", b"1"))
+            await leader.put(put(b"g", b"1"))
+            with pytest.raises(RuntimeError, match="does not follow"):
+                sm.apply_committed((await sm.store.tail(sm.applied_index))[1:])
+            with pytest.raises(RuntimeError, match="writer applies its own"):
+                leader.apply_committed([])
+
+    run(main())
+
+
+def test_promote_takes_over_with_leases_renewed_and_demote_hands_back(tmp_path):
+    async def main() -> None:
+        async with engine(tmp_path) as (old, _), follower(tmp_path) as new:
+            lease = await old.lease_grant(pb.LeaseGrantRequest(TTL=2))
+            await old.put(put(b"leased", b"v", lease=lease.ID))
+            await catch_up(new)
+            await old.put(put(b"late", b"1"))  # committed after the follower's last tail: the claim has it
+            await old.demote()
+            assert not old.leading
+            with pytest.raises(errors.NOT_LEADER):
+                old.put_nowait(put(b"x", b"1"))
+            await asyncio.sleep(2.6)
+            # Past the TTL, yet nobody revoked it: only a leader's timers expire leases.
+            assert new.lease_status(lease.ID) is not None and old.lease_status(lease.ID) is not None
+            await new.promote(extend=0.5)
+            assert new.leading and new.committed_rev == old.committed_rev
+            assert new.lease_status(lease.ID).remaining == 2  # full TTL + 0.5 s, truncated as etcd does
+            r = await new.put(put(b"next", b"1"))
+            assert r.header.revision == old.committed_rev + 1
+            # The new leader's expiry timer runs: the lease goes within its TTL + extend.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while new.lease_status(lease.ID) is not None and loop.time() < deadline:
+                await asyncio.sleep(0.1)
+            assert new.lease_status(lease.ID) is None and get(new, b"leased") is None
+            await catch_up(old)  # the old leader follows the new one
+            same_state(new, old)
+            assert get(old, b"leased") is None
+
+    run(main())
+
+
+def test_demote_fails_queued_writes_with_not_leader_after_the_batch_in_flight(tmp_path):
+    async def body(sm: StateMachine, store: FaultyStore) -> None:
+        store.hold()
+        first = spawn(sm.put(put(b"first", b"1")))
+        await store.wait_held()
+        queued = [spawn(sm.put(put(b"q%d" % i, b"x"))) for i in range(5)]
+        await asyncio.sleep(0)
+        demoting = spawn(sm.demote())
+        await asyncio.sleep(0.05)
+        assert not demoting.done()  # it waits for the append in flight
+        store.unhold()
+        await demoting
+        assert (await first).header.revision == 2  # in flight: its real outcome
+        for f in queued:
+            await araises_etcd(errors.NOT_LEADER(), f)
+        assert sm.committed_rev == 2 and sm.core.rev == 2 and get(sm, b"q0") is None
+        assert store.appends == [[2]]
+        # The store lock is free: another node can take over the writing.
+        other = EmbeddedStore(str(tmp_path))
+        await other.open(writer=False)
+        try:
+            assert len(await other.claim(0)) == 1
+        finally:
+            await other.close()
+
+    run_engine(tmp_path, body)
+
+
+def test_may_write_false_fails_the_batch_with_not_leader_and_keeps_memory_at_committed(tmp_path):
+    async def body(sm: StateMachine, store: FaultyStore) -> None:
+        await sm.put(put(b"a", b"1"))
+        sm.may_write = lambda: False
+        batch = [spawn(sm.put(put(b"k%d" % i, b"x"))) for i in range(3)]
+        for f in batch:
+            await araises_etcd(errors.NOT_LEADER(), f)
+        assert store.appends == [[2]]  # nothing reached the store
+        assert sm.committed_rev == 2 and sm.core.rev == 2 and read_all(sm)[1] == 1
+        assert sm.halted is not None and sm.halt.is_set()
+        await araises_etcd(errors.NOT_LEADER(), sm.compact(1))  # refused as the node halted
+        await sm.demote()
+        assert sm.halted is None and not sm.halt.is_set() and not sm.leading
 
     run_engine(tmp_path, body)

@@ -491,9 +491,16 @@ class AuthStore:
         if new.enabled != was_enabled:
             (self.tokens.enable if new.enabled else self.tokens.disable)()
 
-    def replay(self, change: bytes) -> None:
+    def replay(self, change: bytes, *, live: bool = False) -> None:
+        """Apply a logged change. ``live``: on a running follower, where it must also take effect on the
+        permission cache and the tokens, as ``install`` does on the writer."""
         kind, req = decode_change(change)
-        self.state.apply(kind, req)
+        if not live:
+            self.state.apply(kind, req)
+            return
+        new = self.state.copy()
+        new.apply(kind, req)
+        self.install(new, kind, req)
 
     def load(self, data: bytes) -> None:
         self.state = AuthState.load(data)

@@ -169,6 +169,26 @@ class Lessor:
         heapq.heappush(self._heap, (lease.expiry, lease_id))
         return lease
 
+    # -------------------------------------------------------------- leadership changes
+
+    def promote(self, extend: float) -> None:
+        """This node became the leader: every deadline it holds is stale (keep-alives went to the old
+        leader), so each lease gets what a restart would give it (the checkpointed remainder, else the
+        full TTL) plus ``extend`` seconds, as etcd's ``lessor.Promote``; e.g. TTL 10 with no checkpoint
+        and extend 5: expires 15 s from now unless renewed."""
+        now = self.clock()
+        for lease in self.leases.values():
+            lease.expiry = now + (lease.checkpoint or lease.ttl) + extend
+        self._heap = [(lease.expiry, lease.id) for lease in self.leases.values()]
+        heapq.heapify(self._heap)
+
+    def drop_stale(self) -> None:
+        """On a follower nothing pops the deadline heap (no expiry runs there), so the entries that
+        grants, revokes and checkpoints leave behind are dropped here once they outnumber the leases."""
+        if len(self._heap) > 2 * len(self.leases) + 1024:
+            self._heap = [(lease.expiry, lease.id) for lease in self.leases.values()]
+            heapq.heapify(self._heap)
+
     # -------------------------------------------------------------- replay and snapshots
 
     def replay(self, ops: list[tuple[int, int, int]]) -> None:

@@ -129,6 +129,12 @@ class StateMachine:
         self._tasks: list[asyncio.Task] = []
         self._writer_task: asyncio.Task | None = None
         self._stopping = False
+        # True while this node writes: from start() (or promote()) until demote(). A follower refuses
+        # writes with "not leader" (the server forwards them to the leader instead).
+        self.leading = False
+        # Asked right before every durable write when set (HA: "is my leadership still proven?"); the
+        # single-node default has no one to lose leadership to.
+        self.may_write: Callable[[], bool] | None = None
         # Set when the store was fenced or left an outcome unknown: memory may no longer match the store,
         # so this node refuses writes and the server shuts down (a restart recovers from the store).
         self.halted: str | None = None
@@ -142,22 +148,19 @@ class StateMachine:
 
     # -------------------------------------------------------------- life cycle
 
-    async def start(self) -> None:
+    async def start(self, *, writer: bool = True) -> None:
+        """Recover from the store, then start the writer and the lease timers.
+
+        ``writer=False`` opens the store as a follower: the state is recovered the same way, but nothing
+        here writes; ``apply_committed`` brings in what the writer commits until ``promote``.
+        """
         t0 = time.monotonic()
-        rec = await self.store.open()
+        # The plain call for the default: a store need not know about followers to serve one node.
+        rec = await (self.store.open() if writer else self.store.open(writer=False))
         self.core.begin_bulk()
         if rec.snapshot is not None:
             self._load_snapshot(rec.snapshot)
-        for index, data in rec.entries:
-            e = log_entry.decode(data)
-            if e.rev:
-                self.core.apply_record(e.rev, e.kv)
-            if e.ops:
-                self.lessor.replay(e.ops)
-                self.alarms.replay(e.ops)
-            if e.auth:
-                self.auth.replay(e.auth)
-            self.applied_index = index
+        self._apply_entries(rec.entries, None)
         self.core.end_bulk()
         self.auth.recovered()
         if rec.compact_rev > self.core.compact_rev:
@@ -181,14 +184,151 @@ class StateMachine:
                 "alarms": [alarm_types.NAMES[a] for _, a in self.alarms.get()],
                 "auth-enabled": self.auth.enabled,
                 "auth-revision": self.auth.revision,
+                "role": "writer" if writer else "follower",
                 "took": f"{time.monotonic() - t0:.3f}s",
             },
         )
+        if writer:
+            self._start_writing()
+
+    def _start_writing(self) -> None:
+        self.leading = True
+        self._stopping = False
         self._writer_task = asyncio.create_task(self._writer(), name="fastetcd-writer")
         self._tasks = [
             asyncio.create_task(self._expire_leases(), name="fastetcd-lease-expiry"),
             asyncio.create_task(self._checkpoint_leases(), name="fastetcd-lease-checkpoint"),
         ]
+
+    def _apply_entries(
+        self, entries: list[tuple[int, bytes]], revisions: list[tuple[int, bytes]] | None
+    ) -> None:
+        """Apply durable log entries in order, as the writer applied them: start-up replay and followers.
+
+        ``revisions`` (None during start-up replay) collects each (revision, KV record) for the listeners,
+        and asks for what a running node needs on top of replay: lease attachments kept in step with the
+        keys, auth caches and tokens brought up to date.
+        """
+        core = self.core
+        lessor = self.lessor
+        live = revisions is not None
+        for index, data in entries:
+            e = log_entry.decode(data)
+            if e.rev:
+                core.apply_record(e.rev, e.kv)
+                if revisions is not None:
+                    revisions.append((e.rev, e.kv))
+            if e.ops:
+                lessor.replay(e.ops)
+                self.alarms.replay(e.ops)
+            if e.auth:
+                self.auth.replay(e.auth, live=live)
+            self.applied_index = index
+        if live and revisions and lessor.leases:
+            # Replay rebuilds attachments from the whole key space once; a follower applying a few
+            # revisions at a time moves only the keys those revisions touched.
+            for rev, kv in revisions:
+                for _, key, _, _ in core.events(rev, kv):
+                    old = core.lease_of(key, rev - 1)
+                    if old:
+                        lessor.detach(old, key)
+                    new = core.lease_of(key, rev)
+                    if new:
+                        lessor.attach(new, key)
+        if live:
+            lessor.drop_stale()
+
+    def apply_committed(self, entries: list[tuple[int, bytes]]) -> None:
+        """Apply entries another writer made durable (``store.tail``) on a node that is not writing.
+
+        Exactly what replay does, then what a commit does: ``committed_rev`` advances and the listeners
+        (the watch hub) get every new revision once, in order, so a watch on a follower sees what it
+        would see on the leader. Entries at or below ``applied_index`` were applied already (a tail that
+        raced a promotion's claim) and are skipped; a gap is a bug in the caller and raises.
+
+        Example: applied_index 7, committed_rev 5; entries (8: put a → rev 6), (9: grant lease),
+        (10: put b → rev 7) leave applied_index 10, committed_rev 7 and publish [(6, …), (7, …)].
+        Leases granted here never expire on this node: only the leader's timers run.
+        """
+        if self.leading:
+            raise RuntimeError("the writer applies its own entries")
+        start = 0
+        while start < len(entries) and entries[start][0] <= self.applied_index:
+            start += 1
+        entries = entries[start:]
+        if not entries:
+            return
+        if entries[0][0] != self.applied_index + 1:
+            raise RuntimeError(f"entry {entries[0][0]} does not follow applied index {self.applied_index}")
+        revisions: list[tuple[int, bytes]] = []
+        self._apply_entries(entries, revisions)
+        self.committed_rev = self.core.rev
+        self._db_size = self.store.size()
+        if revisions:
+            for listener in self.listeners:
+                listener(revisions)
+
+    async def promote(self, extend: float) -> None:
+        """Follower → writer, once leadership is won: claim the store, apply what the old writer committed
+        after ``applied_index``, give every lease its TTL again plus ``extend`` seconds (etcd's
+        ``lessor.Promote``: keep-alives went to the old leader, so no deadline seen here is current), then
+        start the writer and the lease timers.
+
+        Example: a lease granted with TTL 10 on the old leader, last renewed there 9 s ago, would expire in
+        1 s by the old deadline; after ``promote(5)`` it expires in 15 s unless a keep-alive comes.
+        """
+        if self.leading:
+            return
+        entries = await self.store.claim(self.applied_index)
+        try:
+            self.apply_committed(entries)
+        except BaseException:
+            await self.store.release()
+            raise
+        self.lessor.promote(extend)
+        self._start_writing()
+        log.info("leading", extra={"revision": self.committed_rev, "log-index": self.applied_index,
+                                   "claimed-entries": len(entries)})
+
+    async def demote(self) -> None:
+        """Writer → follower (leadership lost or given up): stop the lease timers and the writer, fail what
+        is queued with "not leader", and give the store back; the node then follows from ``applied_index``.
+
+        A batch already inside ``store.append`` finishes first and its callers get its real outcome. Memory
+        is then at ``committed_rev`` (a failed batch was rolled back; this only makes sure), so an append
+        whose outcome was unknown comes back through ``tail`` if it did land.
+        """
+        if not self.leading:
+            return
+        self.leading = False  # from here on, new writes are refused with "not leader"
+        for t in self._tasks:
+            await cancel_and_wait(t)
+        self._tasks = []
+        while self._queue:
+            _, fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(errors.NOT_LEADER())
+        self._wake.set()
+        if self._writer_task is not None:
+            await self._writer_task
+            self._writer_task = None
+        if self._snapshot_task is not None:
+            await self._snapshot_task
+        if self.core.rev != self.committed_rev:
+            self.core.truncate(self.committed_rev)
+            self.lessor.rollback(self.core.leased_keys(self.core.rev))
+            self.alarms.rollback()
+        await self.store.release()
+        self.halted = None
+        self.halt.clear()
+        log.info("following", extra={"revision": self.committed_rev, "log-index": self.applied_index})
+
+    def fail(self, reason: str) -> None:
+        """Stop writing for good: memory may no longer match the store; a restart recovers from it."""
+        if self.halted is None:
+            self.halted = reason
+            log.critical("stopped writing", extra={"reason": reason})
+            self.halt.set()
 
     async def stop(self) -> None:
         """Finish what is queued, then stop the writer."""
@@ -364,6 +504,7 @@ class StateMachine:
         if new is None:
             return  # accepted, nothing changes: nothing to log
         index = self.applied_index + 1
+        self._check_may_write()
         await self.store.append([(index, log_entry.encode(log_entry.Entry(auth=encode_change(kind, req))))])
         self.applied_index = index
         self._db_size = self.store.size()
@@ -399,12 +540,16 @@ class StateMachine:
                 self.alarms.raise_unlogged(self.member_id, alarm_types.CORRUPT)
             return errors.CORRUPT()
         if isinstance(e, Fenced | Uncertain):
-            if self.halted is None:
-                self.halted = f"{'fenced' if isinstance(e, Fenced) else 'store outcome unknown'}: {e}"
-                log.critical("stopped writing", extra={"reason": self.halted})
-                self.halt.set()
+            self.fail(f"{'fenced' if isinstance(e, Fenced) else 'store outcome unknown'}: {e}")
             return errors.NOT_LEADER() if isinstance(e, Fenced) else errors.TIMEOUT()
         return errors.EtcdError("UNAVAILABLE", f"etcdserver: storage failure: {e}")
+
+    def _check_may_write(self) -> None:
+        """Right before a durable write: a leader that cannot prove its leadership must not write, since
+        someone else may already be writing. Failing as fenced rolls the batch back and halts the writer
+        (the replica demotes it)."""
+        if self.may_write is not None and not self.may_write():
+            raise Fenced("leadership is not proven")
 
     async def _submit(self, fn: Callable | _Exclusive, req: Any, auth_rev: int = 0) -> Any:
         return await self._enqueue(fn, req, auth_rev)
@@ -419,6 +564,8 @@ class StateMachine:
             raise errors.NOT_LEADER
         if self._stopping:
             raise errors.STOPPED
+        if not self.leading:
+            raise errors.NOT_LEADER
         if len(self._queue) >= MAX_PENDING:
             raise errors.TOO_MANY_REQUESTS
         loop = asyncio.get_running_loop()
@@ -450,7 +597,7 @@ class StateMachine:
         queue = self._queue
         while True:
             if not queue:
-                if self._stopping:
+                if self._stopping or not self.leading:
                     return
                 self._wake.clear()
                 await self._wake.wait()
@@ -473,6 +620,7 @@ class StateMachine:
         if batch.entries:
             t0 = time.perf_counter()
             try:
+                self._check_may_write()
                 await self.store.append(batch.entries)
             except StoreError as e:
                 self._fail_batch(batch, e)
@@ -579,6 +727,7 @@ class StateMachine:
             raise errors.COMPACTED
         if rev > self.core.rev:
             raise errors.FUTURE_REV
+        self._check_may_write()
         await self.store.compact(rev)
         self.core.compact(rev)
         return self.committed_rev

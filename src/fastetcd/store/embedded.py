@@ -6,6 +6,13 @@ or the machine, and a batch that was not acknowledged is either wholly there or 
 
 Every SQLite call runs on one dedicated thread. That keeps fsync off the event loop and keeps the calls
 strictly in the order the engine made them, without locks: the executor's queue is the order.
+
+Several processes may share one data dir for high availability (``open(writer=False)``): the writer is
+whoever holds the ``fastetcd.lock`` flock, the others read the same database (WAL mode lets readers in
+other processes see every committed transaction while the writer goes on) and ``tail`` the log. Example:
+a follower that applied up to index 40 calls ``tail(40)`` and gets 41..57; the writer then saves a
+snapshot at 60, deleting the log up to 60 in the same transaction, and writes 61; a follower still at 57
+now gets ``Behind`` (58..60 are gone), never 61 after 57.
 """
 
 from __future__ import annotations
@@ -22,12 +29,19 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from fastetcd import metrics
-from fastetcd.store.base import Corrupt, Recovered, StoreError, Uncertain, check_append
+from fastetcd.store.base import Behind, Corrupt, Fenced, Recovered, StoreError, Uncertain, check_append
 
 DB_FILE = "fastetcd.db"
 LOCK_FILE = "fastetcd.lock"
 # 1: log and snapshot keyed by a column named ``rev`` (it always held the log index); 2: named ``idx``.
 SCHEMA_VERSION = 2
+
+# One tail() reads at most this many entries, and stops early past TAIL_BYTES, to bound a catching-up
+# follower's memory and the time it holds the event loop applying them.
+TAIL_ENTRIES = 1024
+TAIL_BYTES = 16 << 20
+# How often claim() tries the writer lock again while the previous writer still gives it back.
+_CLAIM_RETRY = 0.05
 
 # A WAL that has been checkpointed is cut back to this size, so db size stays meaningful after a burst.
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
@@ -43,11 +57,16 @@ _log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class _LockBusy(StoreError):
+    """Another process (or another store in this one) holds the writer lock."""
+
+
 class EmbeddedStore:
     """``store.base.Store`` on SQLite at ``DATA_DIR/fastetcd.db``.
 
-    One process at a time may use a data dir: ``open`` takes an exclusive ``flock`` on
+    One process at a time may write a data dir: ``open`` takes an exclusive ``flock`` on
     ``DATA_DIR/fastetcd.lock`` and keeps it until ``close`` (or process death, which the kernel handles).
+    ``open(writer=False)`` takes no lock; ``claim`` takes it, ``release`` gives it back.
     """
 
     def __init__(self, data_dir: str, *, busy_timeout: float = 5.0) -> None:
@@ -68,15 +87,33 @@ class EmbeddedStore:
 
     # ----------------------------------------------------------------- async API (event loop side)
 
-    async def open(self) -> Recovered:
+    async def open(self, *, writer: bool = True) -> Recovered:
         if self._executor is not None:
             raise StoreError(f"store at {self.data_dir} is already open")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastetcd-sqlite")
         try:
-            return await self._run(self._open)
+            return await self._run(self._open, writer)
         except BaseException:
             await self._run_close()
             raise
+
+    async def tail(self, after: int) -> list[tuple[int, bytes]]:
+        return await self._run(self._tail, after)
+
+    async def claim(self, after: int) -> list[tuple[int, bytes]]:
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            # A previous writer in this process or another gives the lock back when it demotes or dies;
+            # retried from here, not blocked in the SQLite thread, so a cancelled claim leaves nothing behind.
+            try:
+                return await self._run(self._claim, after)
+            except _LockBusy:
+                if time.monotonic() >= deadline:
+                    raise StoreError(f"data dir {self.data_dir} is still written by another writer") from None
+            await asyncio.sleep(_CLAIM_RETRY)
+
+    async def release(self) -> None:
+        await self._run(self._release_lock)
 
     async def append(self, entries: list[tuple[int, bytes]]) -> None:
         if entries:
@@ -135,10 +172,11 @@ class EmbeddedStore:
 
     # ----------------------------------------------------------------- SQLite thread
 
-    def _open(self) -> Recovered:
+    def _open(self, writer: bool = True) -> Recovered:
         self._broken = None
         self._prepare_dir()
-        self._take_lock()
+        if writer:
+            self._take_lock()
         try:
             conn = sqlite3.connect(self.db_path, timeout=self._busy_timeout, isolation_level=None)
         except sqlite3.Error as e:
@@ -153,7 +191,14 @@ class EmbeddedStore:
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._create_schema(conn)
-            return self._recover(conn)
+            if writer:
+                return self._recover(conn)
+            # The writer goes on meanwhile: one read transaction makes the snapshot and the log agree.
+            conn.execute("BEGIN")
+            try:
+                return self._recover(conn)
+            finally:
+                conn.execute("COMMIT")
         except sqlite3.Error as e:
             raise StoreError(f"data dir {self.data_dir}: {DB_FILE} is unusable: {e}") from e
 
@@ -185,7 +230,7 @@ class EmbeddedStore:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise StoreError(f"data dir {self.data_dir} is in use by another process") from None
+            raise _LockBusy(f"data dir {self.data_dir} is in use by another process") from None
         except OSError as e:
             os.close(fd)
             raise StoreError(f"data dir {self.data_dir}: cannot lock {LOCK_FILE}: {e.strerror or e}") from e
@@ -193,6 +238,71 @@ class EmbeddedStore:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._lock_fd = fd
+
+    def _tail(self, after: int) -> list[tuple[int, bytes]]:
+        # Not _check_usable: an append whose outcome is unknown breaks writing, and reading the log is
+        # exactly how this node learns whether that append landed.
+        conn = self._conn
+        if conn is None:
+            raise StoreError(f"store at {self.data_dir} is not open")
+        try:
+            # One read transaction: the snapshot index and the log rows are of the same commit.
+            conn.execute("BEGIN")
+            try:
+                return self._read_after(conn, after, TAIL_ENTRIES, TAIL_BYTES)
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise StoreError(f"reading the log after index {after} failed: {e}") from e
+
+    def _read_after(
+        self, conn: sqlite3.Connection, after: int, limit: int, max_bytes: int
+    ) -> list[tuple[int, bytes]]:
+        """Entries after ``after`` (at most ``limit``, stopping once past ``max_bytes``), or Behind."""
+        row = conn.execute("SELECT value FROM meta WHERE key = 'snapshot_index'").fetchone()
+        snapshot_index = int(row[0]) if row else 0
+        if snapshot_index > after:
+            # A snapshot deletes the log up to its index in its own transaction: those entries are gone.
+            raise Behind(f"log index {after + 1} was replaced by the snapshot at {snapshot_index}")
+        out: list[tuple[int, bytes]] = []
+        size = 0
+        cur = conn.execute("SELECT idx, data FROM log WHERE idx > ? ORDER BY idx LIMIT ?", (after, limit))
+        try:
+            for idx, data in cur:
+                out.append((idx, data))
+                size += len(data)
+                if size > max_bytes:
+                    break
+        finally:
+            cur.close()
+        if out:
+            if out[0][0] != after + 1:
+                raise Behind(f"log index {after + 1} is gone; the log now starts at {out[0][0]}")
+            check_append(out, after)  # a hole inside would silently become a different state
+            self._last_index = out[-1][0]
+        return out
+
+    def _claim(self, after: int) -> list[tuple[int, bytes]]:
+        conn = self._check_usable()
+        if self._lock_fd is None:
+            self._take_lock()
+        try:
+            conn.execute("BEGIN")
+            try:
+                entries = self._read_after(conn, after, -1, 1 << 62)
+                row = conn.execute("SELECT max(idx) FROM log").fetchone()
+                snap = conn.execute("SELECT value FROM meta WHERE key = 'snapshot_index'").fetchone()
+                self._snapshot_index = int(snap[0]) if snap else 0
+            finally:
+                conn.execute("COMMIT")
+        except BaseException as e:
+            self._release_lock()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"claiming the log after index {after} failed: {e}") from e
+            raise
+        last = row[0] if row[0] is not None else self._snapshot_index
+        self._last_index = last or None
+        return entries
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
@@ -281,8 +391,14 @@ class EmbeddedStore:
         assert self._conn is not None
         return self._conn
 
-    def _append(self, entries: list[tuple[int, bytes]]) -> None:
+    def _check_writer(self) -> sqlite3.Connection:
         conn = self._check_usable()
+        if self._lock_fd is None:
+            raise Fenced(f"store at {self.data_dir} is open as a follower: it does not write")
+        return conn
+
+    def _append(self, entries: list[tuple[int, bytes]]) -> None:
+        conn = self._check_writer()
         check_append(entries, self._last_index)
         first, last = entries[0][0], entries[-1][0]
         committing = False
@@ -324,7 +440,7 @@ class EmbeddedStore:
     @contextmanager
     def _transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """One write transaction; any SQLite error rolls it back and becomes ``StoreError(what failed)``."""
-        conn = self._check_usable()
+        conn = self._check_writer()
         try:
             conn.execute("BEGIN IMMEDIATE")
             yield conn
@@ -345,7 +461,7 @@ class EmbeddedStore:
             )
 
     def _save_snapshot(self, index: int, chunks: list[bytes]) -> None:
-        self._check_usable()
+        self._check_writer()
         last = self._last_index or 0
         if index > last:
             raise StoreError(f"snapshot at index {index} is ahead of the stored log ({last})")
@@ -393,7 +509,8 @@ class EmbeddedStore:
 
     def _close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None and self._recovered:
+        # A follower leaves the WAL to the writer: a checkpoint here would wait on the writer's transactions.
+        if conn is not None and self._recovered and self._lock_fd is not None:
             try:
                 # Folding the WAL back in leaves a single self-contained file behind.
                 conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
