@@ -98,8 +98,8 @@ def _get(endpoint: str, key: bytes, *, serializable: bool = False) -> rpc_pb2.Ra
         return kv_stub(ch).Range(rpc_pb2.RangeRequest(key=key, serializable=serializable), timeout=10)
 
 
-def _assert_linearizable(history: History) -> None:
-    verdict = check_history(history)
+def _assert_linearizable(history: History, workdir: Path) -> None:
+    verdict = check_history(history, workdir)
     assert verdict.returncode == LINEARIZABLE, verdict.describe()
 
 
@@ -125,8 +125,14 @@ def test_writes_anywhere_reads_and_watches_everywhere(cluster: HaCluster) -> Non
     statuses = [cluster.status(i) for i in range(3)]
     assert len({s.raftTerm for s in statuses}) == 1
     assert len({s.header.cluster_id for s in statuses}) == 1
-    with channel(cluster.nodes[0].endpoint) as ch:
-        members = rpc_pb2_cluster_members(ch)
+    # Members announce themselves every renewal: within a few of them every node lists all three.
+    deadline = time.monotonic() + 10
+    while True:
+        with channel(cluster.nodes[0].endpoint) as ch:
+            members = rpc_pb2_cluster_members(ch)
+        if len(members) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert sorted(m.name for m in members) == ["n0", "n1", "n2"]
     assert {m.clientURLs[0] for m in members} == {f"http://{e}" for e in cluster.endpoints()}
 
@@ -154,7 +160,7 @@ def test_writes_anywhere_reads_and_watches_everywhere(cluster: HaCluster) -> Non
 
     with Recorder(cluster.endpoints(), clients=12) as rec:
         time.sleep(3)
-    _assert_linearizable(rec.history)
+    _assert_linearizable(rec.history, cluster.root)
 
 
 def rpc_pb2_cluster_members(ch: grpc.Channel) -> list:
@@ -199,7 +205,7 @@ def test_kill_leader_under_load(cluster: HaCluster) -> None:
         assert new_leader in survivors
         assert cluster.status(new_leader).raftTerm > 0
         history = rec.history
-        _assert_linearizable(history)
+        _assert_linearizable(history, cluster.root)
         _assert_no_revision_reused(history)
         head = _get(cluster.nodes[new_leader].endpoint, b"/none").header.revision
         for w in watchers:
@@ -220,7 +226,7 @@ def test_leader_cut_off_from_cosmos(cluster: HaCluster) -> None:
         assert cluster.leader(among=others) in others
         cluster.nodes[leader].proxy.release()
         time.sleep(LEASE_S)
-    _assert_linearizable(rec.history)
+    _assert_linearizable(rec.history, cluster.root)
     _assert_no_revision_reused(rec.history)
     # The old leader is a follower now, and current.
     new_leader = cluster.leader()
@@ -243,7 +249,7 @@ def test_leader_paused_past_its_lease(cluster: HaCluster) -> None:
         time.sleep(LEASE_S)
     # Calls queued at the paused leader are answered after SIGCONT: the checker sees whether any of
     # them was a stale read or a write committed under the old leadership.
-    _assert_linearizable(rec.history)
+    _assert_linearizable(rec.history, cluster.root)
     _assert_no_revision_reused(rec.history)
     assert cluster.leader() != leader
 

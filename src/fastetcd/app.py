@@ -98,7 +98,8 @@ def cluster_id_for(config: Config, member_id: int) -> int:
     so its identity is the cluster's; a lone member derives it from its own id, as before."""
     if not config.replicated:
         return member_id ^ 0x5A5A5A5A5A5A5A5A
-    where = (f"cosmos|{config.cosmos_endpoint}|{config.cosmos_database}|{config.cosmos_container}"
+    # Not the endpoint: members may reach one account through different (regional, proxied) addresses.
+    where = (f"cosmos|{config.cosmos_database}|{config.cosmos_container}"
              if config.store == "cosmos" else f"embedded|{os.path.abspath(config.data_dir)}")
     return member_id_for(where, [])
 

@@ -116,6 +116,8 @@ class LeaderLink:
         try:
             return await method(raw, metadata=self._metadata(), timeout=CALL_TIMEOUT)
         except grpc.aio.AioRpcError as e:
+            if _never_sent(e):
+                raise _Undelivered(url) from None
             raise _etcd_error(e) from None
 
     async def forward(self, path: str, raw: bytes, local: Callable[[bytes], Awaitable[bytes]]) -> bytes:
@@ -175,6 +177,10 @@ class LeaderLink:
             url = await self.leader_url()
             try:
                 return await (local(raw) if url is None else self.call(url, path, raw))
+            except _Undelivered:
+                # The leader we knew is gone and the call never reached it: safe to send to its successor.
+                if time.monotonic() >= deadline:
+                    raise errors.LEADER_CHANGED() from None
             except errors.EtcdError as e:
                 if e.message != errors.NOT_LEADER.message or time.monotonic() >= deadline:
                     raise
@@ -208,6 +214,16 @@ class LeaderLink:
         finally:
             pumping.cancel()
             call.cancel()
+
+
+class _Undelivered(Exception):
+    """A call that certainly did not reach the node (no connection could be made)."""
+
+
+def _never_sent(e: grpc.aio.AioRpcError) -> bool:
+    # grpc-core's text when no connection to the target could be established: nothing was sent.
+    details = e.details() or ""
+    return e.code() == grpc.StatusCode.UNAVAILABLE and "failed to connect to all addresses" in details
 
 
 def _etcd_error(e: grpc.aio.AioRpcError) -> errors.EtcdError:

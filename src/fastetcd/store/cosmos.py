@@ -341,12 +341,18 @@ class CosmosStore:
                 if _status(e) != 404:
                     raise
                 # Reading first: with Entra ID (data-plane RBAC) creating is not allowed, reading is.
-                await self._client.create_database_if_not_exists(id=self.database)
-                container = await db.create_container_if_not_exists(
-                    id=self.container_name,
-                    partition_key=PartitionKey(path="/pk"),
-                    indexing_policy=INDEXING_POLICY,
-                )
+                try:
+                    await self._client.create_database_if_not_exists(id=self.database)
+                    container = await db.create_container_if_not_exists(
+                        id=self.container_name,
+                        partition_key=PartitionKey(path="/pk"),
+                        indexing_policy=INDEXING_POLICY,
+                    )
+                except HttpResponseError as e:
+                    # Nodes of one cluster starting together race to create it: the loser reads it.
+                    if _status(e) != 409:
+                        raise
+                    container = db.get_container_client(self.container_name)
                 props = await container.read()
         except HttpResponseError as e:
             if _status(e) == 403:
