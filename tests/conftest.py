@@ -7,7 +7,7 @@ comparison must then pass.
 
 `--store=cosmos` runs every fastetcd the fixtures start on the Cosmos store: one Cosmos test server
 (tests/cosmos_server) for the whole session, and a fresh container per fastetcd data dir (the same one
-again when a test restarts fastetcd on the same dir).
+again when a test restarts fastetcd on the same dir), each node with a leadership lease of 1 s.
 """
 
 from __future__ import annotations
@@ -114,6 +114,11 @@ def fastetcd_store(request: pytest.FixtureRequest, fastetcd_transport: str) -> I
         provider = cosmos_target
 
     extra_args = ["--transport", fastetcd_transport, *request.config.getoption("--fastetcd-arg")]
+    if store == "cosmos":
+        # A lone node killed and restarted waits out its own leadership lease before writing again
+        # (store/leadership.py); these suites restart single nodes and time leases around the restart,
+        # so they run with a short one. tests/test_ha_cosmos.py tests the timing itself.
+        extra_args[:0] = ["--ha-lease", "1s"]
     previous = set_fastetcd_defaults(extra_args, provider)
     try:
         yield store

@@ -7,7 +7,7 @@ goes. ``Replica`` drives one ``StateMachine`` through those roles under a ``Lead
 * following: every ``poll`` seconds (or at once when woken) ``store.tail(applied_index)`` →
   ``sm.apply_committed``; writes are refused with "not leader" (the server forwards them);
 * campaigning, all the while: ``leadership.campaign()`` returns once this node leads, then
-  ``sm.promote(extend=lease)`` claims the store, applies what the old writer committed and starts the
+  ``sm.promote(extend=<the election's length>)`` claims the store, applies what the old writer committed and starts the
   writer;
 * leading until ``leadership.lost`` is set or the state machine halts (the store fenced it, or an append's
   outcome is unknown): ``sm.demote()`` gives the store back, and the node follows and campaigns again.
@@ -226,16 +226,20 @@ class Replica:
         leadership = self.leadership
         while not self._stop.is_set():
             self._campaigning = True
+            started = time.monotonic()
             try:
                 term = await leadership.campaign()
             finally:
                 self._campaigning = False
+            # etcd extends leases by its election timeout; here the election took what the campaign
+            # waited: nothing after a graceful hand-over, about a lease after a leader died.
+            extend = min(time.monotonic() - started, leadership.timing.failover_bound)
             if self._stop.is_set() or self.halted.is_set():
                 await leadership.resign()
                 return
             async with self._role:
                 try:
-                    await sm.promote(extend=leadership.timing.lease)
+                    await sm.promote(extend=extend)
                 except Behind as e:
                     await leadership.resign()
                     self._fail(f"behind the log (restart to load the snapshot): {e}")
