@@ -252,3 +252,24 @@ def test_a_follower_behind_a_snapshot_halts_for_a_restart(tmp_path):
                 await stop(fol)
 
     run(main(), timeout=40)
+
+
+def test_followers_compact_where_the_leader_compacts_and_a_new_leader_keeps_it(tmp_path):
+    async def main() -> None:
+        async with cluster(tmp_path, 2) as nodes:
+            leader = await elected(nodes)
+            follower = next(r for r in nodes if r is not leader)
+            for i in range(10):
+                await leader.sm.put(put(b"k", b"v%d" % i))  # revisions 2..11
+            await leader.sm.compact(6)
+            await until(lambda: follower.sm.compact_rev == 6)
+            with pytest.raises(errors.COMPACTED):
+                follower.sm.range(pb.RangeRequest(key=b"k", revision=5))
+            assert get(follower.sm, b"k", 6) == get(leader.sm, b"k", 6)
+            # The compaction is in the log: the node that leads next has it, and refuses to go back.
+            await stop(leader)
+            await until(lambda: follower.is_leader)
+            assert follower.sm.compact_rev == 6
+            await araises_etcd(errors.COMPACTED(), follower.sm.compact(5))
+
+    run(main(), timeout=40)

@@ -2,8 +2,9 @@
 
 One entry per request that changed anything: the etcd revision it created (0 for none, e.g. a lease grant),
 the core's record of that revision's key-value writes, and the other state operations it performed (lease
-grants, revokes and checkpoints; alarm changes; an auth change, as auth_store.py encodes it). Entries are
-numbered by a contiguous log index, independent of revisions.
+grants, revokes and checkpoints; alarm changes; a compaction; an auth change, as auth_store.py encodes
+it). Readers skip operation codes they do not know, so an older binary replays a newer log's entries.
+Entries are numbered by a contiguous log index, independent of revisions.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ ALARM_ACTIVATE = 4  # member id, alarm type
 ALARM_DEACTIVATE = 5  # member id, alarm type
 # Bytes, not (id, arg): its length, then an auth change (auth_store.encode_change). Never in ``ops``.
 AUTH_CHANGE = 6
+COMPACT = 7  # 0, revision: history below it is gone; followers compact where the leader did
 
 _U64 = (1 << 64) - 1
 

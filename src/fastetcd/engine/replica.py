@@ -7,8 +7,8 @@ goes. ``Replica`` drives one ``StateMachine`` through those roles under a ``Lead
 * following: every ``poll`` seconds (or at once when woken) ``store.tail(applied_index)`` →
   ``sm.apply_committed``; writes are refused with "not leader" (the server forwards them);
 * campaigning, all the while: ``leadership.campaign()`` returns once this node leads, then
-  ``sm.promote(extend=<the election's length>)`` claims the store, applies what the old writer committed and starts the
-  writer;
+  ``sm.promote(extend=<the election's length>)`` claims the store, applies what the old writer
+  committed and starts the writer;
 * leading until ``leadership.lost`` is set or the state machine halts (the store fenced it, or an append's
   outcome is unknown): ``sm.demote()`` gives the store back, and the node follows and campaigns again.
 

@@ -160,11 +160,12 @@ class StateMachine:
         self.core.begin_bulk()
         if rec.snapshot is not None:
             self._load_snapshot(rec.snapshot)
-        self._apply_entries(rec.entries, None)
+        compacted = self._apply_entries(rec.entries, None)
         self.core.end_bulk()
         self.auth.recovered()
-        if rec.compact_rev > self.core.compact_rev:
-            self.core.compact(rec.compact_rev)
+        compact_rev = max(rec.compact_rev, compacted)
+        if compact_rev > self.core.compact_rev:
+            self.core.compact(compact_rev)
         self.lessor.reattach(self.core.leased_keys(self.core.rev))
         self.committed_rev = self.core.rev
         self._db_size = self.store.size()
@@ -202,16 +203,18 @@ class StateMachine:
 
     def _apply_entries(
         self, entries: list[tuple[int, bytes]], revisions: list[tuple[int, bytes]] | None
-    ) -> None:
+    ) -> int:
         """Apply durable log entries in order, as the writer applied them: start-up replay and followers.
 
         ``revisions`` (None during start-up replay) collects each (revision, KV record) for the listeners,
         and asks for what a running node needs on top of replay: lease attachments kept in step with the
-        keys, auth caches and tokens brought up to date.
+        keys, auth caches and tokens brought up to date. Returns the newest compaction revision the entries
+        hold (-1: none) for the caller to apply last: the revisions before it must reach the listeners first.
         """
         core = self.core
         lessor = self.lessor
         live = revisions is not None
+        compact_rev = -1
         for index, data in entries:
             e = log_entry.decode(data)
             if e.rev:
@@ -221,6 +224,9 @@ class StateMachine:
             if e.ops:
                 lessor.replay(e.ops)
                 self.alarms.replay(e.ops)
+                for op, _, arg in e.ops:
+                    if op == log_entry.COMPACT:
+                        compact_rev = max(compact_rev, arg)
             if e.auth:
                 self.auth.replay(e.auth, live=live)
             self.applied_index = index
@@ -237,6 +243,7 @@ class StateMachine:
                         lessor.attach(new, key)
         if live:
             lessor.drop_stale()
+        return compact_rev
 
     def apply_committed(self, entries: list[tuple[int, bytes]]) -> None:
         """Apply entries another writer made durable (``store.tail``) on a node that is not writing.
@@ -261,12 +268,14 @@ class StateMachine:
         if entries[0][0] != self.applied_index + 1:
             raise RuntimeError(f"entry {entries[0][0]} does not follow applied index {self.applied_index}")
         revisions: list[tuple[int, bytes]] = []
-        self._apply_entries(entries, revisions)
+        compacted = self._apply_entries(entries, revisions)
         self.committed_rev = self.core.rev
         self._db_size = self.store.size()
         if revisions:
             for listener in self.listeners:
                 listener(revisions)
+        if compacted > self.core.compact_rev:
+            self.core.compact(compacted)
 
     async def promote(self, extend: float) -> None:
         """Follower → writer, once leadership is won: claim the store, apply what the old writer committed
@@ -728,6 +737,12 @@ class StateMachine:
         if rev > self.core.rev:
             raise errors.FUTURE_REV
         self._check_may_write()
+        # Logged first, so that followers compact where the leader does (and a restart replays it even if
+        # the store's own record of it below were lost with a crash in between).
+        index = self.applied_index + 1
+        entry = log_entry.Entry(ops=[(log_entry.COMPACT, 0, rev)])
+        await self.store.append([(index, log_entry.encode(entry))])
+        self.applied_index = index
         await self.store.compact(rev)
         self.core.compact(rev)
         return self.committed_rev
