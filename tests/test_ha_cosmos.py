@@ -16,6 +16,7 @@ and a follower restarted later catches up and serves.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +32,7 @@ from linearizability.lincheck import LINEARIZABLE, check_history
 from linearizability.recorder import Recorder
 
 from fastetcd.proto import rpc_pb2
-from fastetcd.testing import channel, kv_stub, watch_stub
+from fastetcd.testing import channel, kv_stub, run_etcdctl, watch_stub
 
 # From the leader's last renewal: a lease plus one poll (store/leadership.py), then the new leader
 # catches up and clients reconnect; generous for a loaded 2-core machine.
@@ -269,3 +270,70 @@ def test_restarted_follower_catches_up(cluster: HaCluster) -> None:
         r = kv_stub(ch).Range(rpc_pb2.RangeRequest(key=b"/r/", range_end=b"/r0", count_only=True,
                                                    serializable=True), timeout=10)
     assert r.count == 200
+
+
+def _etcdctl(endpoint: str, *args: str) -> str:
+    code, out, err = run_etcdctl(endpoint, list(args), timeout=30)
+    assert code == 0, f"etcdctl {' '.join(args)}: {err}"
+    return out
+
+
+def test_etcdctl_sees_a_three_member_cluster_and_moves_its_leader(cluster: HaCluster) -> None:
+    leader = cluster.leader()
+    follower, other = (i for i in range(3) if i != leader)
+    deadline = time.monotonic() + 10
+    for node in cluster.nodes:  # members announce themselves every renewal: each node lists all soon
+        while len(json.loads(_etcdctl(node.endpoint, "member", "list", "-w", "json"))["members"]) < 3:
+            assert time.monotonic() < deadline, f"{node.name} does not list every member"
+            time.sleep(0.2)
+
+    statuses = json.loads(_etcdctl(cluster.nodes[follower].endpoint, "endpoint", "status", "--cluster",
+                                   "-w", "json"))
+    assert sorted(s["Endpoint"] for s in statuses) == sorted(f"http://{e}" for e in cluster.endpoints())
+    assert len({s["Status"]["leader"] for s in statuses}) == 1
+    assert len({s["Status"]["raftTerm"] for s in statuses}) == 1
+    assert [s["Status"]["header"]["member_id"] == s["Status"]["leader"] for s in statuses].count(True) == 1
+    health = json.loads(_etcdctl(cluster.nodes[follower].endpoint, "endpoint", "health", "--cluster",
+                                 "-w", "json"))
+    assert len(health) == 3 and all(h["health"] for h in health), health
+
+    # Leases through followers: granted at the leader, kept alive and read back from any node.
+    lease_id = _etcdctl(cluster.nodes[follower].endpoint, "lease", "grant", "30").split()[1]
+    _etcdctl(cluster.nodes[follower].endpoint, "put", "--lease", lease_id, "/leased", "v")
+    assert "TTL(30)" in _etcdctl(cluster.nodes[other].endpoint, "lease", "keep-alive", "--once", lease_id)
+    assert "/leased" in _etcdctl(cluster.nodes[other].endpoint, "lease", "timetolive", "--keys", lease_id)
+
+    # MoveLeader: leadership goes to the named member at once, with a new term.
+    term = cluster.status(leader).raftTerm
+    target = cluster.status(follower).header.member_id
+    started = time.monotonic()
+    # etcdctl sends MoveLeader to the leader among the endpoints it is given.
+    moved = _etcdctl(",".join(cluster.endpoints()), "move-leader", f"{target:x}")
+    assert cluster.leader() == follower, [moved, target] + [(s.header.member_id, s.leader, s.raftTerm)
+                                          for s in map(cluster.status, range(3))]
+    assert time.monotonic() - started < LEASE_S, "MoveLeader waited out a lease"
+    assert cluster.status(follower).raftTerm > term
+    assert _etcdctl(cluster.nodes[leader].endpoint, "put", "/after-move", "1").strip() == "OK"
+
+
+def test_no_leader_is_reported_to_require_leader_calls(cluster: HaCluster) -> None:
+    cluster.leader()
+    _put(cluster.nodes[0].endpoint, b"/k", b"v")
+    for node in cluster.nodes:
+        node.proxy.stall()
+    try:
+        time.sleep(LEASE_S * 1.5)
+        with channel(cluster.nodes[0].endpoint) as ch:
+            watch = watch_stub(ch).Watch(iter([rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
+                key=b"/k"))]), metadata=(("hasleader", "true"),), timeout=5)
+            with pytest.raises(grpc.RpcError) as e:
+                next(iter(watch))
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert e.value.details() == "etcdserver: no leader"
+        # Serializable reads need no leader, as in etcd.
+        assert _get(cluster.nodes[0].endpoint, b"/k", serializable=True).kvs[0].value == b"v"
+    finally:
+        for node in cluster.nodes:
+            node.proxy.release()
+    cluster.leader()
+    assert _put(cluster.nodes[0].endpoint, b"/k", b"w") > 0

@@ -166,7 +166,7 @@ _OPTIONS: tuple[_Option, ...] = (
         "ha-lease",
         parse_duration,
         "fastetcd only: how long one renewal proves leadership (Go duration); a dead leader is replaced "
-        "within about 1.1x this, and a cut-off leader stops serving 10% before it.",
+        "within about 1.1x this, and a cut-off leader stops serving a tenth of it earlier.",
     ),
     _Option(
         "cosmos-endpoint",

@@ -54,6 +54,9 @@ NOT_LEADER = _e("UNAVAILABLE", "etcdserver: not leader")
 TIMEOUT = _e("UNAVAILABLE", "etcdserver: request timed out")
 NO_LEADER = _e("UNAVAILABLE", "etcdserver: no leader")
 LEADER_CHANGED = _e("UNAVAILABLE", "etcdserver: leader changed")
+LEADER_TRANSFER_TIMEOUT = _e(
+    "UNAVAILABLE", "etcdserver: request timed out, leader transfer took too long"
+)
 
 # Auth (etcd's rpctypes for auth.Err*, through v3rpc's togRPCError). An auth error etcd 3.5.1 has no gRPC
 # mapping for reaches clients as UNKNOWN with the auth package's own text.

@@ -82,6 +82,7 @@ class Replica:
         self._published_term = 0
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._handed_over = asyncio.Event()  # set by transfer(): the leader steps down without losing
         # Held while entries are applied from the store or the role changes: a tail is never applied on
         # top of a promotion's claim, nor in the middle of a demotion.
         self._role = asyncio.Lock()
@@ -225,6 +226,7 @@ class Replica:
         sm = self.sm
         leadership = self.leadership
         while not self._stop.is_set():
+            self._handed_over.clear()
             self._campaigning = True
             started = time.monotonic()
             try:
@@ -261,9 +263,25 @@ class Replica:
                     return
                 log.warning("stepping down", extra={"term": term, "reason": why})
                 await sm.demote()
-            if not leadership.lost.is_set():
+            if not leadership.lost.is_set() and why != "handed over":
                 await leadership.resign()  # the store fenced us: let someone else in
             self._wake.set()
+
+    async def transfer(self, member_id: int, timeout: float) -> None:
+        """etcd's MoveLeader: hand leadership to ``member_id`` and return once it leads (this node then
+        follows); errors.LEADER_TRANSFER_TIMEOUT if that takes longer than ``timeout``."""
+        if not self.is_leader:
+            raise errors.NOT_LEADER
+        await self.leadership.transfer(member_id)
+        self._handed_over.set()
+        deadline = time.monotonic() + timeout
+        while True:
+            leader = self.leadership.leader()
+            if leader is not None and leader.member.id == member_id:
+                return
+            if time.monotonic() >= deadline:
+                raise errors.LEADER_TRANSFER_TIMEOUT
+            await asyncio.sleep(0.02)
 
     async def _lead_until_done(self) -> str:
         """Wait until leadership is lost, the state machine halts, or the replica stops; which one."""
@@ -271,6 +289,7 @@ class Replica:
             asyncio.ensure_future(self.leadership.lost.wait()): "leadership lost",
             asyncio.ensure_future(self.sm.halt.wait()): "halted",
             asyncio.ensure_future(self._stop.wait()): "stop",
+            asyncio.ensure_future(self._handed_over.wait()): "handed over",
         }
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

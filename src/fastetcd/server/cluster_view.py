@@ -6,6 +6,7 @@ a node of a replicated cluster reports what its ``Replica`` observes in the shar
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,8 @@ from fastetcd.store.leadership import Member
 
 if TYPE_CHECKING:
     from fastetcd.engine.replica import Replica
+
+log = logging.getLogger(__name__)
 
 # etcdctl prints a member's peer URLs; a node of fastetcd has no peer port, members meet in the store.
 BAD_LEADER_TRANSFEREE = errors.EtcdError("FAILED_PRECONDITION", "etcdserver: bad leader transferee")
@@ -59,7 +62,9 @@ class ReplicaView:
             return
         if target not in {m.id for m in self.members()}:
             raise BAD_LEADER_TRANSFEREE
-        await self.replica.leadership.transfer(target)
+        log.info("moving leadership",
+                 extra={"from": f"{self.replica.sm.member_id:016x}", "to": f"{target:016x}"})
+        await self.replica.transfer(target, self.replica.leadership.timing.lease)
 
 
 ClusterView = SingleMember | ReplicaView

@@ -129,6 +129,13 @@ class CosmosLeadership:
         return self._valid_until if self._leading else 0.0
 
     def leader(self) -> Leader | None:
+        """The leader the record names, or None: vacant, or unrenewed for a whole lease as far as this node
+        can see (the leader is gone, or this node cannot reach Cosmos): etcd's "no leader"."""
+        if self._leading:
+            return self._leader
+        seen = self._seen
+        if seen is None or time.monotonic() - seen.since > self.timing.lease:
+            return None
         return self._leader
 
     def members(self) -> list[Member]:
@@ -256,7 +263,8 @@ class CosmosLeadership:
         etag = self._etag
         for _ in range(3):
             try:
-                await self._write(self._record(None, self._term, nxt), etag)
+                _, res = await self._write(self._record(None, self._term, nxt), etag)
+                self._observe(res, time.monotonic())
                 return
             except _Taken:
                 # A renewal cancelled on its way may have landed after all: then the record is still ours.
