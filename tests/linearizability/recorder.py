@@ -22,13 +22,14 @@ import itertools
 import random
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
+from typing import Any
 
 import grpc
 
 from fastetcd.proto import kv_pb2, rpc_pb2, rpc_pb2_grpc
-from fastetcd.testing import channel, kv_stub, prefix_end
+from fastetcd.testing import channel, kv_stub, prefix_end, watch_stub
 
 from .history import KV, History, Op, Output
 
@@ -71,7 +72,8 @@ class Recorder:
     def __init__(self, endpoints: Sequence[str], *, clients: int = 12, keys: int = 4, prefix: str = "/lin/",
                  seed: int = 0, rpc_timeout: float = 5.0, backoff: float = 0.05,
                  mix: Sequence[tuple[str, bool, int]] = DEFAULT_MIX,
-                 short_deadline: float | None = None, short_deadline_share: float = 0.0) -> None:
+                 short_deadline: float | None = None, short_deadline_share: float = 0.0,
+                 resolve_by_watch: bool = False) -> None:
         if not endpoints:
             raise ValueError("no endpoints")
         self.endpoints = list(endpoints)
@@ -93,11 +95,24 @@ class Recorder:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._crashed: list[BaseException] = []
+        # With resolve_by_watch, a watch of the prefix on the first endpoint records which values were
+        # written at which revision; see _resolve_unknown_writes.
+        self.resolve_by_watch = resolve_by_watch
+        self._written: dict[str, int] = {}  # value -> revision of its PUT event
+        self._watched_rev = 0  # every event up to this revision has been received
+        self._watch_failed: BaseException | None = None
+        self._watch_wake = threading.Event()
+        self._watch_stop = threading.Event()
+        self._watch_call: Any = None
 
     # ---------------------------------------------------------------------------------------------
     def __enter__(self) -> Recorder:
         rev, kvs = self._read_all_until_ok(self.endpoints[0], deadline_s=30.0)
         self.history.initial_revision, self.history.initial_kvs = rev, kvs
+        if self.resolve_by_watch:
+            t = threading.Thread(target=self._watch, args=(rev,), name="lin-watch", daemon=True)
+            self._watch_thread = t
+            t.start()
         for c in range(self.clients):
             t = threading.Thread(target=self._client, args=(c,), name=f"lin-client-{c}", daemon=True)
             self._threads.append(t)
@@ -111,13 +126,85 @@ class Recorder:
             t.join(timeout=self.rpc_timeout + 10)
         ops = [op for client_ops in self._ops for op in client_ops]
         if exc_type is None:
-            ops.append(self._final_read())
+            final = self._final_read()
+            ops.append(final)
+            if self.resolve_by_watch and final.out is not None:
+                ops = self._resolve_unknown_writes(ops, final.out.revision)
+        self._watch_stop.set()
+        if self._watch_call is not None:
+            self._watch_call.cancel()
         ops.sort(key=lambda op: op.id)
         self.history.ops = ops
         if exc_type is None and any(t.is_alive() for t in self._threads):
             raise RuntimeError("a client thread did not stop")
         if exc_type is None and self._crashed:
             raise RuntimeError("a client thread crashed") from self._crashed[0]
+
+    # ---------------------------------------------------------------------------------------------
+    def _watch(self, after: int) -> None:
+        p = self.prefix.encode()
+
+        def requests() -> Iterator[rpc_pb2.WatchRequest]:
+            yield rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
+                key=p, range_end=prefix_end(p), start_revision=after + 1))
+            while not self._watch_stop.is_set():
+                if self._watch_wake.wait(0.1):
+                    self._watch_wake.clear()
+                    yield rpc_pb2.WatchRequest(progress_request=rpc_pb2.WatchProgressRequest())
+
+        try:
+            with channel(self.endpoints[0], options=CLIENT_CHANNEL_OPTIONS) as ch:
+                self._watch_call = call = watch_stub(ch).Watch(requests())
+                for resp in call:
+                    for ev in resp.events:
+                        if ev.type == kv_pb2.Event.PUT:
+                            self._written[ev.kv.value.decode()] = ev.kv.mod_revision
+                    # A progress notification comes only once the watcher has sent everything up to its
+                    # header revision (etcd's rule, and fastetcd's).
+                    if not resp.events and not resp.created and not resp.canceled:
+                        self._watched_rev = max(self._watched_rev, resp.header.revision)
+        except grpc.RpcError as e:
+            if not self._watch_stop.is_set():
+                self._watch_failed = e
+
+    def _resolve_unknown_writes(self, ops: list[Op], final_rev: int) -> list[Op]:
+        """Settle unknown puts and swaps by the server's own account of what happened, as etcd's
+        robustness tests do: values are unique, so a PUT event with a write's value says it took effect
+        at that revision; a write whose value no event carries through the final read's revision took
+        no effect (a swap whose compare failed writes nothing either) and leaves the history. Unknown
+        deletes stay unknown (an event cannot name them). Without a complete watch nothing changes."""
+        deadline = time.monotonic() + 15
+        while self._watched_rev < final_rev and self._watch_failed is None and time.monotonic() < deadline:
+            self._watch_wake.set()
+            time.sleep(0.05)
+        if self._watched_rev < final_rev:
+            return ops
+        end = time.monotonic_ns()
+        kept = []
+        for op in ops:
+            if op.unknown and op.is_write and op.kind != "delete":
+                rev = self._written.get(op.value)
+                if rev is None:
+                    continue
+                op.ret, op.error = end, ""
+                op.out = Output(rev, succeeded=op.kind != "put")
+            kept.append(op)
+        return kept
+
+    def wait_for_write(self, since: float, timeout: float = 60.0) -> float:
+        """Seconds from ``since`` (time.monotonic()) until some client's write invoked after it was
+        acknowledged: how a fault test sees writes resume without a write of its own, which the history
+        would lack (the checker needs every write that takes a revision)."""
+        since_ns = int(since * 1e9)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # Lists only grow (appends are atomic under the GIL): a scan from the end finds new ones.
+            done = [op.ret for ops in self._ops for op in reversed(ops[-50:])
+                    if op.is_write and op.out is not None and op.call >= since_ns and op.ret is not None]
+            if done:
+                return (min(done) - since_ns) / 1e9
+            time.sleep(0.02)
+        raise AssertionError(f"no write was acknowledged within {timeout:.0f} s")
 
     # ---------------------------------------------------------------------------------------------
     def _read_all_until_ok(self, endpoint: str, deadline_s: float) -> tuple[int, list[KV]]:
