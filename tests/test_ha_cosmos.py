@@ -41,8 +41,9 @@ CLIENTS = 16
 
 
 @pytest.fixture
-def cluster(cosmos: CosmosServer, tmp_path: Path) -> Iterator[HaCluster]:
-    c = HaCluster(cosmos, tmp_path)
+def cluster(cosmos: CosmosServer, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[HaCluster]:
+    """Three nodes; a test parametrized indirectly on ``cluster`` gives their extra flags."""
+    c = HaCluster(cosmos, tmp_path, extra_args=tuple(getattr(request, "param", ())))
     try:
         c.start()
         yield c
@@ -265,7 +266,10 @@ def test_leader_paused_past_its_lease(cluster: HaCluster) -> None:
     assert cluster.leader() != leader
 
 
+@pytest.mark.parametrize("cluster", [("--snapshot-count", "50")], indirect=True)
 def test_restarted_follower_catches_up(cluster: HaCluster) -> None:
+    """Down while the leader wrote 200 entries and took snapshots (every 50) that let it drop the log the
+    follower had not read: it comes back from the newest snapshot plus the log after it."""
     leader = cluster.leader()
     follower = next(i for i in range(3) if i != leader)
     cluster.nodes[follower].process.stop()
