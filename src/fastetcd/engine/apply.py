@@ -103,6 +103,33 @@ def _range_sorted(core: MVCC, r: pb.RangeRequest, rev: int, cur_rev: int, filter
     return RangeResult(kvs, more, count, cur_rev)
 
 
+@dataclass(slots=True)
+class PutResult:
+    """A Put applied for a decoded request (server/_wire.pyx's PutArgs), for the server to encode."""
+
+    rev: int  # header revision
+    prev_kv: bytes | None  # encoded mvccpb.KeyValue, if asked for and the key existed
+
+
+@dataclass(slots=True)
+class DeleteResult:
+    """A DeleteRange applied inside a decoded Txn."""
+
+    rev: int
+    deleted: int
+    prev_kvs: list[bytes]  # encoded mvccpb.KeyValues, if asked for
+
+
+@dataclass(slots=True)
+class TxnResult:
+    """A Txn applied for a decoded request (server/_wire.pyx's TxnArgs): one result per op of the branch
+    taken, in order, for the server to encode. Decoded txns never nest."""
+
+    rev: int
+    succeeded: bool
+    responses: list[RangeResult | PutResult | DeleteResult]
+
+
 class WriteTxn:
     """One write request being applied at revision ``core.rev + 1`` (etcd's storeTxnWrite).
 
@@ -162,13 +189,26 @@ class Applier:
 
     # -------------------------------------------------------------- writes
 
-    def put(self, p: pb.PutRequest) -> pb.PutResponse:
+    # Requests come as protobuf messages (answered with messages) or as the server's decoded requests
+    # (server/_wire.pyx: the same field names, answered with the *Result records above, which the server
+    # encodes without building messages). Both run the same rules, in _put_kv and _delete_kv.
+
+    def put(self, p: pb.PutRequest) -> pb.PutResponse | PutResult:
         if p.lease and not self.lessor.exists(p.lease):
             raise errors.LEASE_NOT_FOUND
-        return self._put(WriteTxn(self.core, self.lessor), p)
+        w = WriteTxn(self.core, self.lessor)
+        if type(p) is pb.PutRequest:
+            return self._put(w, p)
+        return self._put_kv(w, p)
 
     def _put(self, w: WriteTxn, p: pb.PutRequest) -> pb.PutResponse:
-        resp = pb.PutResponse(header=pb.ResponseHeader())
+        res = self._put_kv(w, p)
+        resp = pb.PutResponse(header=pb.ResponseHeader(revision=res.rev))
+        if res.prev_kv is not None:
+            resp.prev_kv.MergeFromString(res.prev_kv)
+        return resp
+
+    def _put_kv(self, w: WriteTxn, p: pb.PutRequest) -> PutResult:
         value, lease = p.value, p.lease
         prev = None
         if p.ignore_value or p.ignore_lease or p.prev_kv:
@@ -180,22 +220,25 @@ class Applier:
                 value = prev.value
             if p.ignore_lease:
                 lease = prev.lease
-        if p.prev_kv and prev is not None:
-            resp.prev_kv.MergeFromString(prev.kv)
-        resp.header.revision = w.put(p.key, value, lease)
-        return resp
+        prev_kv = prev.kv if p.prev_kv and prev is not None else None
+        return PutResult(w.put(p.key, value, lease), prev_kv)
 
     def delete_range(self, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
         return self._delete_range(WriteTxn(self.core, self.lessor), d)
 
     def _delete_range(self, w: WriteTxn, d: pb.DeleteRangeRequest) -> pb.DeleteRangeResponse:
-        resp = pb.DeleteRangeResponse(header=pb.ResponseHeader())
-        if d.prev_kv:
-            kvs, _ = self.core.range(d.key, d.range_end, w.current_rev(), 0, False)
-            for kv in kvs:
-                resp.prev_kvs.add().MergeFromString(kv)
-        resp.deleted, resp.header.revision = w.delete_range(d.key, d.range_end)
+        res = self._delete_kv(w, d)
+        resp = pb.DeleteRangeResponse(header=pb.ResponseHeader(revision=res.rev), deleted=res.deleted)
+        for kv in res.prev_kvs:
+            resp.prev_kvs.add().MergeFromString(kv)
         return resp
+
+    def _delete_kv(self, w: WriteTxn, d: pb.DeleteRangeRequest) -> DeleteResult:
+        prev_kvs: list[bytes] = []
+        if d.prev_kv:
+            prev_kvs, _ = self.core.range(d.key, d.range_end, w.current_rev(), 0, False)
+        deleted, rev = w.delete_range(d.key, d.range_end)
+        return DeleteResult(rev, deleted, prev_kvs)
 
     # -------------------------------------------------------------- leases
 
@@ -225,8 +268,10 @@ class Applier:
 
     # -------------------------------------------------------------- txn
 
-    def txn(self, t: pb.TxnRequest, read_rev: int | None = None) -> pb.TxnResponse:
+    def txn(self, t: pb.TxnRequest, read_rev: int | None = None) -> pb.TxnResponse | TxnResult:
         """Apply a Txn. ``read_rev`` is given for read-only txns served at the committed revision."""
+        if type(t) is not pb.TxnRequest:
+            return self._txn_decoded(t, read_rev)
         core = self.core
         view = core.rev if read_rev is None else read_rev
         path = self._compare_to_path(t, view)
@@ -242,6 +287,36 @@ class Applier:
             resp, _ = self._apply_txn(None, t, path, 0, view)
             resp.header.revision = view
         return resp
+
+    def _txn_decoded(self, t, read_rev: int | None) -> TxnResult:
+        """``txn`` for a decoded request (server/_wire.pyx's TxnArgs): the same steps, in the same order, for
+        a txn that does not nest (so its path is the one compare outcome), with results for the server to
+        encode instead of messages."""
+        core = self.core
+        view = core.rev if read_rev is None else read_rev
+        ok = True
+        for c in t.compare:
+            if not self._compare(c, view):
+                ok = False
+                break
+        ops = t.success if ok else t.failure
+        write = not t.readonly
+        if write:
+            for op in ops:
+                self._check_put(op, view)
+        for op in ops:
+            self._check_range(op, view)
+        w = WriteTxn(core, self.lessor) if write else None
+        results: list[RangeResult | PutResult | DeleteResult] = []
+        for op in ops:
+            kind = op.kind
+            if kind == "request_put":
+                results.append(self._put_kv(w, op.request_put))
+            elif kind == "request_range":
+                results.append(range_kvs(core, op.request_range, w.current_rev() if w is not None else view))
+            else:
+                results.append(self._delete_kv(w, op.request_delete_range))
+        return TxnResult(w.current_rev() if w is not None else view, ok, results)
 
     def _compare(self, c: pb.Compare, view: int) -> bool:
         items, _ = self.core.range_items(c.key, c.range_end, view, 0)

@@ -109,12 +109,8 @@ cdef inline const unsigned char* _read_varint(const unsigned char* p, const unsi
     return NULL
 
 
-def decode_range_request(bytes raw):
-    """``raw`` as RangeArgs, or None where anything is unusual (a malformed message, a known field with
-    another wire type, groups): the caller then parses with protobuf, which gives the answer and the
-    error grpc-go's etcd gives. So this fast path never decides an edge case by itself."""
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
-    cdef const unsigned char* end = p + PyBytes_GET_SIZE(raw)
+cdef object _decode_range(const unsigned char* p, const unsigned char* end):
+    """The RangeRequest in [p, end) as RangeArgs, or None (see decode_range_request)."""
     cdef uint64_t tag, v, n
     cdef int field, wire
     cdef RangeArgs r = RangeArgs.__new__(RangeArgs)
@@ -173,3 +169,368 @@ def decode_range_request(bytes raw):
         else:
             return None
     return r
+
+
+def decode_range_request(bytes raw):
+    """``raw`` as RangeArgs, or None where anything is unusual (a malformed message, a known field with
+    another wire type, groups): the caller then parses with protobuf, which gives the answer and the
+    error grpc-go's etcd gives. So this fast path never decides an edge case by itself."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
+    return _decode_range(p, p + PyBytes_GET_SIZE(raw))
+
+
+# ---- PutRequest, DeleteRangeRequest and flat TxnRequests, decoded without protobuf objects (the write path)
+#
+# Same contract as decode_range_request: a canonical message decodes, anything else (malformed, a known
+# field with another wire type, groups, a oneof set twice, a nested txn, an empty RequestOp) gives None and
+# the caller parses with protobuf, so every edge case and every error stays protobuf's. The classes carry
+# the protobuf messages' field names (and WhichOneof / HasField where the engine asks them), so the request
+# checks and the engine take them where they take the messages.
+
+cdef class PutArgs:
+    """A decoded etcdserverpb.PutRequest."""
+    cdef readonly bytes key, value
+    cdef readonly int64_t lease
+    cdef readonly bint prev_kv, ignore_value, ignore_lease
+
+
+cdef class DeleteRangeArgs:
+    """A decoded etcdserverpb.DeleteRangeRequest."""
+    cdef readonly bytes key, range_end
+    cdef readonly bint prev_kv
+
+
+cdef class CompareArgs:
+    """A decoded etcdserverpb.Compare; ``WhichOneof("target_union")`` names the target field that was set."""
+    cdef readonly int result, target
+    cdef readonly bytes key, range_end, value
+    cdef readonly int64_t version, create_revision, mod_revision, lease
+    cdef object union
+
+    def WhichOneof(self, name):
+        return self.union
+
+
+# RequestOp's oneof names, as WhichOneof("request") returns them (interned: compared by identity too)
+REQUEST_RANGE = "request_range"
+REQUEST_PUT = "request_put"
+REQUEST_DELETE_RANGE = "request_delete_range"
+_COMPARE_UNION = (None, None, None, None, "version", "create_revision", "mod_revision", "value", "lease")
+
+
+cdef class RequestOpArgs:
+    """A decoded etcdserverpb.RequestOp holding a range, a put or a delete (never a nested txn)."""
+    cdef readonly str kind  # the oneof's field name
+    cdef readonly object request_range, request_put, request_delete_range
+    cdef readonly object request_txn  # always None: a nested txn goes to protobuf
+
+    def WhichOneof(self, name):
+        return self.kind
+
+    def HasField(self, name):
+        return self.kind == name
+
+
+cdef class TxnArgs:
+    """A decoded etcdserverpb.TxnRequest without nested txns. ``readonly``: only ranges in both branches
+    (etcd's isTxnReadonly)."""
+    cdef readonly list compare, success, failure
+    cdef readonly bint readonly
+
+
+cdef inline const unsigned char* _skip(const unsigned char* p, const unsigned char* end, int wire):
+    """Past an unknown field's value; NULL if it is truncated or a group (protobuf decides those)."""
+    cdef uint64_t n
+    if wire == 0:
+        return _read_varint(p, end, &n)
+    if wire == 2:
+        p = _read_varint(p, end, &n)
+        if p == NULL or n > <uint64_t>(end - p):
+            return NULL
+        return p + n
+    if wire == 1 or wire == 5:
+        n = 8 if wire == 1 else 4
+        if n > <uint64_t>(end - p):
+            return NULL
+        return p + n
+    return NULL
+
+
+cdef inline const unsigned char* _tag(const unsigned char* p, const unsigned char* end, int* field, int* wire):
+    cdef uint64_t tag
+    p = _read_varint(p, end, &tag)
+    if p == NULL or tag > 0xFFFFFFFF or (tag >> 3) == 0 or (tag >> 3) > 536870911:
+        return NULL
+    field[0] = <int>(tag >> 3)
+    wire[0] = <int>(tag & 7)
+    return p
+
+
+cdef object _decode_put(const unsigned char* p, const unsigned char* end):
+    cdef uint64_t v, n
+    cdef int field, wire
+    cdef PutArgs r = PutArgs.__new__(PutArgs)
+    r.key = b""
+    r.value = b""
+    while p < end:
+        p = _tag(p, end, &field, &wire)
+        if p == NULL:
+            return None
+        if field > 6:
+            p = _skip(p, end, wire)
+            if p == NULL:
+                return None
+        elif field <= 2:
+            if wire != 2:
+                return None
+            p = _read_varint(p, end, &n)
+            if p == NULL or n > <uint64_t>(end - p):
+                return None
+            if field == 1:
+                r.key = PyBytes_FromStringAndSize(<const char*>p, <Py_ssize_t>n)
+            else:
+                r.value = PyBytes_FromStringAndSize(<const char*>p, <Py_ssize_t>n)
+            p += n
+        else:
+            if wire != 0:
+                return None
+            p = _read_varint(p, end, &v)
+            if p == NULL:
+                return None
+            if field == 3:
+                r.lease = <int64_t>v
+            elif field == 4:
+                r.prev_kv = v != 0
+            elif field == 5:
+                r.ignore_value = v != 0
+            else:
+                r.ignore_lease = v != 0
+    return r
+
+
+cdef object _decode_delete(const unsigned char* p, const unsigned char* end):
+    cdef uint64_t v, n
+    cdef int field, wire
+    cdef DeleteRangeArgs r = DeleteRangeArgs.__new__(DeleteRangeArgs)
+    r.key = b""
+    r.range_end = b""
+    while p < end:
+        p = _tag(p, end, &field, &wire)
+        if p == NULL:
+            return None
+        if field > 3:
+            p = _skip(p, end, wire)
+            if p == NULL:
+                return None
+        elif field <= 2:
+            if wire != 2:
+                return None
+            p = _read_varint(p, end, &n)
+            if p == NULL or n > <uint64_t>(end - p):
+                return None
+            if field == 1:
+                r.key = PyBytes_FromStringAndSize(<const char*>p, <Py_ssize_t>n)
+            else:
+                r.range_end = PyBytes_FromStringAndSize(<const char*>p, <Py_ssize_t>n)
+            p += n
+        else:
+            if wire != 0:
+                return None
+            p = _read_varint(p, end, &v)
+            if p == NULL:
+                return None
+            r.prev_kv = v != 0
+    return r
+
+
+cdef object _decode_compare(const unsigned char* p, const unsigned char* end):
+    cdef uint64_t v, n
+    cdef int field, wire
+    cdef CompareArgs c = CompareArgs.__new__(CompareArgs)
+    c.key = b""
+    c.range_end = b""
+    c.value = b""
+    c.union = None
+    while p < end:
+        p = _tag(p, end, &field, &wire)
+        if p == NULL:
+            return None
+        if field == 3 or field == 7 or field == 64:
+            if wire != 2:
+                return None
+            p = _read_varint(p, end, &n)
+            if p == NULL or n > <uint64_t>(end - p):
+                return None
+            if field == 3:
+                c.key = PyBytes_FromStringAndSize(<const char*>p, <Py_ssize_t>n)
+            elif field == 64:
+                c.range_end = PyBytes_FromStringAndSize(<const char*>p, <Py_ssize_t>n)
+            else:
+                c.value = PyBytes_FromStringAndSize(<const char*>p, <Py_ssize_t>n)
+            p += n
+        elif 1 <= field <= 8:
+            if wire != 0:
+                return None
+            p = _read_varint(p, end, &v)
+            if p == NULL:
+                return None
+            if field == 1:
+                c.result = <int>(<int32_t>v)
+            elif field == 2:
+                c.target = <int>(<int32_t>v)
+            elif field == 4:
+                c.version = <int64_t>v
+            elif field == 5:
+                c.create_revision = <int64_t>v
+            elif field == 6:
+                c.mod_revision = <int64_t>v
+            else:
+                c.lease = <int64_t>v
+        else:
+            p = _skip(p, end, wire)
+            if p == NULL:
+                return None
+            continue
+        if 4 <= field <= 8:
+            # a second, different member of the oneof would clear the first: protobuf's business
+            if c.union is not None and c.union is not _COMPARE_UNION[field]:
+                return None
+            c.union = _COMPARE_UNION[field]
+    return c
+
+
+cdef object _decode_op(const unsigned char* p, const unsigned char* end):
+    cdef uint64_t n
+    cdef int field, wire
+    cdef object sub
+    cdef RequestOpArgs op = RequestOpArgs.__new__(RequestOpArgs)
+    while p < end:
+        p = _tag(p, end, &field, &wire)
+        if p == NULL:
+            return None
+        if field > 4:
+            p = _skip(p, end, wire)
+            if p == NULL:
+                return None
+            continue
+        # a nested txn, a member of the oneof given twice (protobuf merges or replaces), a wrong wire type
+        if field == 4 or op.kind is not None or wire != 2:
+            return None
+        p = _read_varint(p, end, &n)
+        if p == NULL or n > <uint64_t>(end - p):
+            return None
+        if field == 1:
+            sub = _decode_range(p, p + n)
+            op.kind = REQUEST_RANGE
+            op.request_range = sub
+        elif field == 2:
+            sub = _decode_put(p, p + n)
+            op.kind = REQUEST_PUT
+            op.request_put = sub
+        else:
+            sub = _decode_delete(p, p + n)
+            op.kind = REQUEST_DELETE_RANGE
+            op.request_delete_range = sub
+        if sub is None:
+            return None
+        p += n
+    if op.kind is None:
+        return None  # an empty RequestOp: etcd's error for it comes from the protobuf path's checks
+    return op
+
+
+def decode_put_request(bytes raw):
+    """``raw`` as PutArgs, or None for protobuf to decide (as decode_range_request)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
+    return _decode_put(p, p + PyBytes_GET_SIZE(raw))
+
+
+def decode_txn_request(bytes raw):
+    """``raw`` as TxnArgs, or None for protobuf to decide (as decode_range_request; also for a nested
+    txn or an empty RequestOp)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(raw)
+    cdef const unsigned char* end = p + PyBytes_GET_SIZE(raw)
+    cdef uint64_t n
+    cdef int field, wire
+    cdef object item
+    cdef TxnArgs t = TxnArgs.__new__(TxnArgs)
+    t.compare = []
+    t.success = []
+    t.failure = []
+    t.readonly = True
+    while p < end:
+        p = _tag(p, end, &field, &wire)
+        if p == NULL:
+            return None
+        if field > 3:
+            p = _skip(p, end, wire)
+            if p == NULL:
+                return None
+            continue
+        if wire != 2:
+            return None
+        p = _read_varint(p, end, &n)
+        if p == NULL or n > <uint64_t>(end - p):
+            return None
+        if field == 1:
+            item = _decode_compare(p, p + n)
+            if item is None:
+                return None
+            t.compare.append(item)
+        else:
+            item = _decode_op(p, p + n)
+            if item is None:
+                return None
+            if (<RequestOpArgs>item).kind is not REQUEST_RANGE:
+                t.readonly = False
+            (t.success if field == 2 else t.failure).append(item)
+        p += n
+    return t
+
+
+# ---- write responses around encoded KeyValues
+
+def encode_put_response(bytes header, bytes prev_kv):
+    """Encode an etcdserverpb.PutResponse (``prev_kv``: an encoded KeyValue, or None)."""
+    cdef Py_ssize_t hl = PyBytes_GET_SIZE(header)
+    cdef Py_ssize_t pl = PyBytes_GET_SIZE(prev_kv) if prev_kv is not None else 0
+    cdef Py_ssize_t size = message_len(hl) + (message_len(pl) if prev_kv is not None else 0)
+    cdef object out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p = put_message(p, 0x0a, PyBytes_AS_STRING(header), hl)
+    if prev_kv is not None:
+        put_message(p, 0x12, PyBytes_AS_STRING(prev_kv), pl)
+    return out
+
+
+def encode_delete_range_response(bytes header, int64_t deleted, list prev_kvs):
+    """Encode an etcdserverpb.DeleteRangeResponse around encoded KeyValues."""
+    cdef Py_ssize_t hl = PyBytes_GET_SIZE(header)
+    cdef Py_ssize_t size = message_len(hl) + field_varint_len(<uint64_t>deleted) + _repeated_len(prev_kvs)
+    cdef object out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p = put_message(p, 0x0a, PyBytes_AS_STRING(header), hl)
+    p = put_field_varint(p, 0x10, <uint64_t>deleted)
+    _put_repeated(p, 0x1a, prev_kvs)
+    return out
+
+
+def encode_response_op(int field, bytes response):
+    """Encode an etcdserverpb.ResponseOp holding ``response`` in oneof member ``field`` (1 range, 2 put,
+    3 delete_range, 4 txn)."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(response)
+    cdef object out = PyBytes_FromStringAndSize(NULL, message_len(n))
+    put_message(PyBytes_AS_STRING(out), <char>((field << 3) | 2), PyBytes_AS_STRING(response), n)
+    return out
+
+
+def encode_txn_response(bytes header, bint succeeded, list responses):
+    """Encode an etcdserverpb.TxnResponse around encoded ResponseOps."""
+    cdef Py_ssize_t hl = PyBytes_GET_SIZE(header)
+    cdef Py_ssize_t size = message_len(hl) + field_varint_len(succeeded) + _repeated_len(responses)
+    cdef object out = PyBytes_FromStringAndSize(NULL, size)
+    cdef char* p = PyBytes_AS_STRING(out)
+    p = put_message(p, 0x0a, PyBytes_AS_STRING(header), hl)
+    p = put_field_varint(p, 0x10, succeeded)
+    _put_repeated(p, 0x1a, responses)
+    return out

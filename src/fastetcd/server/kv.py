@@ -11,13 +11,23 @@ from __future__ import annotations
 import asyncio
 
 from fastetcd import errors
-from fastetcd.engine.apply import is_txn_readonly
+from fastetcd.engine.apply import PutResult, RangeResult, TxnResult, is_txn_readonly
 from fastetcd.engine.auth_store import AuthStore
 from fastetcd.engine.auth_tokens import AuthInfo
 from fastetcd.engine.lessor import LeaseStatus
 from fastetcd.engine.state_machine import StateMachine
 from fastetcd.proto import rpc_pb2 as pb
-from fastetcd.server._wire import decode_range_request, encode_range_response
+from fastetcd.server._wire import (
+    decode_put_request,
+    decode_range_request,
+    decode_txn_request,
+    encode_delete_range_response,
+    encode_header,
+    encode_put_response,
+    encode_range_response,
+    encode_response_op,
+    encode_txn_response,
+)
 from fastetcd.server.header import Header
 from fastetcd.server.range_stream import first_request, send_range_stream
 from fastetcd.server.service import answer, auth_info, may_read
@@ -55,7 +65,7 @@ class KVService:
         await send_range_stream(self.sm, self.header, self.max_request_bytes, r, send)
 
     def put(self, raw: bytes) -> asyncio.Future[bytes]:
-        r = pb.PutRequest.FromString(raw)
+        r = decode_put_request(raw) or pb.PutRequest.FromString(raw)
         check_put(r)
         auth_rev = self._authorize(raw, r, self._may_put)
         return self._answer(self.sm.put_nowait(r, auth_rev))
@@ -94,7 +104,7 @@ class KVService:
             auth.is_range_permitted(info, r.key, r.range_end)
 
     def txn(self, raw: bytes) -> bytes | asyncio.Future[bytes]:
-        r = pb.TxnRequest.FromString(raw)
+        r = decode_txn_request(raw) or pb.TxnRequest.FromString(raw)
         check_txn(r, self.max_txn_ops)
         check_intervals(r.success)
         check_intervals(r.failure)
@@ -114,6 +124,11 @@ class KVService:
 
     def _encode(self, resp) -> bytes:
         """A response serialized with etcd's header (the revision the apply set, or none)."""
+        kind = type(resp)
+        if kind is PutResult:
+            return encode_put_response(self.header.encode(resp.rev), resp.prev_kv)
+        if kind is TxnResult:
+            return encode_txn_response(self.header.encode(resp.rev), resp.succeeded, _response_ops(resp))
         self.header.fill(resp.header)
         return resp.SerializeToString()
 
@@ -123,6 +138,21 @@ class KVService:
         self._check_size(raw)
         rev = await self.sm.compact(r.revision)
         return self._encode(pb.CompactionResponse(header=pb.ResponseHeader(revision=rev)))
+
+
+def _response_ops(t: TxnResult) -> list[bytes]:
+    """A decoded txn's ResponseOps. Their headers carry the revision only: etcd fills in the ids and the
+    term on the outer header alone."""
+    out = []
+    for r in t.responses:
+        inner = encode_header(0, 0, r.rev, 0)
+        if type(r) is PutResult:
+            out.append(encode_response_op(2, encode_put_response(inner, r.prev_kv)))
+        elif type(r) is RangeResult:
+            out.append(encode_response_op(1, encode_range_response(inner, r.kvs, r.more, r.count)))
+        else:
+            out.append(encode_response_op(3, encode_delete_range_response(inner, r.deleted, r.prev_kvs)))
+    return out
 
 
 def check_lease_puts(auth: AuthStore, info: AuthInfo | None, lease: LeaseStatus | None) -> None:
