@@ -54,6 +54,9 @@ LEASE_CHECKPOINT_INTERVAL = 300.0
 
 # (revision, that revision's KV record) for every revision a batch committed, in order.
 CommitListener = Callable[[list[tuple[int, bytes]]], None]
+# What a caller may hand over with a write: the write's future then resolves with encode(response) (the
+# answer's bytes), computed once the write is durable, so the caller needs no future and callback of its own.
+Encoder = Callable[[Any], Any]
 
 
 # A snapshot begins with this, then the lengths of the core's, the lessor's and the alarms' parts; the
@@ -86,7 +89,8 @@ class _Batch:
     __slots__ = ("done", "entries", "revisions")
 
     def __init__(self) -> None:
-        self.done: list[tuple[asyncio.Future, Any, BaseException | None]] = []
+        # (future, result, error, encoder): the future gets encode(result) when an encoder came with it
+        self.done: list[tuple[asyncio.Future, Any, BaseException | None, Encoder | None]] = []
         self.entries: list[tuple[int, bytes]] = []  # (log index, entry)
         self.revisions: list[tuple[int, bytes]] = []  # (revision, KV record): what watchers get
 
@@ -120,7 +124,7 @@ class StateMachine:
         self.checkpoint_interval = checkpoint_interval
         self.listeners: list[CommitListener] = []
         self.watch_hub: WatchHub  # set by start(), once the recovered revision is known
-        self._queue: deque[tuple[Any, asyncio.Future]] = deque()
+        self._queue: deque[tuple[tuple[Any, Any, int, Encoder | None], asyncio.Future]] = deque()
         self._wake = asyncio.Event()
         # Every submitted write's (deadline, future), oldest first: all share REQUEST_TIMEOUT, so the
         # front expires first and one periodic sweep (_expire) times them out.
@@ -414,16 +418,20 @@ class StateMachine:
     # ``auth_rev``: the auth revision a request's permissions were checked at (0: not checked, auth off).
     # If auth changed before the request is applied, it fails as etcd's apply fails it.
 
-    def put_nowait(self, r: pb.PutRequest, auth_rev: int = 0) -> asyncio.Future[pb.PutResponse]:
-        return self._enqueue_within_quota(quota.put_cost(r), self.applier.put, r, auth_rev)
+    def put_nowait(
+        self, r: pb.PutRequest, auth_rev: int = 0, encode: Encoder | None = None
+    ) -> asyncio.Future[pb.PutResponse]:
+        return self._enqueue_within_quota(quota.put_cost(r), self.applier.put, r, auth_rev, encode)
 
     def delete_range_nowait(
-        self, r: pb.DeleteRangeRequest, auth_rev: int = 0
+        self, r: pb.DeleteRangeRequest, auth_rev: int = 0, encode: Encoder | None = None
     ) -> asyncio.Future[pb.DeleteRangeResponse]:
-        return self._enqueue(self.applier.delete_range, r, auth_rev)
+        return self._enqueue(self.applier.delete_range, r, auth_rev, encode)
 
-    def txn_nowait(self, r: pb.TxnRequest, auth_rev: int = 0) -> asyncio.Future[pb.TxnResponse]:
-        return self._enqueue_within_quota(quota.txn_cost(r), self.applier.txn, r, auth_rev)
+    def txn_nowait(
+        self, r: pb.TxnRequest, auth_rev: int = 0, encode: Encoder | None = None
+    ) -> asyncio.Future[pb.TxnResponse]:
+        return self._enqueue_within_quota(quota.txn_cost(r), self.applier.txn, r, auth_rev, encode)
 
     async def put(self, r: pb.PutRequest, auth_rev: int = 0) -> pb.PutResponse:
         return await self.put_nowait(r, auth_rev)
@@ -465,10 +473,12 @@ class StateMachine:
     def _deactivate_alarm(self, req: tuple[int, int]) -> list[tuple[int, int]]:
         return [req] if self.alarms.deactivate(*req) else []
 
-    def _enqueue_within_quota(self, cost: int, fn: Callable, req: Any, auth_rev: int = 0) -> asyncio.Future:
+    def _enqueue_within_quota(
+        self, cost: int, fn: Callable, req: Any, auth_rev: int = 0, encode: Encoder | None = None
+    ) -> asyncio.Future:
         """etcd's quota check before a write is proposed: if it would not fit, raise NOSPACE and refuse."""
         if quota.fits(self._db_size, cost, self.quota_bytes):
-            return self._enqueue(fn, req, auth_rev)
+            return self._enqueue(fn, req, auth_rev, encode)
         return asyncio.ensure_future(self._refuse_no_space())
 
     async def _refuse_no_space(self) -> None:
@@ -563,8 +573,11 @@ class StateMachine:
     async def _submit(self, fn: Callable | _Exclusive, req: Any, auth_rev: int = 0) -> Any:
         return await self._enqueue(fn, req, auth_rev)
 
-    def _enqueue(self, fn: Callable | _Exclusive, req: Any, auth_rev: int = 0) -> asyncio.Future:
-        """Queue a write for the writer; the future resolves once it is durable (or failed, or timed out).
+    def _enqueue(
+        self, fn: Callable | _Exclusive, req: Any, auth_rev: int = 0, encode: Encoder | None = None
+    ) -> asyncio.Future:
+        """Queue a write for the writer; the future resolves once it is durable (or failed, or timed out),
+        with the response, or with ``encode(response)`` if an encoder is given.
 
         A plain future, not a task: transports can answer from its done callback without a coroutine.
         Cancelling it (the client went away) does not withdraw the write, as in etcd once proposed.
@@ -579,7 +592,7 @@ class StateMachine:
             raise errors.TOO_MANY_REQUESTS
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.append(((fn, req, auth_rev), fut))
+        self._queue.append(((fn, req, auth_rev, encode), fut))
         self._wake.set()
         self._deadlines.append((time.monotonic() + REQUEST_TIMEOUT, fut))
         if self._sweep is None:
@@ -611,7 +624,7 @@ class StateMachine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            (fn, _, _), fut = queue[0]
+            (fn, _, _, _), fut = queue[0]
             if isinstance(fn, _Exclusive):
                 queue.popleft()
                 await self._run_exclusive(fn, fut)
@@ -644,13 +657,19 @@ class StateMachine:
             if batch.revisions:
                 for listener in self.listeners:
                     listener(batch.revisions)
-        for fut, res, exc in batch.done:
+        for fut, res, exc, encode in batch.done:
             if fut.done():
                 continue
             if exc is not None:
                 fut.set_exception(exc)
-            else:
+            elif encode is None:
                 fut.set_result(res)
+            else:
+                try:
+                    fut.set_result(encode(res))
+                except Exception as e:  # a bug in an encoder fails its call, not the batch's others
+                    log.exception("encoding an answer failed")
+                    fut.set_exception(e)
         return len(batch.done)
 
     def _apply_queued(self) -> _Batch:
@@ -660,7 +679,7 @@ class StateMachine:
         batch = _Batch()
         index = self.applied_index
         while queue and len(batch.done) < MAX_BATCH:
-            (fn, req, auth_rev), fut = queue[0]
+            (fn, req, auth_rev, encode), fut = queue[0]
             if isinstance(fn, _Exclusive):
                 break
             queue.popleft()
@@ -670,7 +689,7 @@ class StateMachine:
                     raise errors.AUTH_OLD_REVISION
                 res = self._apply_one(fn, req)
             except Exception as e:
-                batch.done.append((fut, None, e))
+                batch.done.append((fut, None, e, None))
                 continue
             rev = core.rev if core.rev != before else 0
             ops = self.lessor.take_ops() + self.alarms.take_ops()
@@ -680,7 +699,7 @@ class StateMachine:
                 batch.entries.append((index, log_entry.encode(log_entry.Entry(rev, kv, ops))))
                 if rev:
                     batch.revisions.append((rev, kv))
-            batch.done.append((fut, res, None))
+            batch.done.append((fut, res, None, encode))
         return batch
 
     def _apply_one(self, fn: Callable, req: Any) -> Any:
@@ -711,7 +730,7 @@ class StateMachine:
         self.lessor.rollback(self.core.leased_keys(self.core.rev))
         self.alarms.rollback()
         err = self._store_error(e)
-        for fut, _, _ in batch.done:
+        for fut, _, _, _ in batch.done:
             if not fut.done():
                 fut.set_exception(err)
 

@@ -30,7 +30,7 @@ from fastetcd.server._wire import (
 )
 from fastetcd.server.header import Header
 from fastetcd.server.range_stream import first_request, send_range_stream
-from fastetcd.server.service import answer, auth_info, may_read
+from fastetcd.server.service import auth_info, may_read
 from fastetcd.wire_size import varint_len
 
 _SORT_ORDERS = frozenset(pb.RangeRequest.SortOrder.values())
@@ -47,7 +47,8 @@ class KVService:
     def _check_size(self, raw: bytes) -> None:
         check_request_size(len(raw), self.max_request_bytes)
 
-    # Range, Put, DeleteRange and Txn are routed as DIRECT handlers (routes.py): no coroutine per call.
+    # Range, Put, DeleteRange and Txn are routed as DIRECT handlers (routes.py): no coroutine per call. A
+    # write's answer is the engine's own future, resolved with the encoded response (its ``encode``).
 
     def range(self, raw: bytes) -> bytes:
         # The C decoder takes canonical messages; protobuf decides everything else, errors included.
@@ -68,13 +69,13 @@ class KVService:
         r = decode_put_request(raw) or pb.PutRequest.FromString(raw)
         check_put(r)
         auth_rev = self._authorize(raw, r, self._may_put)
-        return self._answer(self.sm.put_nowait(r, auth_rev))
+        return self.sm.put_nowait(r, auth_rev, self._encode)
 
     def delete_range(self, raw: bytes) -> asyncio.Future[bytes]:
         r = pb.DeleteRangeRequest.FromString(raw)
         check_delete(r)
         auth_rev = self._authorize(raw, r, self._may_delete)
-        return self._answer(self.sm.delete_range_nowait(r, auth_rev))
+        return self.sm.delete_range_nowait(r, auth_rev, self._encode)
 
     def _authorize(self, raw: bytes, r, may) -> int:
         """etcd's order for a write after its request checks: the caller's token, the size limit, then
@@ -117,10 +118,7 @@ class KVService:
         self._check_size(raw)
         if auth.enabled:
             auth.check_txn(info, r)
-        return self._answer(self.sm.txn_nowait(r, info.revision if info is not None and auth.enabled else 0))
-
-    def _answer(self, pending: asyncio.Future) -> asyncio.Future[bytes]:
-        return answer(pending, self._encode)
+        return self.sm.txn_nowait(r, info.revision if info is not None and auth.enabled else 0, self._encode)
 
     def _encode(self, resp) -> bytes:
         """A response serialized with etcd's header (the revision the apply set, or none)."""
