@@ -90,7 +90,7 @@ async def main(profile: bool) -> None:
     for kind in ("put", "txn-put"):
         raws = requests(kind, REQUESTS)
         await run_round(kv, kind, raws[:2000])  # warm up
-        if profile and kind == "txn-put":
+        if profile:
             prof = cProfile.Profile()
             prof.enable()
             await run_round(kv, kind, raws)

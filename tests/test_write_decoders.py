@@ -15,13 +15,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastetcd import errors
-from fastetcd.engine import quota
+from fastetcd.engine import log_entry, quota
 from fastetcd.engine.apply import Applier, is_txn_readonly
 from fastetcd.engine.lessor import Lessor
 from fastetcd.proto import rpc_pb2 as pb
 from fastetcd.server import _wire
 from fastetcd.server.header import Header
-from fastetcd.server.kv import KVService, check_intervals, check_put, check_txn
+from fastetcd.server.kv import KVService, check_flat_txn, check_intervals, check_put, check_txn
 
 EXAMPLES = int(os.environ.get("FASTETCD_PROPERTY_EXAMPLES", "200"))
 
@@ -230,6 +230,13 @@ def outcome(kv: KVService, core: MVCC, lessor: Lessor, call: object) -> tuple[ob
     return answer, core.rev, core.take_record(), lessor.take_ops(), leases
 
 
+def all_txn_checks(r: pb.TxnRequest, max_txn_ops: int) -> None:
+    """What KV.Txn runs on a TxnRequest message before anything else."""
+    check_txn(r, max_txn_ops)
+    check_intervals(r.success)
+    check_intervals(r.failure)
+
+
 def checked(check: object, request: object) -> object:
     try:
         return check(request)  # type: ignore[operator]
@@ -251,6 +258,9 @@ def test_decoded_txn_is_checked_and_applied_as_the_message(
     for check in (lambda r: check_txn(r, KV.max_txn_ops), lambda r: check_intervals(r.success),
                   lambda r: check_intervals(r.failure), quota.txn_cost, is_txn_readonly):
         assert checked(check, decoded) == checked(check, t)
+    for max_ops in (1, 2, KV.max_txn_ops):  # TOO_MANY_OPS first, then the rest in order
+        want = checked(lambda r, n=max_ops: all_txn_checks(r, n), t)
+        assert checked(lambda r, n=max_ops: check_flat_txn(r, n), decoded) == want
     core_a, lessor_a, applier_a = engine(history)
     core_b, lessor_b, applier_b = engine(history)
     read_rev = None
@@ -274,3 +284,9 @@ def test_decoded_put_is_checked_and_applied_as_the_message(history: list[tuple[b
     want = outcome(KV, core_a, lessor_a, lambda: applier_a.put(p))
     got = outcome(KV, core_b, lessor_b, lambda: applier_b.put(decoded))
     assert got == want
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(rev=int64s, kv=st.binary(max_size=300))
+def test_log_entry_of_a_plain_write(rev: int, kv: bytes) -> None:
+    assert log_entry.encode_kv(rev, kv) == log_entry.encode(log_entry.Entry(rev, kv))

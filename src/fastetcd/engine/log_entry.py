@@ -70,6 +70,15 @@ def encode(e: Entry) -> bytes:
     return bytes(out)
 
 
+def encode_kv(rev: int, kv: bytes) -> bytes:
+    """``encode(Entry(rev, kv))``, the entry of nearly every write, without building the Entry."""
+    out = bytearray()
+    _varint(out, rev)
+    _varint(out, len(kv))
+    out += kv
+    return bytes(out)
+
+
 def decode(data: bytes) -> Entry:
     rev, pos = _read_varint(data, 0)
     n, pos = _read_varint(data, pos)

@@ -19,9 +19,16 @@ def put_cost(r: pb.PutRequest) -> int:
 
 def txn_cost(r: pb.TxnRequest) -> int:
     """The dearer branch's puts (etcd does not look into nested txns)."""
-    success = sum(put_cost(op.request_put) for op in r.success if op.HasField("request_put"))
-    failure = sum(put_cost(op.request_put) for op in r.failure if op.HasField("request_put"))
-    return max(success, failure)
+    return max(_puts_cost(r.success), _puts_cost(r.failure))
+
+
+def _puts_cost(ops) -> int:
+    cost = 0
+    for op in ops:
+        if op.HasField("request_put"):
+            p = op.request_put
+            cost += KV_OVERHEAD + len(p.key) + len(p.value)
+    return cost
 
 
 def fits(db_size: int, cost: int, quota: int) -> bool:
