@@ -22,6 +22,8 @@ class FaultyStore:
       so the batch is certainly not durable).
     - ``hold()`` / ``unhold()``: appends started while held wait (before delegating) until unheld;
       ``wait_held()`` returns once one is waiting, i.e. the engine's writer is blocked inside the store.
+      ``hold(durable=True)`` holds them after delegating instead: durable (a follower can read them) but
+      not yet returned to the engine.
     """
 
     def __init__(self, inner: Store) -> None:
@@ -35,13 +37,15 @@ class FaultyStore:
         self.snapshots: list[int] = []
         self._gate = asyncio.Event()
         self._gate.set()
+        self._hold_durable = False
         self._entered = asyncio.Event()
 
     # ---------------------------------------------------------------- test controls
 
-    def hold(self) -> None:
+    def hold(self, *, durable: bool = False) -> None:
         self._entered.clear()
         self._gate.clear()
+        self._hold_durable = durable
 
     async def wait_held(self, timeout: float = 5.0) -> None:
         await asyncio.wait_for(self._entered.wait(), timeout)
@@ -71,12 +75,16 @@ class FaultyStore:
         revs = [log_entry.decode(data).rev for _, data in entries]
         self.appends.append([rev for rev in revs if rev])
         n = len(self.appends)
+        durable_first = self._hold_durable
+        if durable_first:
+            await self.inner.append(entries)
         self._entered.set()
         await self._gate.wait()
         if n in self.fail_appends:
             self.events.append(("append", min(revs, default=0), max(revs, default=0), False))
             raise StoreError(f"injected failure of append #{n}")
-        await self.inner.append(entries)
+        if not durable_first:
+            await self.inner.append(entries)
         self.events.append(("append", min(revs, default=0), max(revs, default=0), True))
 
     async def compact(self, rev: int) -> None:

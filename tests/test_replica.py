@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from faulty_store import FaultyStore
 from test_state_machine import araises_etcd, delete, get, put, read_all, run, spawn
 
 from fastetcd import errors
@@ -271,5 +272,38 @@ def test_followers_compact_where_the_leader_compacts_and_a_new_leader_keeps_it(t
             await until(lambda: follower.is_leader)
             assert follower.sm.compact_rev == 6
             await araises_etcd(errors.COMPACTED(), follower.sm.compact(5))
+
+    run(main(), timeout=40)
+
+
+def test_a_leader_read_waits_for_an_append_a_follower_may_already_serve(tmp_path):
+    """Found by the HA acceptance test: an append lands (durable), a follower tails it and answers a read at
+    the new revision, and the leader, whose append has not returned yet, answered the next read at the old
+    one. The leader's read index now waits for the append under way."""
+
+    async def main() -> None:
+        member = Member(1, "node1", ("http://127.0.0.1:23791",))
+        store = FaultyStore(EmbeddedStore(str(tmp_path)))
+        first = Replica(StateMachine(store), EmbeddedLeadership(str(tmp_path), member, TIMING))
+        await first.start()
+        follower = make(tmp_path, 2)
+        await follower.start()
+        try:
+            await until(lambda: first.is_leader)
+            await first.sm.put(put(b"a", b"1"))
+            store.hold(durable=True)
+            pending = first.sm.put_nowait(put(b"a", b"2"))
+            await store.wait_held()
+            await until(lambda: follower.sm.committed_rev == 3)  # the follower serves revision 3 already
+            index = asyncio.ensure_future(first.read_index())
+            await asyncio.sleep(0.2)
+            assert not index.done(), f"the leader answered read index {index.result()} mid-append"
+            store.unhold()
+            assert await index == 3
+            await pending
+        finally:
+            store.unhold()
+            await stop(follower)
+            await stop(first)
 
     run(main(), timeout=40)

@@ -157,10 +157,19 @@ class Replica:
 
     async def read_index(self) -> int:
         """The revision a linearizable read must see (asked of the leader by followers): this leader's
-        committed revision, while it provably leads; "not leader" otherwise."""
+        committed revision once the append under way returned, while it provably leads; "not leader"
+        otherwise."""
+        await self.leader_barrier()
+        return self.sm.committed_rev
+
+    async def leader_barrier(self) -> None:
+        """On the leader, before a linearizable read: wait for the append under way, which followers may
+        already be serving (StateMachine.append_in_flight); "not leader" if leadership is not proven."""
+        pending = self.sm.append_in_flight()
+        if pending is not None:
+            await asyncio.shield(pending)
         if not self.is_leader:
             raise errors.NOT_LEADER
-        return self.sm.committed_rev
 
     # ------------------------------------------------------------------ internals
 

@@ -139,6 +139,7 @@ class StateMachine:
         # Asked right before every durable write when set (HA: "is my leadership still proven?"); the
         # single-node default has no one to lose leadership to.
         self.may_write: Callable[[], bool] | None = None
+        self._in_flight: asyncio.Future | None = None  # see append_in_flight
         # Set when the store was fenced or left an outcome unknown: memory may no longer match the store,
         # so this node refuses writes and the server shuts down (a restart recovers from the store).
         self.halted: str | None = None
@@ -248,6 +249,16 @@ class StateMachine:
         if live:
             lessor.drop_stale()
         return compact_rev
+
+    def append_in_flight(self) -> asyncio.Future | None:
+        """The append under way, if any (resolved once it returned and ``committed_rev`` moved).
+
+        Why a leader's linearizable read waits for it: its entries may be durable already, and then a
+        follower tailing the store can serve them before this leader's append has even returned. Example:
+        the append of revision 23 lands; a follower applies it and answers a read at 23; a read on the
+        leader that arrives next would be answered at 22, older than what a client has seen. Waiting for
+        the append in flight (one that starts later cannot have been served by anyone yet) closes that."""
+        return self._in_flight
 
     def apply_committed(self, entries: list[tuple[int, bytes]]) -> None:
         """Apply entries another writer made durable (``store.tail``) on a node that is not writing.
@@ -641,12 +652,17 @@ class StateMachine:
         batch = self._apply_queued()
         if batch.entries:
             t0 = time.perf_counter()
+            in_flight = self._in_flight = asyncio.get_running_loop().create_future()
             try:
                 self._check_may_write()
                 await self.store.append(batch.entries)
             except StoreError as e:
                 self._fail_batch(batch, e)
                 return len(batch.done)
+            finally:
+                # Resolved after what follows too: the callbacks run once committed_rev has moved.
+                self._in_flight = None
+                in_flight.set_result(None)
             metrics.STORE_APPEND.observe(time.perf_counter() - t0)
             metrics.BATCH_SIZE.observe(len(batch.done))
             self.lessor.commit()

@@ -7,7 +7,8 @@ role check. On a follower:
   changes, lock and election changes) go to the leader (leader_link.py) and come back once this node has
   applied the revision the answer reports;
 * linearizable reads (a Range or RangeStream without ``serializable``, a read-only Txn) wait for the read
-  index, then are served here;
+  index, then are served here; on the leader they wait for the append under way, if any (followers may
+  already serve what it wrote: StateMachine.append_in_flight);
 * everything else — serializable reads, watches, Status, MemberList, hashes, snapshots, health,
   Authenticate — is local.
 
@@ -127,12 +128,13 @@ def _read(path: str, kind: str, fn, replica: Replica, link: LeaderLink):
 
     if kind == BIDI:  # RangeStream: the first request says whether it is linearizable
         async def stream(requests: AsyncIterator[bytes], send: Callable[[bytes], Awaitable[None]]) -> None:
-            if replica.is_leader:
-                return await fn(requests, send)
             first = await anext(requests, None)
             if first is not None and _needs_read_index(path, first):
-                _check_leader_known(replica)
-                await link.read_barrier()
+                if replica.is_leader:
+                    await replica.leader_barrier()
+                else:
+                    _check_leader_known(replica)
+                    await link.read_barrier()
             await fn(_prepend(first, requests), send)
 
         return BIDI, stream
@@ -151,19 +153,28 @@ def _read(path: str, kind: str, fn, replica: Replica, link: LeaderLink):
             return None
         return after_barrier(raw)
 
+    async def on_leader(raw: bytes) -> bytes:
+        await replica.leader_barrier()
+        return await _as_awaitable(kind, fn, raw)
+
+    def call(raw: bytes):
+        """None: serve ``raw`` right here, now; else the awaitable that serves it."""
+        if replica.is_leader:
+            # The fast path: with no append under way the leader's memory is as new as anything served.
+            if replica.sm.append_in_flight() is None or not _needs_read_index(path, raw):
+                return None
+            return on_leader(raw)
+        return follower_call(raw)
+
     if kind == DIRECT:
         def direct(raw: bytes):
-            if replica.is_leader:
-                return fn(raw)
-            pending = follower_call(raw)
+            pending = call(raw)
             return fn(raw) if pending is None else asyncio.ensure_future(pending)
 
         return DIRECT, direct
 
     async def unary(raw: bytes) -> bytes:
-        if replica.is_leader:
-            return await fn(raw)
-        pending = follower_call(raw)
+        pending = call(raw)
         return await (fn(raw) if pending is None else pending)
 
     return UNARY, unary
