@@ -109,6 +109,23 @@ def test_wal_mode_and_size(tmp_path):
     assert sql(d, "PRAGMA journal_mode") == [("wal",)]
 
 
+def test_unshared_writer_keeps_other_connections_out_until_closed(tmp_path):
+    # shared=False (no followers): SQLite's lock is held for good, so no commit pays for file locks;
+    # the price is that nobody else may read the database meanwhile, and that must hold.
+    d = str(tmp_path)
+
+    async def body():
+        async with opened(d, shared=False) as s:
+            await s.append(recs(2, 3))
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                sql(d, "SELECT count(*) FROM log")
+            assert not os.path.exists(os.path.join(d, DB_FILE + "-shm"))
+            await s.append(recs(4, 4))
+        return sql(d, "SELECT idx FROM log ORDER BY idx")
+
+    assert run(body()) == [(2,), (3,), (4,)]
+
+
 def test_snapshot_drops_older_log_and_keeps_records_after_it(tmp_path):
     d = str(tmp_path)
 
@@ -381,7 +398,7 @@ CRASH_CHILD = textwrap.dedent(
         return (seed * (n // 32 + 1))[:n]
 
     async def main():
-        s = EmbeddedStore(sys.argv[1])
+        s = EmbeddedStore(sys.argv[1], shared=sys.argv[2] == "shared")
         got = await s.open()
         last = got.entries[-1][0] if got.entries else 1
         print("recovered", last, flush=True)
@@ -405,13 +422,17 @@ def _payload(index: int) -> bytes:
     return (seed * (n // 32 + 1))[:n]
 
 
-def test_sigkill_mid_append_loses_no_acknowledged_revision(tmp_path):
+@pytest.mark.parametrize("sharing", ["shared", "exclusive"])
+def test_sigkill_mid_append_loses_no_acknowledged_revision(tmp_path, sharing):
     d = str(tmp_path / "data")
     rng = random.Random(1234)
     acked = 1
     for _ in range(4):
         child = subprocess.Popen(
-            [sys.executable, "-c", CRASH_CHILD, d], stdout=subprocess.PIPE, text=True, env=fastetcd_env()
+            [sys.executable, "-c", CRASH_CHILD, d, sharing],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=fastetcd_env(),
         )
         try:
             first = child.stdout.readline().split()

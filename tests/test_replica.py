@@ -48,7 +48,7 @@ async def cluster(path: Path, n: int, **kw: Any) -> AsyncIterator[list[Replica]]
         yield nodes
     finally:
         for r in nodes:
-            if r.sm.store._executor is not None:  # not stopped by the test itself
+            if r.sm.store._thread is not None:  # not stopped by the test itself
                 await stop(r)
 
 

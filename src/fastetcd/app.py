@@ -72,7 +72,7 @@ def open_store(config: Config) -> Store:
     if config.store == "embedded":
         from fastetcd.store.embedded import EmbeddedStore
 
-        return EmbeddedStore(config.data_dir)
+        return EmbeddedStore(config.data_dir, shared=config.replicated)
     if config.store == "cosmos":
         try:
             from fastetcd.store.cosmos import CosmosStore

@@ -5,7 +5,8 @@ COMMIT returns only after the WAL is fsynced, so an acknowledged batch survives 
 or the machine, and a batch that was not acknowledged is either wholly there or wholly absent.
 
 Every SQLite call runs on one dedicated thread. That keeps fsync off the event loop and keeps the calls
-strictly in the order the engine made them, without locks: the executor's queue is the order.
+strictly in the order the engine made them, without locks: the thread's queue is the order
+(``store/serial_thread.py``).
 
 Several processes may share one data dir for high availability (``open(writer=False)``): the writer is
 whoever holds the ``fastetcd.lock`` flock, the others read the same database (WAL mode lets readers in
@@ -24,12 +25,12 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TypeVar
 
 from fastetcd import metrics
 from fastetcd.store.base import Behind, Corrupt, Fenced, Recovered, StoreError, Uncertain, check_append
+from fastetcd.store.serial_thread import SerialThread
 
 DB_FILE = "fastetcd.db"
 LOCK_FILE = "fastetcd.lock"
@@ -69,11 +70,15 @@ class EmbeddedStore:
     ``open(writer=False)`` takes no lock; ``claim`` takes it, ``release`` gives it back.
     """
 
-    def __init__(self, data_dir: str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, data_dir: str, *, busy_timeout: float = 5.0, shared: bool = True) -> None:
         self.data_dir = data_dir
+        # False: no other process reads the database while this one writes (no followers), so the writer
+        # may hold SQLite's lock for good: no file locking per transaction (8 fcntl calls a commit) and
+        # the WAL index in memory instead of -shm. One 300-byte commit: p50 ~190 → ~150 µs here.
+        self._shared = shared
         self.db_path = os.path.join(data_dir, DB_FILE)
         self._busy_timeout = busy_timeout
-        self._executor: ThreadPoolExecutor | None = None
+        self._thread: SerialThread | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         # Newest log index stored (log or snapshot); None while the store holds nothing at all.
@@ -88,9 +93,9 @@ class EmbeddedStore:
     # ----------------------------------------------------------------- async API (event loop side)
 
     async def open(self, *, writer: bool = True) -> Recovered:
-        if self._executor is not None:
+        if self._thread is not None:
             raise StoreError(f"store at {self.data_dir} is already open")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastetcd-sqlite")
+        self._thread = SerialThread("fastetcd-sqlite")
         try:
             return await self._run(self._open, writer)
         except BaseException:
@@ -149,25 +154,23 @@ class EmbeddedStore:
         await self._run(self._defragment)
 
     async def close(self) -> None:
-        if self._executor is not None:
+        if self._thread is not None:
             await self._run_close()
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        if self._executor is None:
+        if self._thread is None:
             raise StoreError(f"store at {self.data_dir} is not open")
-        loop = asyncio.get_running_loop()
-        # A caller cancelled while its call runs does not stop the call: the SQLite thread finishes it.
-        return await loop.run_in_executor(self._executor, fn, *args)
+        # A caller cancelled does not stop its call: the SQLite thread runs it anyway, in order.
+        return await self._thread.run(fn, *args)
 
     async def _run_close(self) -> None:
-        executor = self._executor
-        assert executor is not None
-        loop = asyncio.get_running_loop()
+        thread = self._thread
+        assert thread is not None
         try:
-            await loop.run_in_executor(executor, self._close)
+            await thread.run(self._close)
         finally:
-            executor.shutdown(wait=True)
-            self._executor = None
+            thread.stop()
+            self._thread = None
             self._release_lock()
 
     # ----------------------------------------------------------------- SQLite thread
@@ -183,6 +186,8 @@ class EmbeddedStore:
             raise StoreError(f"data dir {self.data_dir}: cannot open {DB_FILE}: {e}") from e
         self._conn = conn
         try:
+            if writer and not self._shared:
+                conn.execute("PRAGMA locking_mode=EXCLUSIVE")
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 # Still durable with synchronous=FULL (rollback journal), only slower.
@@ -428,7 +433,8 @@ class EmbeddedStore:
                 raise Uncertain(f"append of log indexes {first}..{last} has unknown outcome: {e}") from e
             raise StoreError(f"append of log indexes {first}..{last} failed: {e}") from e
         self._last_index = last
-        self._count_free_pages(conn)
+        if self._free_bytes:  # appends only take free pages, never free any: none left stays none
+            self._count_free_pages(conn)
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
