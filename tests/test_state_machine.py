@@ -651,7 +651,10 @@ def test_a_lease_expiry_whose_append_failed_is_retried(tmp_path):
         await sm.put(put(b"leased", b"v", lease=lease.ID))
         store.fail_appends = {store.append_count + 1}  # the expiry's revoke: it fails once
         deadline = asyncio.get_running_loop().time() + 8
-        while sm.lease_status(lease.ID) is not None and asyncio.get_running_loop().time() < deadline:
+        def gone() -> bool:  # the revoke applied and durable: the key is gone at committed_rev too
+            return sm.lease_status(lease.ID) is None and not sm.range(pb.RangeRequest(key=b"leased")).count
+
+        while not gone() and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.1)
         assert sm.lease_status(lease.ID) is None, "the lease outlived a failed expiry"
         assert store.append_count >= 4  # grant, put, the failed revoke, the revoke that took
