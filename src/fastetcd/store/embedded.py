@@ -422,8 +422,8 @@ class EmbeddedStore:
             if len(entries) <= _ONE_STATEMENT_ROWS:
                 # One statement outside a transaction is its own transaction: one step, whose commit
                 # fsyncs. Against BEGIN, INSERT, COMMIT it saves this thread two waits for the GIL,
-                # which the event loop holds whenever it is busy: at 16 clients put 4,003 → 5,805 ops/s
-                # together with SerialThread (bench/RESULTS.md, T1 of 17:41).
+                # which the event loop holds whenever it is busy: at 16 clients put 4,003 → 5,651 ops/s
+                # together with SerialThread (bench/RESULTS.md, T1 entries of 15:34 and 17:46).
                 conn.execute(_insert_rows(len(entries)), [x for entry in entries for x in entry])
             else:
                 conn.execute("BEGIN IMMEDIATE")
@@ -441,6 +441,7 @@ class EmbeddedStore:
                 # An I/O error while committing (a failed fsync, typically) may leave a complete commit
                 # frame in the WAL that recovery would honour. We cannot tell, so refuse further writes:
                 # reusing these indexes for other data could make disk and memory disagree after a restart.
+                # (The single INSERT writes and commits in one step, so any I/O error counts.)
                 self._broken = f"I/O error during commit: {e}"
                 raise Uncertain(f"append of log indexes {first}..{last} has unknown outcome: {e}") from e
             raise StoreError(f"append of log indexes {first}..{last} failed: {e}") from e
