@@ -75,6 +75,10 @@ class Routes:
             fut.get_loop().call_soon(fut.set_result, b"later:" + raw)
         return fut
 
+    def slow_later(self, raw: bytes) -> asyncio.Future[bytes]:
+        # A direct handler whose answer takes a while (a write forwarded to the leader, say).
+        return asyncio.ensure_future(self.slow(raw))
+
     async def decode(self, raw: bytes) -> bytes:
         raise DecodeError("Error parsing message")
 
@@ -147,6 +151,7 @@ class Routes:
             "/t.S/Echo": ("unary", self.echo),
             "/t.S/EchoSync": ("direct", self.echo_sync),
             "/t.S/EchoLater": ("direct", self.echo_later),
+            "/t.S/SlowLater": ("direct", self.slow_later),
             "/t.S/Fail": ("unary", self.fail),
             "/t.S/FailSync": ("direct", self.fail_sync),
             "/t.S/Decode": ("unary", self.decode),
@@ -447,6 +452,22 @@ def test_deadline_exceeded(native: LoopThread, channel: grpc.Channel) -> None:
             b"13", b"Error parsing 'grpc-timeout' metadata")
     finally:
         raw.close()
+
+
+@pytest.mark.parametrize("ending", ["deadline", "cancel"])
+def test_a_direct_handlers_answer_is_cancelled_with_its_call(
+    native: LoopThread, channel: grpc.Channel, ending: str
+) -> None:
+    # Its future is the work done for this call: a forwarded write retrying at the next leader must stop
+    # once nobody waits for the answer, or it commits long after the client saw its call fail.
+    if ending == "deadline":
+        code, _ = status(channel, "SlowLater", b"30", timeout=0.3)
+        assert code == "DEADLINE_EXCEEDED"
+    else:
+        fut = channel.unary_unary("/t.S/SlowLater").future(b"30", timeout=30)
+        assert native.rec.started.wait(5)
+        fut.cancel()
+    assert native.rec.cancelled.wait(5), "the handler's future was not cancelled"
 
 
 def test_unary_without_a_message(native: LoopThread) -> None:

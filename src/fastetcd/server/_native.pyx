@@ -519,10 +519,16 @@ cdef class Stream:
         if type(resp) is bytes:
             self.respond(resp)
         else:
+            # Held as the call's task, so a client that goes away (RST_STREAM, its deadline) cancels it:
+            # a write forwarded to the leader then stops retrying at the next one, instead of committing
+            # seconds after its client saw the call fail. A write the engine has queued stays queued (its
+            # future's cancellation does not withdraw it), as a proposal does in etcd.
+            self.task = resp
             resp.add_done_callback(self.on_answer)
 
     def on_answer(self, fut):
         """A direct handler's future resolved: answer (unless the call already ended)."""
+        self.task = None
         if self.finished or self.closed or fut.cancelled():
             return
         exc = fut.exception()
