@@ -1,5 +1,5 @@
-"""Build the Cython modules (MVCC core, watch matcher, wire encoders, the native HTTP/2 transport); the
-rest is in pyproject.toml."""
+"""Build the Cython modules (MVCC core, watch matcher, wire encoders, the commit log's writer thread, the
+native HTTP/2 transport); the rest is in pyproject.toml."""
 import shlex
 import subprocess
 
@@ -31,7 +31,7 @@ def pkg_config(package: str, fallback_libs: list[str]) -> dict[str, list[str]]:
 
 extensions = [
     Extension(name, [f"src/{name.replace('.', '/')}.pyx"], extra_compile_args=["-O3"])
-    for name in ("fastetcd._core", "fastetcd._watch_index", "fastetcd.server._wire")
+    for name in ("fastetcd._core", "fastetcd._watch_index", "fastetcd.server._wire", "fastetcd.store._log_writer")
 ]
 # HTTP/2 + gRPC over libnghttp2 (Debian: libnghttp2-dev). Optional: without the headers the build skips it
 # with a warning, and fastetcd runs on grpcio (`--transport native` then says what to install).

@@ -30,8 +30,8 @@ def recs(first: int, last: int, tag: bytes = b"v") -> list[tuple[int, bytes]]:
     return [(r, tag + str(r).encode()) for r in range(first, last + 1)]
 
 
-async def reopen(path: str) -> Recovered:
-    s = EmbeddedStore(path)
+async def reopen(path: str, shared: bool = True) -> Recovered:
+    s = EmbeddedStore(path, shared=shared)
     try:
         return await s.open()
     finally:
@@ -49,24 +49,30 @@ async def opened(path: str, **kw: Any) -> AsyncIterator[EmbeddedStore]:
         await s.close()
 
 
+@pytest.fixture(params=[True, False], ids=["shared", "commit-log"])
+def shared(request) -> bool:
+    """Both ways the store writes: SQLite synced per append, or the commit log first (a single node)."""
+    return request.param
+
+
 def sql(path: str, query: str) -> list[tuple[Any, ...]]:
     """Rows of `query` on the store's database, read with a connection of its own."""
     with closing(sqlite3.connect(os.path.join(path, DB_FILE))) as conn:
         return conn.execute(query).fetchall()
 
 
-def test_fresh_store_is_empty_and_round_trips(tmp_path):
+def test_fresh_store_is_empty_and_round_trips(tmp_path, shared):
     d = str(tmp_path / "data")
 
     async def body():
-        s = EmbeddedStore(d)
+        s = EmbeddedStore(d, shared=shared)
         got = await s.open()
         assert got == Recovered(snapshot_index=0, snapshot=None, compact_rev=-1, entries=[])
         await s.append(recs(2, 4))
         await s.append([])  # nothing to do, must not count as a revision
         await s.append([(5, b"\x00" * 100_000), (6, b"")])
         await s.close()
-        return await reopen(d)
+        return await reopen(d, shared=shared)
 
     got = run(body())
     assert got.snapshot is None and got.snapshot_index == 0
@@ -74,11 +80,11 @@ def test_fresh_store_is_empty_and_round_trips(tmp_path):
     assert os.stat(d).st_mode & 0o777 == 0o700
 
 
-def test_reopen_same_instance_and_append_continues(tmp_path):
+def test_reopen_same_instance_and_append_continues(tmp_path, shared):
     d = str(tmp_path)
 
     async def body():
-        s = EmbeddedStore(d)
+        s = EmbeddedStore(d, shared=shared)
         await s.open()
         await s.append(recs(2, 3))
         await s.close()
@@ -87,7 +93,7 @@ def test_reopen_same_instance_and_append_continues(tmp_path):
         with pytest.raises(StoreError):
             await s.append(recs(7, 7))
         await s.close()
-        return got, await reopen(d)
+        return got, await reopen(d, shared=shared)
 
     first, second = run(body())
     assert first.entries == recs(2, 3)
@@ -126,23 +132,23 @@ def test_unshared_writer_keeps_other_connections_out_until_closed(tmp_path):
     assert run(body()) == [(2,), (3,), (4,)]
 
 
-def test_snapshot_drops_older_log_and_keeps_records_after_it(tmp_path):
+def test_snapshot_drops_older_log_and_keeps_records_after_it(tmp_path, shared):
     d = str(tmp_path)
 
     async def body():
-        async with opened(d) as s:
+        async with opened(d, shared=shared) as s:
             await s.append(recs(2, 10))
             await s.save_snapshot(7, (c for c in [b"ab", b"cd", b"ef"]))
             await s.append(recs(11, 12))
-        first = await reopen(d)
+        first = await reopen(d, shared=shared)
 
-        async with opened(d) as s:
+        async with opened(d, shared=shared) as s:
             with pytest.raises(StoreError, match="older"):
                 await s.save_snapshot(5, [b"old"])
             with pytest.raises(StoreError, match="ahead"):
                 await s.save_snapshot(13, [b"future"])
             await s.save_snapshot(12, [b"X" * 10, b"Y"])
-        return first, await reopen(d)
+        return first, await reopen(d, shared=shared)
 
     first, second = run(body())
     assert first.snapshot_index == 7
@@ -156,39 +162,39 @@ def test_snapshot_drops_older_log_and_keeps_records_after_it(tmp_path):
     assert sql(d, "SELECT count(*) FROM log") == [(0,)]
 
 
-def test_snapshot_with_no_chunks_and_append_after_it(tmp_path):
+def test_snapshot_with_no_chunks_and_append_after_it(tmp_path, shared):
     d = str(tmp_path)
 
     async def body():
-        async with opened(d) as s:
+        async with opened(d, shared=shared) as s:
             await s.append(recs(2, 3))
             await s.save_snapshot(3, [])
-        s = EmbeddedStore(d)
+        s = EmbeddedStore(d, shared=shared)
         got = await s.open()
         with pytest.raises(StoreError):
             await s.append(recs(5, 5))  # a gap after the snapshot
         await s.append(recs(4, 4))
         await s.close()
-        return got, await reopen(d)
+        return got, await reopen(d, shared=shared)
 
     got, after = run(body())
     assert (got.snapshot_index, got.snapshot, got.entries) == (3, b"", [])
     assert (after.snapshot_index, after.entries) == (3, recs(4, 4))
 
 
-def test_compact_rev_persists_and_never_goes_back(tmp_path):
+def test_compact_rev_persists_and_never_goes_back(tmp_path, shared):
     d = str(tmp_path)
 
     async def body():
-        async with opened(d) as s:
+        async with opened(d, shared=shared) as s:
             await s.append(recs(2, 20))
             await s.compact(9)
-        first = await reopen(d)
-        async with opened(d) as s:
+        first = await reopen(d, shared=shared)
+        async with opened(d, shared=shared) as s:
             await s.compact(5)
             await s.compact(15)
             await s.compact(12)
-        return first, await reopen(d)
+        return first, await reopen(d, shared=shared)
 
     first, second = run(body())
     assert first.compact_rev == 9
@@ -206,16 +212,16 @@ def test_compact_rev_persists_and_never_goes_back(tmp_path):
         [(6, b"a"), (5, b"b")],  # out of order
     ],
 )
-def test_contiguity_guard_rejects_and_leaves_store_unchanged(tmp_path, bad):
+def test_contiguity_guard_rejects_and_leaves_store_unchanged(tmp_path, bad, shared):
     d = str(tmp_path)
 
     async def body():
-        async with opened(d) as s:
+        async with opened(d, shared=shared) as s:
             await s.append(recs(2, 4))
             with pytest.raises(StoreError):
                 await s.append(bad)
             await s.append(recs(5, 6))
-        return await reopen(d)
+        return await reopen(d, shared=shared)
 
     assert run(body()).entries == recs(2, 6)
 

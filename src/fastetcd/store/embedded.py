@@ -4,6 +4,11 @@ Durability comes from SQLite in WAL mode with ``synchronous=FULL``: a batch is o
 COMMIT returns only after the WAL is fsynced, so an acknowledged batch survives a crash of the process
 or the machine, and a batch that was not acknowledged is either wholly there or wholly absent.
 
+A store that no other process reads (``shared=False``: a single node, the default) does not wait for SQLite:
+an append is acknowledged once it is fdatasynced in the commit log (``store/commit_log.py``), as etcd
+acknowledges a write once it is in its WAL. SQLite then gets the entries in unsynced transactions, and is
+synced whenever the commit log starts over; opening replays what the log holds beyond SQLite.
+
 Every SQLite call runs on one dedicated thread. That keeps fsync off the event loop and keeps the calls
 strictly in the order the engine made them, without locks: the thread's queue is the order
 (``store/serial_thread.py``).
@@ -19,6 +24,7 @@ now gets ``Behind`` (58..60 are gone), never 61 after 57.
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import functools
 import logging
@@ -30,7 +36,9 @@ from contextlib import contextmanager
 from typing import TypeVar
 
 from fastetcd import metrics
+from fastetcd.store import commit_log
 from fastetcd.store.base import Behind, Corrupt, Fenced, Recovered, StoreError, Uncertain, check_append
+from fastetcd.store.commit_log import CommitLog
 from fastetcd.store.serial_thread import SerialThread
 
 DB_FILE = "fastetcd.db"
@@ -47,6 +55,11 @@ _CLAIM_RETRY = 0.05
 
 # A WAL that has been checkpointed is cut back to this size, so db size stays meaningful after a burst.
 _WAL_SIZE_LIMIT = 64 * 1024 * 1024
+
+# How long entries the commit log made durable may wait before SQLite gets them. SQLite inserting at every
+# commit competes with the event loop for the GIL right when the loop answers; every 50 ms it is one
+# transaction of many rows.
+_FLUSH_DELAY = 0.05
 
 # An append of at most this many entries is one INSERT statement (see _append); SQLite binds up to 32766
 # parameters, and each distinct row count is one cached prepared statement.
@@ -100,6 +113,14 @@ class EmbeddedStore:
         self._broken: str | None = None
         self._free_bytes = 0  # free pages inside the database file, counted after each write transaction
         self._recovered = False  # open() got as far as a usable database
+        # The commit log (unshared writers only). Entries it made durable wait in _unsynced until the
+        # SQLite thread inserts them; _flush_queued says an insert of them is already queued there.
+        self._log: CommitLog | None = None
+        self._log_generation = 0
+        self._log_lock = asyncio.Lock()  # held while the log starts over: no append may slip past that
+        self._unsynced: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._flush_queued = False
+        self._appended: int | None = None  # newest index handed to the commit log (event loop side)
 
     # ----------------------------------------------------------------- async API (event loop side)
 
@@ -108,7 +129,11 @@ class EmbeddedStore:
             raise StoreError(f"store at {self.data_dir} is already open")
         self._thread = SerialThread("fastetcd-sqlite")
         try:
-            return await self._run(self._open, writer)
+            recovered = await self._run(self._open, writer)
+            if writer and not self._shared:
+                self._log = CommitLog(self._log_path(), self._log_generation)
+                self._appended = self._last_index
+            return recovered
         except BaseException:
             await self._run_close()
             raise
@@ -132,8 +157,35 @@ class EmbeddedStore:
         await self._run(self._release_lock)
 
     async def append(self, entries: list[tuple[int, bytes]]) -> None:
-        if entries:
+        if not entries:
+            return
+        log = self._log
+        if log is None:
             await self._run(self._append, entries)
+            return
+        async with self._log_lock:
+            if self._broken is not None:
+                self._check_usable()
+            check_append(entries, self._appended)
+            if not log.fits(entries):
+                await log.idle()
+                if not log.fits_empty(entries):
+                    # Bigger than the whole log: straight into SQLite, synced, behind what is queued there.
+                    await self._run(self._append, entries)
+                    self._appended = entries[-1][0]
+                    return
+                # Full: SQLite takes and syncs everything so far, then the log starts over at offset 0.
+                await self._run(self._begin_generation, log.generation + 1)
+                log.restart(log.generation + 1)
+            t0 = time.perf_counter()
+            durable = log.append(entries)
+            self._appended = entries[-1][0]
+            self._unsynced.extend(entries)
+            if not self._flush_queued:
+                self._flush_queued = True
+                asyncio.get_running_loop().call_later(_FLUSH_DELAY, self._post_flush)
+        await durable
+        metrics.WAL_FSYNC.observe(time.perf_counter() - t0)
 
     async def compact(self, rev: int) -> None:
         await self._run(self._compact, rev)
@@ -168,15 +220,24 @@ class EmbeddedStore:
         if self._thread is not None:
             await self._run_close()
 
+    def _post_flush(self) -> None:
+        if self._thread is not None and self._unsynced:
+            self._thread.post(self._flush)
+
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         if self._thread is None:
             raise StoreError(f"store at {self.data_dir} is not open")
+        # Whatever runs on the SQLite thread sees every entry the commit log acknowledged before it.
+        self._post_flush()
         # A caller cancelled does not stop its call: the SQLite thread runs it anyway, in order.
         return await self._thread.run(fn, *args)
 
     async def _run_close(self) -> None:
         thread = self._thread
         assert thread is not None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
         try:
             await thread.run(self._close)
         finally:
@@ -208,6 +269,7 @@ class EmbeddedStore:
             conn.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT}")
             self._create_schema(conn)
             if writer:
+                self._replay_log(conn)
                 return self._recover(conn)
             # The writer goes on meanwhile: one read transaction makes the snapshot and the log agree.
             conn.execute("BEGIN")
@@ -303,6 +365,7 @@ class EmbeddedStore:
         if self._lock_fd is None:
             self._take_lock()
         try:
+            self._replay_log(conn)
             conn.execute("BEGIN")
             try:
                 entries = self._read_after(conn, after, -1, 1 << 62)
@@ -400,6 +463,75 @@ class EmbeddedStore:
         return Recovered(
             snapshot_index=snapshot_index, snapshot=snapshot, compact_rev=compact_rev, entries=entries
         )
+
+    def _log_path(self) -> str:
+        return os.path.join(self.data_dir, commit_log.LOG_FILE)
+
+    def _replay_log(self, conn: sqlite3.Connection) -> None:
+        """Put into SQLite, durably, what the commit log made durable beyond it; then start the log's next
+        generation. Every writer does this first, whatever its mode: the last one may have had a log."""
+        row = conn.execute("SELECT value FROM meta WHERE key = 'log_generation'").fetchone()
+        generation = int(row[0]) if row else 0
+        path = self._log_path()
+        if not self._shared:
+            commit_log.create(path)
+        row = conn.execute("SELECT max(idx) FROM log").fetchone()
+        snap = conn.execute("SELECT value FROM meta WHERE key = 'snapshot_index'").fetchone()
+        stored = row[0] if row[0] is not None else (int(snap[0]) if snap else None)
+        entries = [e for e in commit_log.read(path, generation) if e[0] > (stored or 0)]
+        if entries:
+            try:
+                check_append(entries, stored)
+            except StoreError as e:
+                raise Corrupt(
+                    f"data dir {self.data_dir}: {commit_log.LOG_FILE} does not continue {DB_FILE} ({e})"
+                ) from None
+            self._unsynced.extend(entries)
+            _log.info("replaying commit log", extra={"data-dir": self.data_dir, "entries": len(entries),
+                                                    "last-index": entries[-1][0]})
+        self._begin_generation(generation + 1)
+
+    def _flush(self) -> None:
+        """Insert what the commit log made durable into SQLite, unsynced: the log holds it until synced."""
+        self._flush_queued = False  # before taking entries: any appended after this get a flush of their own
+        if self._broken is not None or not self._unsynced or self._conn is None:
+            return
+        conn = self._conn
+        assert conn is not None
+        rows = []
+        pop = self._unsynced.popleft
+        while self._unsynced:
+            rows.append(pop())
+        t0 = time.perf_counter()
+        try:
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT INTO log (idx, data) VALUES (?, ?)", rows)
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA synchronous=FULL")
+        except sqlite3.Error as e:
+            # Acknowledged entries are safe in the log, which must not start over now: refuse more writes,
+            # and the next open replays the log.
+            self._rollback(conn)
+            self._broken = f"copying the commit log into {DB_FILE} failed: {e}"
+            _log.error("copying the commit log into SQLite failed", extra={"error": str(e)})
+            return
+        metrics.BACKEND_COMMIT.observe(time.perf_counter() - t0)
+        self._last_index = rows[-1][0]
+        if self._free_bytes:
+            self._count_free_pages(conn)
+
+    def _begin_generation(self, generation: int) -> None:
+        """Make SQLite hold everything the commit log holds, durably, and record the log's next generation."""
+        self._flush()
+        # A synced commit syncs the WAL, and with it every unsynced commit before it.
+        with self._transaction(f"starting commit log generation {generation}") as conn:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('log_generation', ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (generation,),
+            )
+        self._log_generation = generation
 
     def _check_usable(self) -> sqlite3.Connection:
         if self._broken is not None:
@@ -531,6 +663,8 @@ class EmbeddedStore:
         self._last_index = self._snapshot_index = index
 
     def _close(self) -> None:
+        if self._conn is not None and self._unsynced:
+            self._flush()
         conn, self._conn = self._conn, None
         # A follower leaves the WAL to the writer: a checkpoint here would wait on the writer's transactions.
         if conn is not None and self._recovered and self._lock_fd is not None:
