@@ -64,3 +64,24 @@ def test_a_cancelled_call_still_runs_and_stop_waits_for_queued_calls():
 
     asyncio.run(body())
     assert ran == ["cancelled but queued"]
+
+
+def test_posted_calls_run_in_order_with_the_others_and_a_failing_one_is_logged(caplog):
+    ran: list[int] = []
+
+    def boom() -> None:
+        raise ValueError("posted and failed")
+
+    async def body():
+        t = SerialThread("test")
+        try:
+            t.post(ran.append, 1)
+            t.post(boom)
+            t.post(ran.append, 2)
+            return await t.run(lambda: list(ran))
+        finally:
+            t.stop()
+
+    with caplog.at_level("ERROR", logger="fastetcd.store.serial_thread"):
+        assert asyncio.run(body()) == [1, 2]
+    assert any(r.exc_info and "posted and failed" in str(r.exc_info[1]) for r in caplog.records)

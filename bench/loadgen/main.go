@@ -167,7 +167,7 @@ type FanoutResult struct {
 }
 
 type streamState struct {
-	stream    pb.Watch_WatchClient
+	stream    grpc.ClientStream // raw messages: see rawwatch.go
 	watcherOf map[int64]int // watch id → global watcher index
 	ackLat    []int32
 	issueLat  []int32
@@ -230,7 +230,7 @@ func watchFanout(args []string) (*FanoutResult, error) {
 	t0 := time.Now()
 	sts := make([]*streamState, *streams)
 	for s := range sts {
-		st, err := pb.NewWatchClient(cs[s%len(cs)]).Watch(ctx)
+		st, err := openRawWatch(ctx, cs[s%len(cs)])
 		if err != nil {
 			return nil, fmt.Errorf("open watch stream: %w", err)
 		}
@@ -239,19 +239,23 @@ func watchFanout(args []string) (*FanoutResult, error) {
 		for w := 0; w < *perStream; w++ {
 			req := &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
 				CreateRequest: &pb.WatchCreateRequest{Key: pfx, RangeEnd: end}}}
-			if err := st.Send(req); err != nil {
+			if err := st.SendMsg(req); err != nil {
 				return nil, fmt.Errorf("create watch: %w", err)
 			}
 		}
+		var m rawMsg
+		var r watchResp
 		for w := 0; w < *perStream; w++ {
-			r, err := st.Recv()
-			if err != nil {
+			if err := st.RecvMsg(&m); err != nil {
 				return nil, fmt.Errorf("watch created response: %w", err)
 			}
-			if !r.Created || r.Canceled {
-				return nil, fmt.Errorf("unexpected response while creating watches: %v", r)
+			if err := parseWatchResponse(m.b, &r); err != nil {
+				return nil, fmt.Errorf("watch created response: %w", err)
 			}
-			ss.watcherOf[r.WatchId] = w
+			if !r.created || r.canceled {
+				return nil, fmt.Errorf("unexpected response while creating watches: %+v", r)
+			}
+			ss.watcherOf[r.watchID] = w
 		}
 		sts[s] = ss
 	}
@@ -269,39 +273,44 @@ func watchFanout(args []string) (*FanoutResult, error) {
 		rwg.Add(1)
 		go func(ss *streamState) {
 			defer rwg.Done()
+			var m rawMsg
+			var r watchResp
 			for {
-				r, err := ss.stream.Recv()
+				err := ss.stream.RecvMsg(&m)
+				if err == nil {
+					err = parseWatchResponse(m.b, &r)
+				}
 				if err != nil {
 					if ctx.Err() == nil && !errors.Is(err, io.EOF) {
 						addErr("watch recv: " + err.Error())
 					}
 					return
 				}
-				if r.Canceled {
-					addErr(fmt.Sprintf("watch %d canceled: %s", r.WatchId, r.CancelReason))
+				if r.canceled {
+					addErr(fmt.Sprintf("watch %d canceled: %s", r.watchID, r.reason))
 					continue
 				}
-				w, ok := ss.watcherOf[r.WatchId]
-				if !ok || len(r.Events) == 0 {
+				w, ok := ss.watcherOf[r.watchID]
+				if !ok || len(r.events) == 0 {
 					continue // progress notifications and the like
 				}
 				now := int64(time.Since(base))
-				for _, ev := range r.Events {
-					if ev.Kv == nil || len(ev.Kv.Value) < 8 {
+				for _, ev := range r.events {
+					if len(ev.value8) < 8 {
 						orderErrs.Add(1)
 						continue
 					}
-					seq := int(binary.BigEndian.Uint64(ev.Kv.Value))
+					seq := int(binary.BigEndian.Uint64(ev.value8))
 					if seq < 0 || seq >= nPuts {
 						orderErrs.Add(1)
 						continue
 					}
 					// Revisions per watcher must strictly increase: a repeat or a step back is a
 					// duplicate or reorder; a gap shows up as a short count at the end.
-					if ev.Kv.ModRevision <= ss.lastRev[w] {
+					if ev.modRevision <= ss.lastRev[w] {
 						orderErrs.Add(1)
 					}
-					ss.lastRev[w] = ev.Kv.ModRevision
+					ss.lastRev[w] = ev.modRevision
 					ss.count[w]++
 					ack := ackedAt[seq].Load()
 					if ack == 0 {
@@ -313,7 +322,7 @@ func watchFanout(args []string) (*FanoutResult, error) {
 					ss.issueLat = append(ss.issueLat, clampUs(now-issuedAt[seq].Load()))
 				}
 				lastRecv.Store(now)
-				if received.Add(int64(len(r.Events))) >= expected {
+				if received.Add(int64(len(r.events))) >= expected {
 					allOnce.Do(func() { close(allIn) })
 				}
 			}

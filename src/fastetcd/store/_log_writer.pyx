@@ -119,9 +119,10 @@ cdef class LogWriter:
             self._pend_len += n
             self._submitted += 1
             seq = self._pend_seq = self._submitted
-            pthread_cond_signal(&self._wake)
         finally:
             pthread_mutex_unlock(&self._mu)
+        # After unlocking, so that the thread, woken, does not at once block on the mutex held here.
+        pthread_cond_signal(&self._wake)
         return seq
 
     def collect(self) -> tuple:

@@ -48,10 +48,6 @@ def encode(generation: int, entries: list[tuple[int, bytes]]) -> bytes:
     return b"".join(parts)
 
 
-def encoded_size(entries: list[tuple[int, bytes]]) -> int:
-    return sum(_HEAD.size + len(data) for _, data in entries)
-
-
 def read(path: str, generation: int) -> list[tuple[int, bytes]]:
     """The whole records of ``generation`` at the start of the file, in order."""
     try:
@@ -111,21 +107,21 @@ class CommitLog:
         self._waiting: deque[tuple[int, asyncio.Future]] = deque()
         self._failed: str | None = None
 
-    def fits(self, entries: list[tuple[int, bytes]]) -> bool:
-        return self._offset + encoded_size(entries) <= CAPACITY
+    def encode(self, entries: list[tuple[int, bytes]]) -> bytes:
+        return encode(self.generation, entries)
 
-    def fits_empty(self, entries: list[tuple[int, bytes]]) -> bool:
-        return encoded_size(entries) <= CAPACITY
+    def fits(self, data: bytes) -> bool:
+        return self._offset + len(data) <= CAPACITY
 
     def restart(self, generation: int) -> None:
         self.generation = generation
         self._offset = 0
 
-    def append(self, entries: list[tuple[int, bytes]]) -> asyncio.Future:
-        """Queue ``entries`` (they must fit); the future resolves once they are durable, or with Uncertain."""
+    def append(self, data: bytes) -> asyncio.Future:
+        """Queue ``data`` (from ``encode``; it must fit); the future resolves once it is durable, or with
+        Uncertain."""
         if self._failed is not None:
             raise Uncertain(self._failed)
-        data = encode(self.generation, entries)
         try:
             seq = self._writer.submit(data, self._offset)
         except OSError as e:
