@@ -299,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     PROGRESS.start()
     notes = machine_notes()
     go = subprocess.run(["go", "env", "GOVERSION"], capture_output=True, text=True).stdout.strip() or "go ?"
-    notes["load generator"] = f"bench/loadgen (Go: etcd api/v3 v3.5.21 protos over grpc-go 1.59), {go}"
+    notes["load generator"] = (f"bench/loadgen (Go: grpc-go 1.59; watch responses read raw, puts and leases "
+                              f"through etcd api/v3 v3.5.21 protos), {go}")
     with tempfile.TemporaryDirectory(prefix="fastetcd-watchbench-") as tmp:
         servers = make_servers(names, Path(tmp), "", args.python, args.fastetcd_arg)
         with running(servers) as start_errors:
