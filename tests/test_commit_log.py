@@ -6,12 +6,13 @@ import asyncio
 import os
 import shutil
 import sqlite3
-from contextlib import closing
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, closing
 
 import pytest
 
-from fastetcd.store import commit_log
-from fastetcd.store.base import Corrupt, Uncertain
+from fastetcd.store import commit_log, embedded
+from fastetcd.store.base import Corrupt, Recovered, Uncertain
 from fastetcd.store.commit_log import LOG_FILE, CommitLog
 from fastetcd.store.embedded import DB_FILE, EmbeddedStore
 
@@ -23,6 +24,25 @@ def recs(first: int, last: int, size: int = 20) -> list[tuple[int, bytes]]:
 def sqlite_log(path: str) -> list[int]:
     with closing(sqlite3.connect(os.path.join(path, DB_FILE))) as conn:
         return [r[0] for r in conn.execute("SELECT idx FROM log ORDER BY idx")]
+
+
+@asynccontextmanager
+async def single_node(path: str) -> AsyncIterator[EmbeddedStore]:
+    """The store as a single node opens it (commit log on), closed on the way out."""
+    s = EmbeddedStore(path, shared=False)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def reopen(path: str, *, shared: bool) -> Recovered:
+    s = EmbeddedStore(path, shared=shared)
+    try:
+        return await s.open()
+    finally:
+        await s.close()
 
 
 def crash_copy(src: str, dst: str) -> str:
@@ -82,17 +102,15 @@ def test_appends_are_durable_in_order_and_an_fsync_failure_is_uncertain(tmp_path
     asyncio.run(body())
 
 
-def test_acknowledged_appends_survive_a_crash_before_sqlite_has_them(tmp_path):
+def test_acknowledged_appends_survive_a_crash_before_sqlite_has_them(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded, "_FLUSH_DELAY", 60.0)  # SQLite gets nothing before the copy
     d = str(tmp_path / "data")
 
     async def body():
-        s = EmbeddedStore(d, shared=False)
-        await s.open()
-        await s.append(recs(1, 5))
-        await s.append(recs(6, 9))
-        # Copied at once: SQLite gets entries only after a delay, so only the log holds them yet.
-        crash_copy(d, str(tmp_path / "crashed"))
-        await s.close()
+        async with single_node(d) as s:
+            await s.append(recs(1, 5))
+            await s.append(recs(6, 9))
+            crash_copy(d, str(tmp_path / "crashed"))
 
     asyncio.run(body())
     crashed = str(tmp_path / "crashed")
@@ -104,31 +122,21 @@ def test_acknowledged_appends_survive_a_crash_before_sqlite_has_them(tmp_path):
     assert asyncio.run(reopen(crashed, shared=False)).entries == recs(1, 9)
 
 
-async def reopen(path: str, *, shared: bool):
-    s = EmbeddedStore(path, shared=shared)
-    try:
-        return await s.open()
-    finally:
-        await s.close()
-
-
 def test_a_full_log_starts_over_after_sqlite_is_synced(tmp_path, monkeypatch):
     monkeypatch.setattr(commit_log, "CAPACITY", 1024)
     d = str(tmp_path / "data")
     each = len(commit_log.encode(1, recs(1, 1)))  # 48 bytes: 21 fit in 1 KiB
 
     async def body():
-        s = EmbeddedStore(d, shared=False)
-        await s.open()
         crashes = []
-        for i in range(1, 101):
-            await s.append(recs(i, i))
-            if i in (21, 22, 60):
-                crashes.append(crash_copy(d, str(tmp_path / f"crash-{i}")))
-        await s.append(recs(101, 101, size=5000))  # bigger than the whole log: SQLite, synced
-        await s.append(recs(102, 103))
-        crashes.append(crash_copy(d, str(tmp_path / "crash-103")))
-        await s.close()
+        async with single_node(d) as s:
+            for i in range(1, 101):
+                await s.append(recs(i, i))
+                if i in (21, 22, 60):
+                    crashes.append(crash_copy(d, str(tmp_path / f"crash-{i}")))
+            await s.append(recs(101, 101, size=5000))  # bigger than the whole log: SQLite, synced
+            await s.append(recs(102, 103))
+            crashes.append(crash_copy(d, str(tmp_path / "crash-103")))
         return crashes
 
     crashes = asyncio.run(body())
@@ -145,10 +153,8 @@ def test_a_log_that_does_not_continue_sqlite_is_refused(tmp_path):
     d = str(tmp_path / "data")
 
     async def body():
-        s = EmbeddedStore(d, shared=False)
-        await s.open()
-        await s.append(recs(1, 3))
-        await s.close()
+        async with single_node(d) as s:
+            await s.append(recs(1, 3))
 
     asyncio.run(body())
     with closing(sqlite3.connect(os.path.join(d, DB_FILE))) as conn:
@@ -165,16 +171,32 @@ def test_an_append_cancelled_while_the_log_starts_over_still_lands_in_order(tmp_
     d = str(tmp_path / "data")
 
     async def body():
-        s = EmbeddedStore(d, shared=False)
-        await s.open()
-        for i in range(1, 22):
-            await s.append(recs(i, i))
-        first = asyncio.ensure_future(s.append(recs(22, 22)))
-        await asyncio.sleep(0)  # under way: SQLite is being synced before the log starts over
-        first.cancel()
-        await s.append(recs(23, 23))  # waits for 22, which still lands: a write once begun is not withdrawn
-        crash_copy(d, str(tmp_path / "crashed"))
-        await s.close()
+        async with single_node(d) as s:
+            for i in range(1, 22):
+                await s.append(recs(i, i))
+            first = asyncio.ensure_future(s.append(recs(22, 22)))
+            await asyncio.sleep(0)  # under way: SQLite is being synced before the log starts over
+            first.cancel()
+            await s.append(recs(23, 23))  # waits for 22, which lands: a write once begun is not withdrawn
+            crash_copy(d, str(tmp_path / "crashed"))
 
     asyncio.run(body())
     assert asyncio.run(reopen(str(tmp_path / "crashed"), shared=False)).entries == recs(1, 23)
+
+
+def test_a_full_log_starts_over_even_when_the_append_before_was_cancelled(tmp_path, monkeypatch):
+    monkeypatch.setattr(commit_log, "CAPACITY", 1024)
+    d = str(tmp_path / "data")
+
+    async def body():
+        async with single_node(d) as s:
+            for i in range(1, 21):
+                await s.append(recs(i, i))
+            last_fitting = asyncio.ensure_future(s.append(recs(21, 21)))
+            await asyncio.sleep(0)  # handed to the log, its fdatasync under way
+            last_fitting.cancel()
+            await s.append(recs(22, 22))  # must wait for 21's sync, not fail with 21's cancellation
+            crash_copy(d, str(tmp_path / "crashed"))
+
+    asyncio.run(body())
+    assert asyncio.run(reopen(str(tmp_path / "crashed"), shared=False)).entries == recs(1, 22)

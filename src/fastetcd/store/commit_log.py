@@ -105,6 +105,8 @@ class CommitLog:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._writer.fileno(), self._on_durable)
         self._waiting: deque[tuple[int, asyncio.Future]] = deque()
+        # Its own futures, not the appenders': a caller cancelled while awaiting its append cancels that one.
+        self._idle_waiters: list[asyncio.Future] = []
         self._failed: str | None = None
 
     def encode(self, entries: list[tuple[int, bytes]]) -> bytes:
@@ -134,7 +136,9 @@ class CommitLog:
     async def idle(self) -> None:
         """Return once everything appended so far is durable (or raise Uncertain)."""
         if self._waiting:
-            await asyncio.shield(self._waiting[-1][1])
+            done = self._loop.create_future()
+            self._idle_waiters.append(done)
+            await done
         if self._failed is not None:
             raise Uncertain(self._failed)
 
@@ -152,6 +156,11 @@ class CommitLog:
                 fut = waiting.popleft()[1]
                 if not fut.done():
                     fut.set_exception(Uncertain(self._failed))
+        if not waiting:
+            for done in self._idle_waiters:
+                if not done.done():
+                    done.set_result(None)
+            self._idle_waiters.clear()
 
     def close(self) -> None:
         """Finish what is submitted, stop the thread, close the file (blocks for at most one fdatasync)."""

@@ -526,7 +526,6 @@ class EmbeddedStore:
         if self._broken is not None or not self._unsynced or self._conn is None:
             return
         conn = self._conn
-        assert conn is not None
         rows = []
         pop = self._unsynced.popleft
         while self._unsynced:
@@ -695,8 +694,7 @@ class EmbeddedStore:
         self._last_index = self._snapshot_index = index
 
     def _close(self) -> None:
-        if self._conn is not None and self._unsynced:
-            self._flush()
+        self._flush()
         conn, self._conn = self._conn, None
         # A follower leaves the WAL to the writer: a checkpoint here would wait on the writer's transactions.
         if conn is not None and self._recovered and self._lock_fd is not None:
