@@ -4,7 +4,7 @@ etcd makes a write durable with one fdatasync of its preallocated WAL and commit
 in batches; this is the same split. An append is framed into records, written and fdatasynced by a thread
 that never takes the GIL (``_log_writer.pyx``), and acknowledged when that returns. SQLite receives the
 same entries afterwards without syncing each commit; whenever the file is full (and at every open) SQLite
-is checkpointed durably, and the log starts over at offset 0 under a new generation number.
+is synced holding all of them, and the log starts over at offset 0 under a new generation number.
 
 Record: ``magic u32 | crc32 u32 | generation u64 | index i64 | length u32 | data``, little-endian; the crc
 covers everything after itself. Recovery reads records from offset 0 while they are whole and of the
