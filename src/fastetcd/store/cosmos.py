@@ -105,6 +105,8 @@ _SETTLE_ATTEMPTS = 6
 _OPEN_ATTEMPTS = 8
 _CAS_ATTEMPTS = 8
 _RETRY_DELAY = 0.05
+# Rounds of read, create-if-missing, read again for the container at open (see _ensure_container).
+_CREATE_ATTEMPTS = 5
 # Seconds between a follower's reads of the snapshot pointer (its size() and memory follow snapshots).
 _META_REFRESH = 10.0
 # Failures after which the request may or may not have been carried out.
@@ -335,25 +337,33 @@ class CosmosStore:
         container = db.get_container_client(self.container_name)
         where = f"Cosmos DB container {self.database}/{self.container_name} at {self.endpoint}"
         try:
-            try:
-                props = await container.read()
-            except HttpResponseError as e:
-                if _status(e) != 404:
-                    raise
+            attempt = 0
+            while True:
                 # Reading first: with Entra ID (data-plane RBAC) creating is not allowed, reading is.
                 try:
-                    await self._client.create_database_if_not_exists(id=self.database)
-                    container = await db.create_container_if_not_exists(
-                        id=self.container_name,
-                        partition_key=PartitionKey(path="/pk"),
-                        indexing_policy=INDEXING_POLICY,
-                    )
+                    props = await container.read()
+                    break
                 except HttpResponseError as e:
-                    # Nodes of one cluster starting together race to create it: the loser reads it.
-                    if _status(e) != 409:
+                    attempt += 1
+                    if _status(e) != 404 or attempt > _CREATE_ATTEMPTS:
                         raise
-                    container = db.get_container_client(self.container_name)
-                props = await container.read()
+                # Nodes of one cluster starting together race to create the database and the container,
+                # each step on its own: a node that lost the race for the database (409) must still see
+                # the container created, by itself or by the winner, before it reads again.
+                for create in (
+                    lambda: self._client.create_database_if_not_exists(id=self.database),
+                    lambda: db.create_container_if_not_exists(
+                        id=self.container_name, partition_key=PartitionKey(path="/pk"),
+                        indexing_policy=INDEXING_POLICY,
+                    ),
+                ):
+                    try:
+                        await create()
+                    except HttpResponseError as e:
+                        if _status(e) != 409:
+                            raise
+                if attempt > 1:
+                    await asyncio.sleep(_RETRY_DELAY * attempt)  # the winner's creation still under way
         except HttpResponseError as e:
             if _status(e) == 403:
                 raise StoreError(f"{where}: not allowed ({e.reason}); create it beforehand") from e
