@@ -263,14 +263,15 @@ class RawH2:
             self.sock.sendall(data)
 
     def request(self, path: str, body: bytes = b"", headers: tuple[tuple[str, str], ...] = (),
-                end: bool = True) -> int:
+                end: bool = True, flush: bool = True) -> int:
         sid = self.conn.get_next_available_stream_id()
         hs = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "x"),
               ("content-type", "application/grpc"), ("te", "trailers"), *headers]
         self.conn.send_headers(sid, hs, end_stream=end and not body)
         if body:
             self.conn.send_data(sid, body, end_stream=end)
-        self.flush()
+        if flush:
+            self.flush()
         return sid
 
     def pump(self, timeout: float = 10.0) -> None:
@@ -468,6 +469,37 @@ def test_a_direct_handlers_answer_is_cancelled_with_its_call(
         assert native.rec.started.wait(5)
         fut.cancel()
     assert native.rec.cancelled.wait(5), "the handler's future was not cancelled"
+
+
+def test_a_ping_is_answered_while_a_direct_call_waits(native: LoopThread) -> None:
+    # While a direct call's answer is pending (a write being made durable), what a read produced goes out
+    # one loop turn later, after the writer took the write; the PING ack must not wait for the answer.
+    raw = RawH2(native.port)
+    try:
+        raw.conn.ping(b"pending!")
+        sid = raw.request("/t.S/SlowLater", frame(b"30"))  # one write: the PING, then the call
+        assert native.rec.started.wait(5)
+        raw.read_until(lambda: acks(raw) == 1, timeout=5)
+        assert not raw.ended(sid)
+    finally:
+        raw.close()
+    assert native.rec.cancelled.wait(5)
+
+
+def test_direct_answers_resolved_together_all_arrive(native: LoopThread) -> None:
+    # Answers of one connection resolved in one loop turn are written together once the last is in.
+    raw = RawH2(native.port)
+    try:
+        sids = [raw.request("/t.S/EchoLater", frame(b"%d" % i), flush=False) for i in range(5)]
+        raw.flush()
+        raw.read_until(lambda: all(raw.ended(sid) for sid in sids))
+        for i, sid in enumerate(sids):
+            data = b"".join(e.data for e in raw.events
+                            if isinstance(e, h2.events.DataReceived) and e.stream_id == sid)
+            assert data == frame(b"later:%d" % i)
+            assert raw.headers(sid)[-1][b"grpc-status"] == b"0"
+    finally:
+        raw.close()
 
 
 def test_unary_without_a_message(native: LoopThread) -> None:

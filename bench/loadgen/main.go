@@ -5,6 +5,8 @@
 //	                      delivered events/s and put-ack → event-receipt latency (the put's sequence number
 //	                      rides in its value), and per-watcher order/gap/duplicate checks.
 //	loadgen lease-churn   C concurrent clients looping LeaseGrant → Put(lease) → LeaseRevoke.
+//	loadgen put-latency   one client, one put at a time: latency percentiles to the microsecond (etcd's
+//	                      benchmark tool prints them to the 100 µs, too coarse to compare two builds).
 //
 // It is written in Go so that the client is not the bottleneck being measured (a Python client decodes far
 // fewer watch responses per second than either server sends). Output: one JSON object on stdout.
@@ -32,7 +34,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: loadgen watch-fanout|lease-churn [flags]")
+		fmt.Fprintln(os.Stderr, "usage: loadgen watch-fanout|lease-churn|put-latency [flags]")
 		os.Exit(2)
 	}
 	var out any
@@ -42,6 +44,8 @@ func main() {
 		out, err = watchFanout(os.Args[2:])
 	case "lease-churn":
 		out, err = leaseChurn(os.Args[2:])
+	case "put-latency":
+		out, err = putLatency(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -523,4 +527,45 @@ func leaseChurn(args []string) (*ChurnResult, error) {
 	res.LoopLatency = percentiles(all)
 	res.ErrorCount = errCount.Load()
 	return res, nil
+}
+
+type putLatencyResult struct {
+	Puts    int         `json:"puts"`
+	Seconds float64     `json:"seconds"`
+	Latency Percentiles `json:"latency"`
+}
+
+// putLatency sends -n puts of 8-byte keys (over 100,000) and -val-size-byte values, one at a time on one
+// connection, after -warmup unmeasured ones: T6's request, timed per call.
+func putLatency(args []string) (any, error) {
+	fs := flag.NewFlagSet("put-latency", flag.ExitOnError)
+	endpoint := fs.String("endpoint", "127.0.0.1:2379", "host:port")
+	n := fs.Int("n", 5000, "measured puts")
+	warmup := fs.Int("warmup", 500, "puts before measuring")
+	valSize := fs.Int("val-size", 256, "value bytes")
+	_ = fs.Parse(args)
+	conn, err := dial(*endpoint)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	kv := pb.NewKVClient(conn)
+	val := make([]byte, *valSize)
+	key := make([]byte, 8)
+	lat := make([]int32, 0, *n)
+	start := time.Now()
+	for i := 0; i < *warmup+*n; i++ {
+		if i == *warmup {
+			start = time.Now()
+		}
+		binary.BigEndian.PutUint64(key, uint64(i%100000))
+		t := time.Now()
+		if _, err := kv.Put(context.Background(), &pb.PutRequest{Key: key, Value: val}); err != nil {
+			return nil, err
+		}
+		if i >= *warmup {
+			lat = append(lat, int32(time.Since(t).Microseconds()))
+		}
+	}
+	return putLatencyResult{Puts: *n, Seconds: time.Since(start).Seconds(), Latency: percentiles(lat)}, nil
 }

@@ -9,7 +9,11 @@ prometheus_client's default registry, which also carries the process metrics
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Histogram, disable_created_metrics
+from bisect import bisect_left
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 # etcd exposes no *_created series; scrapers comparing the two should see the same families.
 disable_created_metrics()
@@ -51,11 +55,51 @@ class _FlushTallies:
 
 REGISTRY.register(_FlushTallies())
 
+
+class TallyHistogram:
+    """A histogram the hot path observes into plain ints, exported as an ordinary Prometheus histogram
+    (``_bucket``/``_count``/``_sum``). prometheus_client's ``observe`` takes two locks and walks the
+    bounds in Python: the writer observed three per group commit, ~10 µs of a lone put's ~120 µs of
+    Python. One observing thread at a time (each store observes from one thread: the event loop, or its
+    SQLite thread); a scrape from another thread may see a count one step behind its buckets."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self._bounds = tuple(float(b) for b in buckets)
+        self._counts = [0] * (len(self._bounds) + 1)  # the last one: above every bound (+Inf)
+        self._sum = 0.0
+        registry.register(self)
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def describe(self) -> list:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> list:
+        counts = list(self._counts)
+        cumulative = []
+        acc = 0
+        for bound, n in zip((*self._bounds, float("inf")), counts, strict=True):
+            acc += n
+            cumulative.append((floatToGoString(bound), acc))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], cumulative, self._sum)
+        return [family]
+
 # etcd's disk histograms: 1 ms doubling up to about 8 s.
 _DISK_BUCKETS = tuple(0.001 * 2**i for i in range(14))
 
-MVCC_PUT = Counter("etcd_mvcc_put_total", "Total number of puts seen by this member.")
-WAL_FSYNC = Histogram(
+MVCC_PUT = Tally(Counter("etcd_mvcc_put_total", "Total number of puts seen by this member."))
+WAL_FSYNC = TallyHistogram(
     "etcd_disk_wal_fsync_duration_seconds",
     "The latency distributions of fsync called by WAL.",
     buckets=_DISK_BUCKETS,
@@ -85,12 +129,12 @@ GRPC_RECEIVED = Tally(GRPC_RECEIVED_BYTES)  # what the transports count into, pe
 GRPC_SENT = Tally(GRPC_SENT_BYTES)
 
 # fastetcd's own
-BATCH_SIZE = Histogram(
+BATCH_SIZE = TallyHistogram(
     "fastetcd_group_commit_batch_requests",
     "Requests applied together in one group commit (one durable store step).",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
-STORE_APPEND = Histogram(
+STORE_APPEND = TallyHistogram(
     "fastetcd_store_append_duration_seconds",
     "Latency of one durable append of a group commit to the store.",
     buckets=_DISK_BUCKETS,

@@ -158,7 +158,7 @@ class WriteTxn:
         old = self.core.lease_of(key, self.current_rev())
         self.core.put(key, value, lease, self.rev, self.sub)
         self.sub += 1
-        metrics.MVCC_PUT.inc()
+        metrics.MVCC_PUT.n += 1
         if old != lease:
             if old:
                 self.lessor.detach(old, key)

@@ -150,6 +150,7 @@ class StateMachine:
         self._gather_window: float = getattr(store, "gather_window", 0.0)
         self._last_batch = 0
         self._db_size = 0  # the store's size after the last durable step: what the quota is checked against
+        self._loop: asyncio.AbstractEventLoop  # set by start()
 
     # -------------------------------------------------------------- life cycle
 
@@ -160,6 +161,8 @@ class StateMachine:
         here writes; ``apply_committed`` brings in what the writer commits until ``promote``.
         """
         t0 = time.monotonic()
+        # Held: asyncio.get_running_loop() costs a getpid() system call, and a write asked for it twice.
+        self._loop = asyncio.get_running_loop()
         # The plain call for the default: a store need not know about followers to serve one node.
         rec = await (self.store.open() if writer else self.store.open(writer=False))
         self.core.begin_bulk()
@@ -601,7 +604,7 @@ class StateMachine:
             raise errors.NOT_LEADER
         if len(self._queue) >= MAX_PENDING:
             raise errors.TOO_MANY_REQUESTS
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         fut = loop.create_future()
         self._queue.append(((fn, req, auth_rev, encode), fut))
         self._wake.set()
@@ -652,7 +655,7 @@ class StateMachine:
         batch = self._apply_queued()
         if batch.entries:
             t0 = time.perf_counter()
-            in_flight = self._in_flight = asyncio.get_running_loop().create_future()
+            in_flight = self._in_flight = self._loop.create_future()
             try:
                 self._check_may_write()
                 await self.store.append(batch.entries)

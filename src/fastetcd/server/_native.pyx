@@ -524,19 +524,30 @@ cdef class Stream:
             # seconds after its client saw the call fail. A write the engine has queued stays queued (its
             # future's cancellation does not withdraw it), as a proposal does in etcd.
             self.task = resp
+            self.conn.awaiting += 1
             resp.add_done_callback(self.on_answer)
 
     def on_answer(self, fut):
         """A direct handler's future resolved: answer (unless the call already ended)."""
+        cdef Connection conn = self.conn
         self.task = None
+        conn.awaiting -= 1
         if self.finished or self.closed or fut.cancelled():
             return
-        exc = fut.exception()
-        if exc is not None:
-            code, text = status_for(exc)
-            self.fail(code, text)
+        conn.flush_held = True
+        try:
+            exc = fut.exception()
+            if exc is not None:
+                code, text = status_for(exc)
+                self.fail(code, text)
+            else:
+                self.respond(fut.result())
+        finally:
+            conn.flush_held = False
+        if conn.awaiting:
+            conn.schedule_flush()  # the connection's other answers are due in this batch too: one write
         else:
-            self.respond(fut.result())
+            conn.flush()  # its last pending write answered: out now, not one loop iteration later
 
     async def run_unary(self, bytes msg):
         try:
@@ -901,6 +912,9 @@ cdef class Connection:
     cdef bint reading_paused
     cdef bint write_paused
     cdef bint flush_scheduled
+    cdef Py_ssize_t awaiting             # direct calls whose answer is a pending future (writes)
+    # inside feed() or Stream.on_answer, which flush (or schedule a flush) at their end
+    cdef bint flush_held
     cdef bint draining                   # final GOAWAY sent: close once the last stream is done
     cdef bint close_after_flush
     # grpc-go's keepalive enforcement (ping strikes), per connection
@@ -1110,8 +1124,13 @@ cdef class Connection:
         nghttp2_session_set_local_window_size(self.session, NGHTTP2_FLAG_NONE, 0, self.config.window_bytes)
 
     cdef feed(self, bytes data):
-        cdef ssize_t rv = nghttp2_session_mem_recv(
-            self.session, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        cdef ssize_t rv
+        self.flush_held = True
+        try:
+            rv = nghttp2_session_mem_recv(
+                self.session, <const uint8_t *>PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        finally:
+            self.flush_held = False
         if rv < 0:
             log.debug("native transport: HTTP/2 session error: %s", nghttp2_strerror(<int>rv).decode())
             # nghttp2 says why in a GOAWAY itself for most errors; for these fatal ones (a bad preface, a
@@ -1121,10 +1140,18 @@ cdef class Connection:
                     self.session, NGHTTP2_PROTOCOL_ERROR if rv == NGHTTP2_ERR_CALLBACK_FAILURE
                     else NGHTTP2_ENHANCE_YOUR_CALM)
             self.close_after_flush = True
-        self.flush()
+        if self.awaiting and not self.close_after_flush:
+            # A write is being made durable: what this read produced (the PING ack grpc-go's BDP estimator
+            # asks for with every request, window updates) goes out after the writer has handed it to the
+            # commit log, overlapping its fdatasync instead of delaying it by a socket write. (Flushes
+            # asked for while feeding were left to here: queued before the writer's wake-up, they would
+            # run first.)
+            self.schedule_flush()
+        else:
+            self.flush()
 
     cdef void schedule_flush(self):
-        if not self.flush_scheduled and self.mode == MODE_H2:
+        if not self.flush_scheduled and not self.flush_held and self.mode == MODE_H2:
             self.flush_scheduled = True
             self.loop.call_soon(self.flush)
 
