@@ -59,9 +59,9 @@ REGISTRY.register(_FlushTallies())
 class TallyHistogram:
     """A histogram the hot path observes into plain ints, exported as an ordinary Prometheus histogram
     (``_bucket``/``_count``/``_sum``). prometheus_client's ``observe`` takes two locks and walks the
-    bounds in Python: the writer observed three per group commit, ~10 µs of a lone put's ~120 µs of
-    Python. One observing thread at a time (each store observes from one thread: the event loop, or its
-    SQLite thread); a scrape from another thread may see a count one step behind its buckets."""
+    bounds in Python, and a lone put paid for three of them on its critical path. One observing thread
+    at a time (each store observes from one thread: the event loop, or its SQLite thread); a scrape from
+    another thread may see a count one step behind its buckets."""
 
     def __init__(
         self,
