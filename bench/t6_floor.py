@@ -37,7 +37,7 @@ from compare import PROGRESS, SERVER_PYTHONPATH, Server, machine_notes, make_ser
 from watch_bench import ensure_loadgen
 
 from fastetcd.testing.ports import free_port
-from fastetcd.testing.process import ServerProcess, _wait_or_kill, fastetcd_env, spawn
+from fastetcd.testing.process import ServerProcess, fastetcd_env, spawn, wait_ready
 
 FLOOR_MODES = ("log", "inline", "nosync")
 SERVERS = ("etcd", "fastetcd", "floor", "floor-inline", "floor-nosync")
@@ -47,8 +47,7 @@ SERVERS = ("etcd", "fastetcd", "floor", "floor-inline", "floor-nosync")
 
 
 async def serve(mode: str, port: int, directory: str) -> None:
-    import uvloop  # noqa: F401  (the server's own loop; imported here so that `run` needs none of this)
-
+    # Imported here: only the floor server's own process needs the server's modules.
     from fastetcd.proto import rpc_pb2 as pb
     from fastetcd.server.native_transport import NativeServer
     from fastetcd.store import commit_log
@@ -101,7 +100,7 @@ class FloorServer(Server):
                 "--dir", str(self.workdir)]
         proc = spawn("floor", argv, f"127.0.0.1:{port}", self.workdir, self.workdir / "floor.log",
                      env=fastetcd_env(SERVER_PYTHONPATH))
-        _wait_or_kill(proc, timeout)
+        wait_ready(proc, timeout)
         return proc
 
 
