@@ -24,7 +24,14 @@ class FaultyStore:
       ``wait_held()`` returns once one is waiting, i.e. the engine's writer is blocked inside the store.
       ``hold(durable=True)`` holds them after delegating instead: durable (a follower can read them) but
       not yet returned to the engine.
+
+    ``nowait`` (class attribute, so a test module can switch every instance): whether ``append_nowait``
+    takes appends, as the embedded store does. Then an append that is neither held nor failed goes
+    straight to the inner store's ``append_nowait`` (its real durable callback), and the others run
+    through ``append`` in a task and are reported to the engine's callback the same way.
     """
+
+    nowait = False
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
@@ -39,6 +46,7 @@ class FaultyStore:
         self._gate.set()
         self._hold_durable = False
         self._entered = asyncio.Event()
+        self._reporting: set[asyncio.Future] = set()
 
     # ---------------------------------------------------------------- test controls
 
@@ -86,6 +94,33 @@ class FaultyStore:
         if not durable_first:
             await self.inner.append(entries)
         self.events.append(("append", min(revs, default=0), max(revs, default=0), True))
+
+    def append_nowait(self, entries: list[tuple[int, bytes]], on_durable) -> bool:
+        if not self.nowait:
+            return False
+        if self._gate.is_set() and len(self.appends) + 1 not in self.fail_appends:
+            revs = [rev for rev in (log_entry.decode(data).rev for _, data in entries) if rev]
+
+            def reported(error: StoreError | None) -> None:
+                self.events.append(("append", min(revs, default=0), max(revs, default=0), error is None))
+                on_durable(error)
+
+            if not self.inner.append_nowait(entries, reported):
+                return False
+            self.appends.append(revs)
+            return True
+        task = asyncio.ensure_future(self._append_reporting(entries, on_durable))
+        self._reporting.add(task)
+        task.add_done_callback(self._reporting.discard)
+        return True
+
+    async def _append_reporting(self, entries: list[tuple[int, bytes]], on_durable) -> None:
+        try:
+            await self.append(entries)
+        except StoreError as e:
+            on_durable(e)
+            return
+        on_durable(None)
 
     async def compact(self, rev: int) -> None:
         if self.fail_compact:

@@ -52,6 +52,9 @@ class _DamagedStore:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    def append_nowait(self, entries, on_durable) -> bool:
+        return False  # through append(), which fails once damaged
+
     async def append(self, entries) -> None:
         if self.damaged:
             raise Corrupt("append: fastetcd.db is damaged: database disk image is malformed")

@@ -81,21 +81,39 @@ def test_appends_are_durable_in_order_and_an_fsync_failure_is_uncertain(tmp_path
     commit_log.create(path)
 
     async def body():
+        loop = asyncio.get_running_loop()
+        reports: list[tuple[int, object]] = []
+        last = loop.create_future()
+
+        def reporter(i: int):
+            def on_durable(error) -> None:
+                reports.append((i, error))
+                if i == 51:
+                    last.set_result(None)
+                if i == 7:
+                    raise RuntimeError("a broken callback")  # logged; the others still hear
+            return on_durable
+
         log = CommitLog(path, 3)
         try:
             # Submitted together: the thread writes what queued up behind a sync in one write.
-            await asyncio.gather(*(log.append(log.encode(recs(i, i))) for i in range(1, 51)))
-            await log.append(log.encode(recs(51, 60, size=70_000)))
+            for i in range(1, 51):
+                log.append(log.encode(recs(i, i)), reporter(i))
+            log.append(log.encode(recs(51, 60, size=70_000)), reporter(51))
+            await asyncio.wait_for(last, 10)
         finally:
             log.close()
+        assert reports == [(i, None) for i in range(1, 52)]
         assert commit_log.read(path, 3) == recs(1, 50) + recs(51, 60, size=70_000)
 
         broken = CommitLog("/dev/null", 1)  # writes succeed, fdatasync fails (EINVAL)
         try:
-            with pytest.raises(Uncertain, match="Invalid argument"):
-                await broken.append(broken.encode(recs(1, 1)))
-            with pytest.raises(Uncertain):
-                broken.append(broken.encode(recs(2, 2)))  # refused at once: nothing more after a failure
+            failed = loop.create_future()
+            broken.append(broken.encode(recs(1, 1)), failed.set_result)
+            error = await asyncio.wait_for(failed, 10)
+            assert isinstance(error, Uncertain) and "Invalid argument" in str(error)
+            with pytest.raises(Uncertain):  # refused at once: nothing more after a failure
+                broken.append(broken.encode(recs(2, 2)), failed.set_result)
         finally:
             broken.close()
 

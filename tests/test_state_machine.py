@@ -27,6 +27,14 @@ from fastetcd.store.embedded import EmbeddedStore
 ALL = (b"\0", b"\0")  # etcd: key "\0" with range_end "\0" is every key
 
 
+@pytest.fixture(autouse=True, params=["append", "append_nowait"])
+def store_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: the writer awaiting ``append`` (Cosmos), and answering from the store's durable
+    callback (``append_nowait``, the embedded store's commit log)."""
+    monkeypatch.setattr(FaultyStore, "nowait", request.param == "append_nowait")
+    return request.param
+
+
 def run(coro: Coroutine[Any, Any, Any], timeout: float = 25.0) -> Any:
     # A hang (a held append never released, a writer that never answers) must fail, not stall the suite.
     return asyncio.run(asyncio.wait_for(coro, timeout))
@@ -34,9 +42,13 @@ def run(coro: Coroutine[Any, Any, Any], timeout: float = 25.0) -> Any:
 
 @asynccontextmanager
 async def engine(
-    path: Path, *, snapshot_count: int = 100_000
+    path: Path, *, snapshot_count: int = 100_000, shared: bool | None = None
 ) -> AsyncIterator[tuple[StateMachine, FaultyStore]]:
-    store = FaultyStore(EmbeddedStore(str(path)))
+    # The commit log (the single-node server's store) on the callback path, unless the test needs other
+    # nodes on the same files: shared (SQLite only), as HA nodes run it.
+    if shared is None:
+        shared = not FaultyStore.nowait
+    store = FaultyStore(EmbeddedStore(str(path), shared=shared))
     sm = StateMachine(store, snapshot_count=snapshot_count)
     try:
         await sm.start()
@@ -47,11 +59,13 @@ async def engine(
         await store.close()
 
 
-def run_engine(path: Path, body: Callable[[StateMachine, FaultyStore], Awaitable[Any]]) -> Any:
+def run_engine(
+    path: Path, body: Callable[[StateMachine, FaultyStore], Awaitable[Any]], *, shared: bool | None = None
+) -> Any:
     """run(body(sm, store)) on a fresh engine over `path`."""
 
     async def main() -> Any:
-        async with engine(path) as (sm, store):
+        async with engine(path, shared=shared) as (sm, store):
             return await body(sm, store)
 
     return run(main())
@@ -139,6 +153,33 @@ def test_group_commit_concurrent_puts_share_appends_and_get_contiguous_revisions
             assert get(sm, b"k%03d" % i) == (b"k%03d" % i, b"v%d" % i, r.header.revision,
                                              r.header.revision, 1)
         assert read_all(sm)[1] == n
+
+    run_engine(tmp_path, body)
+
+
+def test_an_answer_sees_its_write_committed_and_comes_before_the_watchers_on_the_callback_path(
+    tmp_path, store_path
+):
+    async def body(sm: StateMachine, store: FaultyStore) -> Any:
+        order: list[str] = []
+        seen: list[tuple[int, Any]] = []
+
+        def answered(fut: asyncio.Future) -> None:
+            order.append("answer")
+            # What a client's next request would see once it has the answer.
+            seen.append((sm.committed_rev, get(sm, b"k")))
+
+        sm.listeners.append(lambda revisions: order.append(f"listener {[r for r, _ in revisions]}"))
+        fut = sm.put_nowait(put(b"k", b"v"))
+        fut.add_done_callback(answered)
+        resp = await fut
+        await asyncio.sleep(0)  # the writer resumes (and calls the listeners) after the answer
+        assert resp.header.revision == 2
+        assert seen == [(2, (b"k", b"v", 2, 2, 1))]
+        if store_path == "append_nowait":
+            assert order == ["answer", "listener [2]"]  # the answer did not wait for the watchers
+        else:
+            assert order == ["listener [2]", "answer"]
 
     run_engine(tmp_path, body)
 
@@ -695,7 +736,7 @@ def same_state(a: StateMachine, b: StateMachine) -> None:
 
 def test_a_follower_applies_committed_entries_and_publishes_each_revision_once(tmp_path):
     async def main() -> None:
-        async with engine(tmp_path) as (leader, _), follower(tmp_path) as sm:
+        async with engine(tmp_path, shared=True) as (leader, _), follower(tmp_path) as sm:
             published: list[int] = []
             sm.listeners.append(lambda revs: published.extend(r for r, _ in revs))
             with pytest.raises(errors.NOT_LEADER):
@@ -734,7 +775,7 @@ def test_a_follower_applies_committed_entries_and_publishes_each_revision_once(t
 
 def test_promote_takes_over_with_leases_renewed_and_demote_hands_back(tmp_path):
     async def main() -> None:
-        async with engine(tmp_path) as (old, _), follower(tmp_path) as new:
+        async with engine(tmp_path, shared=True) as (old, _), follower(tmp_path) as new:
             lease = await old.lease_grant(pb.LeaseGrantRequest(TTL=2))
             await old.put(put(b"leased", b"v", lease=lease.ID))
             await catch_up(new)
@@ -792,7 +833,7 @@ def test_demote_fails_queued_writes_with_not_leader_after_the_batch_in_flight(tm
         finally:
             await other.close()
 
-    run_engine(tmp_path, body)
+    run_engine(tmp_path, body, shared=True)
 
 
 def test_may_write_false_fails_the_batch_with_not_leader_and_keeps_memory_at_committed(tmp_path):

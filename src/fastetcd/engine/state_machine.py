@@ -2,16 +2,17 @@
 
 Write requests queue to a single writer task. The writer applies each to the core at the next revision
 (so a Txn sees the effects of earlier requests in the same batch) and to the lessor, collects one log entry
-per request that changed anything, and hands the whole batch to the store in one durable step. Only when
-``store.append`` returns does ``committed_rev`` advance, do watchers get the batch's events and do the
-callers get their answers; until then the new versions sit in the core above ``committed_rev``, invisible
-to readers. If the append fails, the core and the lessor are rolled back and exactly that batch's callers
-get the error.
+per request that changed anything, and hands the whole batch to the store in one durable step. Only once
+the store says it is durable does ``committed_rev`` advance and do the callers get their answers, then the
+watchers the batch's events (see ``_commit_batch``); until then the new versions sit in the core above
+``committed_rev``, invisible to readers. If the append fails, the core and the lessor are rolled back and
+exactly that batch's callers get the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import random
@@ -651,45 +652,85 @@ class StateMachine:
             self._maybe_snapshot()
 
     async def _commit_batch(self) -> int:
-        """Apply and make durable what is queued (up to MAX_BATCH requests); returns how many it took."""
+        """Apply and make durable what is queued (up to MAX_BATCH requests); returns how many it took.
+
+        When the store takes the batch at once (``append_nowait``: the embedded commit log), its callers
+        are answered from the store's durable callback (``_durable``), and the listeners (watchers, a
+        follower's feed) get the batch when this coroutine resumes: after the answers, before the next
+        batch. Example: a lone put of rev 8. The log thread's fdatasync returns; in that loop turn,
+        ``committed_rev`` becomes 8 and the put's answer is resolved; its transport writes the answer
+        in the same turn, and only then are watchers woken. Before, the answer waited for this coroutine to
+        resume and for the watchers.
+        """
         batch = self._apply_queued()
-        if batch.entries:
-            t0 = time.perf_counter()
-            in_flight = self._in_flight = self._loop.create_future()
-            try:
-                self._check_may_write()
+        if not batch.entries:
+            self._answer(batch)
+            return len(batch.done)
+        t0 = time.perf_counter()
+        in_flight = self._in_flight = self._loop.create_future()
+        try:
+            self._check_may_write()
+            durable = self._loop.create_future()
+            if self.store.append_nowait(batch.entries, functools.partial(self._durable, batch, durable)):
+                self._encode_answers(batch)  # while the disk works
+                await durable
+            else:
                 await self.store.append(batch.entries)
-            except StoreError as e:
-                self._fail_batch(batch, e)
-                return len(batch.done)
-            finally:
-                # Resolved after what follows too: the callbacks run once committed_rev has moved.
-                self._in_flight = None
-                in_flight.set_result(None)
-            metrics.STORE_APPEND.observe(time.perf_counter() - t0)
-            metrics.BATCH_SIZE.observe(len(batch.done))
-            self.lessor.commit()
-            self.alarms.commit()
-            self._db_size = self.store.size()
-            self.applied_index = batch.entries[-1][0]
-            self.committed_rev = self.core.rev
-            if batch.revisions:
-                for listener in self.listeners:
-                    listener(batch.revisions)
-        for fut, res, exc, encode in batch.done:
+                self._committed(batch)
+                self._answer(batch)
+        except StoreError as e:
+            self._fail_batch(batch, e)
+            return len(batch.done)
+        finally:
+            # Resolved after what follows too: the callbacks run once committed_rev has moved.
+            self._in_flight = None
+            in_flight.set_result(None)
+        metrics.STORE_APPEND.observe(time.perf_counter() - t0)
+        metrics.BATCH_SIZE.observe(len(batch.done))
+        if batch.revisions:
+            for listener in self.listeners:
+                listener(batch.revisions)
+        return len(batch.done)
+
+    def _durable(self, batch: _Batch, durable: asyncio.Future, error: StoreError | None) -> None:
+        """The store's word on ``batch`` (appended with append_nowait): commit and answer, or fail."""
+        if error is None:
+            # Durable, whatever became of the writer meanwhile: memory follows the store.
+            self._committed(batch)
+            self._answer(batch)
+            if not durable.done():
+                durable.set_result(None)
+        elif not durable.done():
+            durable.set_exception(error)  # the writer rolls back and fails the batch (_fail_batch)
+
+    def _committed(self, batch: _Batch) -> None:
+        self.lessor.commit()
+        self.alarms.commit()
+        self._db_size = self.store.size()
+        self.applied_index = batch.entries[-1][0]
+        self.committed_rev = self.core.rev
+
+    @staticmethod
+    def _encode_answers(batch: _Batch) -> None:
+        done = batch.done
+        for i, (fut, res, exc, encode) in enumerate(done):
+            if encode is not None and exc is None:
+                try:
+                    done[i] = (fut, encode(res), None, None)
+                except Exception as e:  # a bug in an encoder fails its call, not the batch's others
+                    log.exception("encoding an answer failed")
+                    done[i] = (fut, None, e, None)
+
+    @classmethod
+    def _answer(cls, batch: _Batch) -> None:
+        cls._encode_answers(batch)
+        for fut, res, exc, _ in batch.done:
             if fut.done():
                 continue
             if exc is not None:
                 fut.set_exception(exc)
-            elif encode is None:
-                fut.set_result(res)
             else:
-                try:
-                    fut.set_result(encode(res))
-                except Exception as e:  # a bug in an encoder fails its call, not the batch's others
-                    log.exception("encoding an answer failed")
-                    fut.set_exception(e)
-        return len(batch.done)
+                fut.set_result(res)
 
     def _apply_queued(self) -> _Batch:
         """Apply queued requests to the core and lessor, above ``committed_rev``; nothing is durable yet."""

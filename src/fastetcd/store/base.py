@@ -10,7 +10,7 @@ an index twice and never sees a gap: indexes are contiguous and strictly increas
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -50,6 +50,10 @@ class Recovered:
     entries: list[tuple[int, bytes]] = field(default_factory=list)  # (log index, entry), ascending
 
 
+# Told once whether an append is durable: None, or the StoreError that says it is not (or is uncertain).
+DurableCallback = Callable[[StoreError | None], None]
+
+
 class Store(Protocol):
     # Seconds the engine may wait to gather more requests into a batch under concurrency: worth it when
     # an append is a network round trip (Cosmos), not for a local fsync. Optional; 0 if absent.
@@ -75,6 +79,11 @@ class Store(Protocol):
 
     async def append(self, entries: list[tuple[int, bytes]]) -> None:
         """Make ``entries`` (log index, entry) durable in one atomic step; raise StoreError if it did not."""
+
+    def append_nowait(self, entries: list[tuple[int, bytes]], on_durable: DurableCallback) -> bool:
+        """``append`` when the store can take the entries at once without a coroutine: True, and
+        ``on_durable`` is later called from the event loop with None (durable) or the StoreError. False:
+        nothing was done; the caller uses ``append``. A store may always answer False."""
 
     async def compact(self, rev: int) -> None:
         """Persist that revisions below ``rev`` are compacted (survives restart)."""

@@ -19,14 +19,18 @@ the scan the same way.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import struct
 import threading
 import zlib
 from collections import deque
+from collections.abc import Callable
 
 from fastetcd.store._log_writer import LogWriter
 from fastetcd.store.base import Uncertain
+
+_log = logging.getLogger(__name__)
 
 LOG_FILE = "fastetcd.log"
 # Preallocated once, so that an fdatasync never has to change the file's size (a metadata update that
@@ -71,6 +75,13 @@ def read(path: str, generation: int) -> list[tuple[int, bytes]]:
     return out
 
 
+def _report(on_durable: Callable[[Uncertain | None], None], error: Uncertain | None) -> None:
+    try:
+        on_durable(error)
+    except Exception:  # one appender's bug must not keep the others from hearing about theirs
+        _log.exception("a commit log callback failed")
+
+
 def create(path: str) -> None:
     """Make sure the file exists at full size, its size durable (fdatasync then never changes metadata)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -88,10 +99,11 @@ def create(path: str) -> None:
 
 
 class CommitLog:
-    """Appends to the log file from the event loop; ``append`` returns once the entries are on disk.
+    """Appends to the log file from the event loop; each append's callback says when it is on disk.
 
-    Appends are written in the order they were made. ``restart(generation)`` begins the file again at
-    offset 0; the caller must first have made everything appended so far durable elsewhere (SQLite).
+    Appends are written, and reported durable, in the order they were made. ``restart(generation)``
+    begins the file again at offset 0; the caller must first have made everything appended so far
+    durable elsewhere (SQLite).
     """
 
     def __init__(self, path: str, generation: int) -> None:
@@ -119,9 +131,12 @@ class CommitLog:
         self.generation = generation
         self._offset = 0
 
-    def append(self, data: bytes) -> asyncio.Future:
-        """Queue ``data`` (from ``encode``; it must fit); the future resolves once it is durable, or with
-        Uncertain."""
+    def append(self, data: bytes, on_durable: Callable[[Uncertain | None], None]) -> None:
+        """Queue ``data`` (from ``encode``; it must fit). ``on_durable(None)`` is called from the event
+        loop once it is on disk, ``on_durable(Uncertain)`` if that can no longer be known; in order.
+
+        A callback, not a future: the engine answers a lone write from it, in the loop turn that learned
+        the write is durable rather than one turn later."""
         if self._failed is not None:
             raise Uncertain(self._failed)
         try:
@@ -129,9 +144,7 @@ class CommitLog:
         except OSError as e:
             raise Uncertain(f"the commit log failed earlier: {e}") from e
         self._offset += len(data)
-        fut = self._loop.create_future()
-        self._waiting.append((seq, fut))
-        return fut
+        self._waiting.append((seq, on_durable))
 
     async def idle(self) -> None:
         """Return once everything appended so far is durable (or raise Uncertain)."""
@@ -146,16 +159,12 @@ class CommitLog:
         durable, error = self._writer.collect()
         waiting = self._waiting
         while waiting and waiting[0][0] <= durable:
-            fut = waiting.popleft()[1]
-            if not fut.done():
-                fut.set_result(None)
+            _report(waiting.popleft()[1], None)
         if error:
             # Written or not, we cannot tell: an fdatasync that failed may have persisted part or all.
             self._failed = f"writing {self.path} failed: {os.strerror(error)}"
             while waiting:
-                fut = waiting.popleft()[1]
-                if not fut.done():
-                    fut.set_exception(Uncertain(self._failed))
+                _report(waiting.popleft()[1], Uncertain(self._failed))
         if not waiting:
             for done in self._idle_waiters:
                 if not done.done():

@@ -77,7 +77,16 @@ except ImportError as e:  # pragma: no cover - depends on the installation
     ) from e
 
 from fastetcd import metrics
-from fastetcd.store.base import Behind, Fenced, Recovered, StoreError, Throttled, Uncertain, check_append
+from fastetcd.store.base import (
+    Behind,
+    DurableCallback,
+    Fenced,
+    Recovered,
+    StoreError,
+    Throttled,
+    Uncertain,
+    check_append,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -676,6 +685,9 @@ class CosmosStore:
             )
 
     # ----------------------------------------------------------------- append
+
+    def append_nowait(self, entries: list[tuple[int, bytes]], on_durable: DurableCallback) -> bool:
+        return False  # every append is a network round trip: the coroutine's cost is nothing beside it
 
     async def append(self, entries: list[tuple[int, bytes]]) -> None:
         if not entries:

@@ -37,7 +37,16 @@ from typing import TypeVar
 
 from fastetcd import metrics
 from fastetcd.store import commit_log
-from fastetcd.store.base import Behind, Corrupt, Fenced, Recovered, StoreError, Uncertain, check_append
+from fastetcd.store.base import (
+    Behind,
+    Corrupt,
+    DurableCallback,
+    Fenced,
+    Recovered,
+    StoreError,
+    Uncertain,
+    check_append,
+)
 from fastetcd.store.commit_log import CommitLog
 from fastetcd.store.serial_thread import SerialThread
 
@@ -78,6 +87,15 @@ _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
 
 _log = logging.getLogger(__name__)
+
+
+def _settle(fut: asyncio.Future, error: StoreError | None) -> None:
+    if fut.done():  # its appender was cancelled
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
 
 T = TypeVar("T")
 
@@ -170,9 +188,8 @@ class EmbeddedStore:
             self._check_usable()
         check_append(entries, self._appended)
         data = log.encode(entries)
-        t0 = time.perf_counter()
         if log.fits(data):
-            durable = self._submit(log, data, entries)
+            durable = self._submit(log, data, entries, None)
         else:
             # A task, so that a caller cancelled half-way cannot leave SQLite on the next generation while
             # the log is still on the old one; later appends wait for it (entries must keep their order).
@@ -181,10 +198,42 @@ class EmbeddedStore:
             durable = await asyncio.shield(task)
         if durable is not None:
             await durable
-        metrics.WAL_FSYNC.observe(time.perf_counter() - t0)
 
-    def _submit(self, log: CommitLog, data: bytes, entries: list[tuple[int, bytes]]) -> asyncio.Future:
-        durable = log.append(data)
+    def append_nowait(self, entries: list[tuple[int, bytes]], on_durable: DurableCallback) -> bool:
+        """``append`` without a coroutine, when the commit log takes the entries as they are (it is open,
+        has room and is not starting over): ``on_durable`` is called from the event loop with None once
+        they are durable, or with the StoreError. False: nothing was done, use ``append``."""
+        log = self._log
+        if log is None or self._starting_over is not None or self._broken is not None:
+            return False
+        check_append(entries, self._appended)
+        data = log.encode(entries)
+        if not log.fits(data):
+            return False
+        self._submit(log, data, entries, on_durable)
+        return True
+
+    def _submit(
+        self,
+        log: CommitLog,
+        data: bytes,
+        entries: list[tuple[int, bytes]],
+        on_durable: DurableCallback | None,
+    ) -> asyncio.Future | None:
+        """Hand ``data`` to the log; reports to ``on_durable``, or to the future returned when it is None."""
+        durable = None
+        report = on_durable
+        if report is None:
+            durable = asyncio.get_running_loop().create_future()
+            report = functools.partial(_settle, durable)
+        t0 = time.perf_counter()
+
+        def done(error: StoreError | None) -> None:
+            report(error)
+            if error is None:
+                metrics.WAL_FSYNC.observe(time.perf_counter() - t0)
+
+        log.append(data, done)
         self._appended = entries[-1][0]
         self._unsynced.extend(entries)
         if not self._flush_queued:
@@ -202,7 +251,7 @@ class EmbeddedStore:
             return None
         await self._run(self._begin_generation, log.generation + 1)
         log.restart(log.generation + 1)
-        return self._submit(log, log.encode(entries), entries)
+        return self._submit(log, log.encode(entries), entries, None)
 
     def _started_over(self, task: asyncio.Future) -> None:
         self._starting_over = None
