@@ -80,7 +80,7 @@ async def serve(mode: str, port: int, directory: str) -> None:
         if not log_.fits(data):
             log_.restart(log_.generation + 1)  # one client: nothing is in flight here
         out = loop.create_future()
-        log_.append(data).add_done_callback(lambda _: out.set_result(put_answer))
+        log_.append(data, lambda _: out.set_result(put_answer))
         return out
 
     server = NativeServer({"/etcdserverpb.KV/Put": ("direct", put),

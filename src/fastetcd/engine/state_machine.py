@@ -659,8 +659,8 @@ class StateMachine:
         follower's feed) get the batch when this coroutine resumes: after the answers, before the next
         batch. Example: a lone put of rev 8. The log thread's fdatasync returns; in that loop turn,
         ``committed_rev`` becomes 8 and the put's answer is resolved; its transport writes the answer
-        in the same turn, and only then are watchers woken. Before, the answer waited for this coroutine to
-        resume and for the watchers.
+        in the same turn, and only then are watchers woken: neither this coroutine's resumption nor the
+        listeners' work is on a write's latency.
         """
         batch = self._apply_queued()
         if not batch.entries:
@@ -712,6 +712,7 @@ class StateMachine:
 
     @staticmethod
     def _encode_answers(batch: _Batch) -> None:
+        """Each result that came with an encoder becomes its encoded answer."""
         done = batch.done
         for i, (fut, res, exc, encode) in enumerate(done):
             if encode is not None and exc is None:
