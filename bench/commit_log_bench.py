@@ -1,6 +1,6 @@
 """A lone durable append's latency: the commit log awaited from uvloop against the same pwrite + fdatasync
 done inline, alternating round by round in one file, so that the difference is the hand-off (the writer
-thread's wake-up, the eventfd back to the loop, the future) and not the disk's mood.
+thread's wake-up, the eventfd back to the loop, the callback) and not the disk's mood.
 
     python bench/commit_log_bench.py                 # 3 rounds × 2,000 appends of 300 bytes each way
     python bench/commit_log_bench.py --dir /some/fs  # the file on another file system (default: bench/.bin)
@@ -9,6 +9,7 @@ thread's wake-up, the eventfd back to the loop, the future) and not the disk's m
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import statistics
 import tempfile
@@ -24,6 +25,7 @@ VALUE = b"x" * 270  # + the 28-byte record head ≈ a 256-byte put's log entry
 
 
 async def rounds(path: str, n: int, count: int) -> tuple[list[float], list[float]]:
+    loop = asyncio.get_running_loop()
     log = CommitLog(path, 1)
     fd = os.open(path, os.O_RDWR)
     via_log: list[float] = []
@@ -34,8 +36,10 @@ async def rounds(path: str, n: int, count: int) -> tuple[list[float], list[float
             lat = []
             for i in range(count):
                 data = log.encode([(i + 1, VALUE)])
+                durable = loop.create_future()
                 t = time.perf_counter()
-                await log.append(data)
+                log.append(data, durable.set_result)
+                await durable
                 lat.append(time.perf_counter() - t)
             via_log.append(statistics.median(lat))
             lat = []
