@@ -97,6 +97,7 @@ def _settle(fut: asyncio.Future, error: StoreError | None) -> None:
     else:
         fut.set_exception(error)
 
+
 T = TypeVar("T")
 
 
