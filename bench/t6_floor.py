@@ -4,6 +4,7 @@ The same single-client loop (bench/loadgen put-latency: one 256-byte put at a ti
 each timed to the microsecond) runs against these servers, alternating run by run:
 
     etcd           etcd 3.5.1, fsync on
+    etcd-3.7       etcd 3.7.3 (bench/.bin/etcd-3.7), fsync on
     fastetcd       the whole server: python -m fastetcd --transport native
     floor          the native transport and the commit log, no engine: each put's bytes are framed,
                    written and fdatasynced by the log thread, then a fixed PutResponse is sent
@@ -13,6 +14,12 @@ each timed to the microsecond) runs against these servers, alternating run by ru
 So fastetcd − floor is what the engine (request checks, apply, log entry, commit bookkeeping, watch hub,
 futures) adds to the critical path; floor − floor-nosync is the durable step (hand-off, pwrite,
 fdatasync, wake-up); floor-nosync is the transport and the client's own round trip.
+
+Then each server takes 100 more lone puts with strace attached (fastetcd.testing.ack_order; needs strace):
+the "early" column counts the answers written while the log's fdatasync was still running. etcd 3.5.1, a
+one-member cluster, applies and answers alongside its WAL save (etcd-io/etcd#14370, fixed in 3.5.5), so
+its p50 leaves out part of the fdatasync that every other server here waits for; etcd 3.7.3 is the
+durable etcd to compare with.
 
     python bench/t6_floor.py                    # 3 repeats × 5,000 puts per server
     python bench/t6_floor.py --repeat 5 --markdown
@@ -25,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,13 +42,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compare import PROGRESS, SERVER_PYTHONPATH, Server, machine_notes, make_servers, running
+from kube_bench import Etcd37Server, ensure_etcd37
 from watch_bench import ensure_loadgen
 
+from fastetcd.testing.ack_order import lone_puts, trace
 from fastetcd.testing.ports import free_port
 from fastetcd.testing.process import ServerProcess, fastetcd_env, spawn, wait_ready
 
 FLOOR_MODES = ("log", "inline", "nosync")
-SERVERS = ("etcd", "fastetcd", "floor", "floor-inline", "floor-nosync")
+SERVERS = ("etcd", "etcd-3.7", "fastetcd", "floor", "floor-inline", "floor-nosync")
+ACK_PUTS = 100
 
 
 # ----------------------------------------------------------------------------------------------- floor
@@ -115,6 +126,18 @@ def put_latency(tool: Path, server: Server, puts: int) -> dict[str, float]:
     return json.loads(out.stdout)["latency"]
 
 
+def early_answers(server: Server, tmp: Path) -> str:
+    """How many of ACK_PUTS lone puts ``server`` answered before its log fdatasync returned (strace)."""
+    if shutil.which("strace") is None:
+        return "— (no strace)"
+    out = tmp / f"{server.name}.strace"
+    port = int(server.endpoint.rsplit(":", 1)[1])
+    order = trace(server.pid, port, out, lone_puts(server.endpoint, ACK_PUTS))
+    PROGRESS.step(f"{server.name:13s} strace: {order.early} of {order.answers} answers before the log's "
+                  f"fdatasync returned ({order.syncs} fdatasyncs)")
+    return str(order.early) if order.syncs else "— (no log fdatasync)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", nargs="?", default="run", choices=("run", "serve"))
@@ -143,12 +166,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wd.mkdir()
                 mode = n.partition("-")[2] or "log"
                 servers.append(FloorServer(n, wd, mode=mode))
+            elif n == "etcd-3.7":
+                ensure_etcd37()
+                wd = Path(tmp) / n
+                wd.mkdir()
+                servers.append(Etcd37Server(n, wd))
             else:
                 servers += make_servers([n], Path(tmp), "", sys.executable, ["--transport", "native"])
         p50s: dict[str, list[float]] = {n: [] for n in names}
         p99s: dict[str, list[float]] = {n: [] for n in names}
         PROGRESS.start()
-        PROGRESS.expect(args.repeat * len(servers))
+        PROGRESS.expect((args.repeat + 1) * len(servers))
         with running(servers) as start_errors:
             for rep in range(args.repeat):
                 for s in servers:
@@ -159,17 +187,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     p99s[s.name].append(lat["p99_us"])
                     PROGRESS.step(f"{s.name:13s} run {rep + 1}/{args.repeat}: p50 {lat['p50_us']:.0f} µs, "
                                   f"p99 {lat['p99_us']:.0f} µs")
+            early = {s.name: early_answers(s, Path(tmp)) for s in servers if s.name not in start_errors}
     rows = []
-    etcd_p50 = statistics.median(p50s["etcd"]) if p50s.get("etcd") else None
+    refs = [statistics.median(p50s[r]) if p50s.get(r) else None for r in ("etcd", "etcd-3.7")]
     for n in names:
         if not p50s[n]:
-            rows.append([n, "—", "—", "—", "could not start"])
+            rows.append([n, "—", "—", "—", "—", "—", "could not start"])
             continue
         p50 = statistics.median(p50s[n])
-        ratio = f"{p50 / etcd_p50:.2f}" if etcd_p50 else "—"
-        rows.append([n, f"{p50:.0f}", f"{statistics.median(p99s[n]):.0f}", ratio,
+        ratios = [f"{p50 / ref:.2f}" if ref else "—" for ref in refs]
+        rows.append([n, f"{p50:.0f}", f"{statistics.median(p99s[n]):.0f}", *ratios, early.get(n, "—"),
                      ", ".join(f"{v:.0f}" for v in p50s[n])])
-    head = ["server", "p50 µs", "p99 µs", "p50 / etcd's", "p50 of each run"]
+    head = ["server", "p50 µs", "p99 µs", "p50 / etcd 3.5.1's", "p50 / etcd 3.7.3's",
+            f"early answers of {ACK_PUTS}", "p50 of each run"]
     if args.markdown:
         print(f"### {notes['date']} — commit {notes['commit']}\n")
         print(f"- command: `python bench/t6_floor.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
@@ -184,8 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for r in rows:
             print("| " + " | ".join(r) + " |")
     else:
-        for r in [head, *rows]:
-            print(f"{r[0]:14s} {r[1]:>8s} {r[2]:>8s} {r[3]:>13s}   {r[4]}")
+        print("  ".join(head))
+        for r in rows:
+            print(f"{r[0]:14s} {r[1]:>8s} {r[2]:>8s} {r[3]:>18s} {r[4]:>18s} {r[5]:>19s}   {r[6]}")
     return 0
 
 
