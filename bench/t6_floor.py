@@ -130,9 +130,12 @@ def early_answers(server: Server, tmp: Path) -> str:
     """How many of ACK_PUTS lone puts ``server`` answered before its log fdatasync returned (strace)."""
     if shutil.which("strace") is None:
         return "— (no strace)"
-    out = tmp / f"{server.name}.strace"
-    port = int(server.endpoint.rsplit(":", 1)[1])
-    order = trace(server.pid, port, out, lone_puts(server.endpoint, ACK_PUTS))
+    assert server.process is not None
+    try:
+        order = trace(server.pid, server.process.port, tmp / f"{server.name}.strace",
+                      lone_puts(server.endpoint, ACK_PUTS))
+    except (OSError, RuntimeError) as e:  # the timed figures are worth printing without this column
+        return f"— ({e})"
     PROGRESS.step(f"{server.name:13s} strace: {order.early} of {order.answers} answers before the log's "
                   f"fdatasync returned ({order.syncs} fdatasyncs)")
     return str(order.early) if order.syncs else "— (no log fdatasync)"
