@@ -33,3 +33,17 @@ go_proxy_build() {
     rm -rf "${work}"
     return "${status}"
 }
+
+# go_etcd_server_build TAG OUT VERSION: the `etcd` server of release VERSION (vX.Y.Z) into OUT: the main package
+# at the root of the go.etcd.io/etcd/server/v3 module (its main.go calls etcdmain.Main; the repository's root
+# module is not on the proxy at every release). Does nothing if OUT exists and reports VERSION (FORCE=1 to
+# rebuild).
+go_etcd_server_build() {
+    local tag="$1" out="$2" version="$3"
+    if [[ -x "${out}" && "${FORCE:-0}" != "1" ]] && "${out}" --version 2>/dev/null | grep -qx "etcd Version: ${version#v}"; then
+        echo "${tag}: ${out} already present ($("${out}" --version | sed -n 1p); FORCE=1 to rebuild)"
+        return 0
+    fi
+    go_proxy_build "${tag}" "${out}" go.etcd.io/etcd/server/v3 "go.etcd.io/etcd/server/v3@${version}" || return
+    echo "${tag}: built ${out}: $("${out}" --version | sed -n 1p)"
+}
