@@ -50,7 +50,9 @@ def test_the_detector_on_etcd_sees_3_5_1_answer_before_its_wal_fdatasync_returne
     server = server_factory("etcd", f"etcd-{version}", fsync=True, binary=binary, **PLAIN)
     order = _trace(server, tmp_path)
     assert order.answers >= PUTS, order
-    assert order.syncs >= PUTS, order
+    # etcd 3.5.1 hands a Ready to its apply loop before it starts the WAL save, so the last put can be
+    # answered, and the trace ended, before that put's fdatasync has even begun (seen in CI: 99 of 100).
+    assert order.syncs >= PUTS - early, order
     if early:
         # 41 to 67 of 100 in runs here; one is enough to show the detector sees what it is meant to.
         assert order.early >= 1, order
